@@ -1,0 +1,54 @@
+//! The SMTP envelope of one message, as accepted by the server and handed to the spool.
+
+/// The body type declared with `MAIL FROM … BODY=` (RFC 6152).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BodyType {
+    #[default]
+    SevenBit,
+    EightBitMime,
+}
+
+/// Sender, recipients and the parameters that travel with them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Envelope {
+    /// Reverse path without angle brackets; empty for the null sender `<>`.
+    pub mail_from: String,
+    /// Forward paths without angle brackets, in the order accepted.
+    pub rcpt_to: Vec<String>,
+    pub body: BodyType,
+    /// `SMTPUTF8` was given on `MAIL FROM` (RFC 6531).
+    pub smtputf8: bool,
+    /// `SIZE=` declared on `MAIL FROM`, if any.
+    pub declared_size: Option<u64>,
+}
+
+/// The domain part of an address (`user@Example.COM` → `example.com`), lowercased.
+/// `None` for an address without `@` or with an empty domain.
+pub fn domain_of(address: &str) -> Option<String> {
+    let (_, domain) = address.rsplit_once('@')?;
+    let domain = domain.trim_end_matches('.');
+    if domain.is_empty() {
+        None
+    } else {
+        Some(domain.to_ascii_lowercase())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains() {
+        let cases = [
+            ("user@Example.COM", Some("example.com")),
+            ("a@b@c.test", Some("c.test")),
+            ("postmaster", None),
+            ("user@", None),
+            ("user@host.test.", Some("host.test")),
+        ];
+        for (input, want) in cases {
+            assert_eq!(domain_of(input).as_deref(), want, "{input}");
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! The Sealgate gateway daemon.
+fn main() {}

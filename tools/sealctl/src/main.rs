@@ -1,0 +1,2 @@
+//! sealctl: Sealgate's host CLI.
+fn main() {}
