@@ -1,0 +1,141 @@
+//! Start-up and the life of the daemon: board, config, TLS, spool recovery, listeners,
+//! the delivery scheduler, and the ready line.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sealgate_board::{Board, DevBoard};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::delivery::Queue;
+use crate::smtpd::Smtpd;
+use crate::spool::Spool;
+use crate::tls::{ServerTls, client_config_unverified};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Board(#[from] sealgate_board::BoardError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Where the daemon's configuration comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    Embedded,
+    File(PathBuf),
+}
+
+/// Runs the gateway until the process is stopped.
+pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
+    let board = DevBoard::open(state)?;
+    let (config, origin) = match &source {
+        ConfigSource::Embedded => (Config::embedded_default(), "embedded default".to_string()),
+        ConfigSource::File(p) => (Config::load(p)?, p.display().to_string()),
+    };
+    tracing::warn!(
+        config = %origin,
+        "running on an unsigned TOML config (dev board only)"
+    );
+    let config = Arc::new(config);
+    let state_dir = board.state_dir().to_path_buf();
+    let tls = ServerTls::load(&config, &state_dir)?.map(Arc::new);
+    if tls.is_none() {
+        tracing::warn!("no certificate installed: STARTTLS is not offered, implicit TLS is off");
+    }
+    let (spool, recovered) = Spool::open(&state_dir.join("queue"), config.queue.min_free_bytes)?;
+    let spool = Arc::new(spool);
+    tracing::info!(messages = recovered.len(), "queue recovered");
+    let queue = Queue::new(
+        config.clone(),
+        spool.clone(),
+        recovered,
+        client_config_unverified()?,
+        state_dir.clone(),
+    );
+    tokio::spawn(queue.clone().run());
+    let smtpd = Smtpd::new(config.clone(), tls.clone(), spool, queue);
+
+    let mut ready = Vec::new();
+    for (addrs, implicit) in [
+        (&config.smtp.listen, false),
+        (&config.smtp.implicit_tls, true),
+    ] {
+        for addr in addrs {
+            if implicit && tls.is_none() {
+                continue;
+            }
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: *addr,
+                    source,
+                })?;
+            let bound = listener.local_addr().unwrap_or(*addr);
+            ready.push(if implicit {
+                format!("smtps={bound}")
+            } else {
+                format!("smtp={bound}")
+            });
+            tokio::spawn(smtpd.clone().serve(listener, implicit));
+        }
+    }
+    {
+        let smtpd = smtpd.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                t.tick().await;
+                let s = smtpd.clone();
+                let _ = tokio::task::spawn_blocking(move || s.refresh_spool_free()).await;
+            }
+        });
+    }
+    println!(
+        "sealgate ready: {} state={}",
+        ready.join(" "),
+        state_dir.display()
+    );
+    if let Some(smtp) = config.smtp.listen.first() {
+        let tls_flag = if tls.is_some() { " -tls" } else { "" };
+        let domain = config
+            .smtp
+            .local_domains
+            .first()
+            .map(String::as_str)
+            .unwrap_or("example.test");
+        println!(
+            "try: swaks --server {smtp}{tls_flag} --from you@{domain} --to postmaster@{domain}"
+        );
+    }
+    wait_for_shutdown().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn wait_for_shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

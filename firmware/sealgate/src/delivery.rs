@@ -1,0 +1,754 @@
+//! Outbound delivery: the in-memory index of the queue, the scheduler (retries with backoff,
+//! expiry, ETRN), routing per recipient domain, SMTP delivery with connection reuse, Maildir
+//! delivery, and DSNs.
+//!
+//! Architecture invariant: a recipient is marked delivered in the spool only after the next
+//! hop's `250` (or the Maildir file's fsync); a message leaves the spool only when every
+//! recipient is delivered or failed for good (and its DSN, if any, is itself queued).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sealgate_proto::client::{ClientEvent, ClientParams, ClientSession, StartTlsMode, Transaction};
+use sealgate_proto::dsn::{self, Action, DsnParams, RecipientStatus};
+use sealgate_proto::envelope::domain_of;
+use sealgate_proto::server::EtrnResult;
+use sealgate_proto::{BodyType, Envelope, Reply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsConnector;
+
+use crate::config::{Config, Destination, Route, TlsLevel};
+use crate::conn::Conn;
+use crate::dns::{Dns, DnsFailure};
+use crate::spool::{QueuedMessage, RcptStatus, Spool, unix_now};
+use crate::tls::{suite_name, version_name};
+
+/// Idle connections kept per next hop, and for how long.
+const POOL_PER_HOP: usize = 8;
+const POOL_IDLE: Duration = Duration::from_secs(20);
+/// Header bytes of the original returned in a DSN.
+const DSN_HEADER_MAX: usize = 64 * 1024;
+
+/// The result of one delivery attempt for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Delivered(String),
+    Failed(String),
+    Deferred(String),
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    messages: HashMap<String, QueuedMessage>,
+    /// (next attempt unix seconds, id) of messages waiting; in-flight ones are not in here.
+    schedule: BTreeSet<(u64, String)>,
+    in_flight: HashSet<String>,
+}
+
+/// The delivery side of the queue.
+#[derive(Debug)]
+pub struct Queue {
+    config: Arc<Config>,
+    spool: Arc<Spool>,
+    state: Mutex<QueueState>,
+    wake: Notify,
+    dns: Option<Dns>,
+    pool: Mutex<HashMap<(SocketAddr, bool), Vec<(Instant, ClientConn)>>>,
+    tls_client: Arc<rustls::ClientConfig>,
+    slots: Arc<Semaphore>,
+    /// Relative Maildir paths are taken from here.
+    state_dir: PathBuf,
+}
+
+impl Queue {
+    pub fn new(
+        config: Arc<Config>,
+        spool: Arc<Spool>,
+        recovered: Vec<QueuedMessage>,
+        tls_client: Arc<rustls::ClientConfig>,
+        state_dir: PathBuf,
+    ) -> Arc<Queue> {
+        let dns = match Dns::new(&config.dns_resolvers) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(error = %e, "no DNS resolver; MX routes will defer");
+                None
+            }
+        };
+        let mut st = QueueState::default();
+        for m in recovered {
+            st.schedule.insert((m.next_attempt, m.id.clone()));
+            st.messages.insert(m.id.clone(), m);
+        }
+        Arc::new(Queue {
+            slots: Arc::new(Semaphore::new(config.queue.max_deliveries)),
+            config,
+            spool,
+            state: Mutex::new(st),
+            wake: Notify::new(),
+            dns,
+            pool: Mutex::new(HashMap::new()),
+            tls_client,
+            state_dir,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.lock().map(|s| s.messages.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A freshly committed message: deliver now.
+    pub fn enqueue(&self, m: QueuedMessage) {
+        if let Ok(mut st) = self.state.lock() {
+            st.schedule.insert((m.next_attempt, m.id.clone()));
+            st.messages.insert(m.id.clone(), m);
+        }
+        self.wake.notify_one();
+    }
+
+    /// ETRN: everything queued with a pending recipient in `domain` is due now.
+    pub fn etrn(&self, domain: &str) -> EtrnResult {
+        let domain = domain.trim_start_matches('@').to_ascii_lowercase();
+        let Ok(mut st) = self.state.lock() else {
+            return EtrnResult::NoMessages;
+        };
+        let due: Vec<(u64, String)> = st
+            .schedule
+            .iter()
+            .filter(|(_, id)| {
+                st.messages.get(id).is_some_and(|m| {
+                    m.pending()
+                        .any(|(_, r)| domain_of(&r.address).as_deref() == Some(domain.as_str()))
+                })
+            })
+            .cloned()
+            .collect();
+        if due.is_empty() {
+            return EtrnResult::NoMessages;
+        }
+        for (t, id) in due {
+            st.schedule.remove(&(t, id.clone()));
+            st.schedule.insert((0, id));
+        }
+        drop(st);
+        self.wake.notify_one();
+        EtrnResult::Started
+    }
+
+    /// The scheduler: starts due attempts, bounded by `queue.max_deliveries`.
+    pub async fn run(self: Arc<Self>) {
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            let now = unix_now();
+            let mut next_due = None;
+            loop {
+                let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                let msg = {
+                    let Ok(mut st) = self.state.lock() else {
+                        return;
+                    };
+                    match st.schedule.first().cloned() {
+                        Some((t, id)) if t <= now => {
+                            st.schedule.remove(&(t, id.clone()));
+                            st.in_flight.insert(id.clone());
+                            st.messages.get(&id).cloned()
+                        }
+                        Some((t, _)) => {
+                            next_due = Some(t);
+                            None
+                        }
+                        None => None,
+                    }
+                };
+                let Some(msg) = msg else { break };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.attempt(msg).await;
+                    drop(permit);
+                    me.wake.notify_one();
+                });
+            }
+            let wait = next_due
+                .map(|t| Duration::from_secs(t.saturating_sub(now).max(1)))
+                .unwrap_or(Duration::from_secs(60));
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = sweep.tick() => self.sweep_pool(),
+            }
+        }
+    }
+
+    fn sweep_pool(&self) {
+        if let Ok(mut pool) = self.pool.lock() {
+            for conns in pool.values_mut() {
+                conns.retain(|(t, _)| t.elapsed() < POOL_IDLE);
+            }
+            pool.retain(|_, v| !v.is_empty());
+        }
+    }
+
+    /// One delivery attempt of every pending recipient of `msg`.
+    async fn attempt(&self, mut msg: QueuedMessage) {
+        let body = match self.spool.read_message(&msg.id).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(queue_id = %msg.id, error = %e, "cannot read queued message");
+                self.reschedule(msg, true).await;
+                return;
+            }
+        };
+        // Group pending recipients by route.
+        let mut groups: Vec<(Option<Route>, String, Vec<usize>)> = Vec::new();
+        for (i, r) in msg.pending() {
+            let domain = domain_of(&r.address).unwrap_or_default();
+            let route = self.config.route_for(&domain).cloned();
+            let key = match &route {
+                Some(Route {
+                    destination: Destination::Mx,
+                    ..
+                }) => format!("mx:{domain}"),
+                Some(r) => format!("{:?}", r.domain),
+                None => "none".into(),
+            };
+            match groups.iter_mut().find(|(_, k, _)| *k == key) {
+                Some((_, _, v)) => v.push(i),
+                None => groups.push((route, key, vec![i])),
+            }
+        }
+        for (route, key, idx) in groups {
+            let outcomes = match route {
+                None => idx
+                    .iter()
+                    .map(|&i| {
+                        (
+                            i,
+                            Outcome::Failed("550 5.4.4 No route to this domain".into()),
+                        )
+                    })
+                    .collect(),
+                Some(route) => {
+                    let domain = key.strip_prefix("mx:").unwrap_or_default().to_string();
+                    self.deliver_group(&msg, &body, &route, &domain, &idx).await
+                }
+            };
+            for (i, o) in outcomes {
+                if let Some(r) = msg.recipients.get_mut(i) {
+                    tracing::info!(
+                        queue_id = %msg.id,
+                        rcpt = %r.address,
+                        result = ?o,
+                        "delivery"
+                    );
+                    match o {
+                        Outcome::Delivered(t) => r.status = RcptStatus::Delivered(t),
+                        Outcome::Failed(t) => r.status = RcptStatus::Failed(t),
+                        Outcome::Deferred(t) => r.last_error = Some(t),
+                    }
+                }
+            }
+        }
+        msg.attempts += 1;
+        self.reschedule(msg, false).await;
+    }
+
+    /// After an attempt: finish (DSN, remove) or persist the state and schedule the retry.
+    async fn reschedule(&self, mut msg: QueuedMessage, read_failed: bool) {
+        let now = unix_now();
+        let expired = now >= msg.arrival + self.config.queue.max_queue_time.as_secs();
+        if expired && !read_failed {
+            for r in msg.recipients.iter_mut() {
+                if r.status == RcptStatus::Pending {
+                    let why = r
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "no attempt succeeded".into());
+                    r.status = RcptStatus::Failed(format!(
+                        "4.4.7 gave up after {} attempts over the maximum queue time; last error: {why}",
+                        msg.attempts
+                    ));
+                }
+            }
+        }
+        if msg.is_done() {
+            if let Err(e) = self.bounce(&msg).await {
+                // Keep the message: better a late DSN than a lost one.
+                tracing::error!(queue_id = %msg.id, error = %e, "cannot queue DSN; keeping message");
+                return self.put_back(msg, now + 60).await;
+            }
+            if let Err(e) = self.spool.remove(&msg.id).await {
+                tracing::error!(queue_id = %msg.id, error = %e, "cannot remove finished message");
+            }
+            if let Ok(mut st) = self.state.lock() {
+                st.in_flight.remove(&msg.id);
+                st.messages.remove(&msg.id);
+            }
+            tracing::info!(queue_id = %msg.id, attempts = msg.attempts, "done");
+            return;
+        }
+        let sched = &self.config.queue.retry_schedule;
+        let step = sched
+            .get((msg.attempts.max(1) - 1) as usize)
+            .or(sched.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(300));
+        let next = now + step.as_secs().max(1);
+        msg.next_attempt = next;
+        if let Err(e) = self.spool.save_state(&msg).await {
+            tracing::error!(queue_id = %msg.id, error = %e, "cannot save delivery state");
+        }
+        self.put_back(msg, next).await;
+    }
+
+    async fn put_back(&self, mut msg: QueuedMessage, next: u64) {
+        msg.next_attempt = next;
+        if let Ok(mut st) = self.state.lock() {
+            st.in_flight.remove(&msg.id);
+            st.schedule.insert((next, msg.id.clone()));
+            st.messages.insert(msg.id.clone(), msg);
+        }
+    }
+
+    /// Queues a DSN to the sender for every failed recipient (none for a null sender).
+    async fn bounce(&self, msg: &QueuedMessage) -> Result<(), crate::spool::SpoolError> {
+        let failed: Vec<RecipientStatus> = msg
+            .recipients
+            .iter()
+            .filter_map(|r| match &r.status {
+                RcptStatus::Failed(why) => Some(RecipientStatus {
+                    recipient: r.address.clone(),
+                    action: Action::Failed,
+                    status: status_of(why).unwrap_or("5.0.0").to_string(),
+                    diagnostic: why.clone(),
+                    remote_mta: None,
+                }),
+                _ => None,
+            })
+            .collect();
+        if failed.is_empty() || msg.mail_from.is_empty() {
+            return Ok(());
+        }
+        let original = self.spool.read_message(&msg.id).await.unwrap_or_default();
+        let sink = self.spool.begin(Vec::new());
+        let message_id = format!("{}.dsn@{}", sink.id(), self.config.hostname);
+        let bytes = dsn::build(&DsnParams {
+            reporting_mta: &self.config.hostname,
+            to: &msg.mail_from,
+            queue_id: &msg.id,
+            arrival_time: msg.arrival,
+            now: unix_now(),
+            recipients: &failed,
+            original_headers: dsn::header_section(&original, DSN_HEADER_MAX),
+            message_id: &message_id,
+        });
+        let mut sink = sink;
+        sink.append(bytes).await?;
+        let env = Envelope {
+            mail_from: String::new(),
+            rcpt_to: vec![msg.mail_from.clone()],
+            body: BodyType::EightBitMime,
+            smtputf8: false,
+            declared_size: None,
+        };
+        let dsn_msg = self.spool.commit(sink, &env).await?;
+        tracing::info!(queue_id = %dsn_msg.id, original = %msg.id, to = %msg.mail_from, "DSN queued");
+        self.enqueue(dsn_msg);
+        Ok(())
+    }
+
+    async fn deliver_group(
+        &self,
+        msg: &QueuedMessage,
+        body: &[u8],
+        route: &Route,
+        domain: &str,
+        idx: &[usize],
+    ) -> Vec<(usize, Outcome)> {
+        let all = |o: Outcome| idx.iter().map(|&i| (i, o.clone())).collect::<Vec<_>>();
+        let hosts: Vec<(String, u16)> = match &route.destination {
+            Destination::Maildir(dir) => return self.deliver_maildir(msg, body, dir, idx).await,
+            Destination::NextHops(h) => h.clone(),
+            Destination::Mx => {
+                let Some(dns) = &self.dns else {
+                    return all(Outcome::Deferred("4.4.3 no DNS resolver available".into()));
+                };
+                match dns.mx_hosts(domain).await {
+                    Ok(h) => h.into_iter().map(|h| (h, 25)).collect(),
+                    Err(DnsFailure::Permanent(e)) => {
+                        return all(Outcome::Failed(format!("550 {e}")));
+                    }
+                    Err(DnsFailure::Temporary(e)) => return all(Outcome::Deferred(e)),
+                }
+            }
+        };
+        let mut last_error = String::from("4.4.1 no next hop reachable");
+        for (host, port) in &hosts {
+            let addrs = match &self.dns {
+                _ if host.parse::<std::net::IpAddr>().is_ok() => {
+                    host.parse().map(|ip| vec![ip]).unwrap_or_default()
+                }
+                Some(dns) => match dns.addresses(host).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        last_error = e.to_string();
+                        continue;
+                    }
+                },
+                None => {
+                    last_error = format!("4.4.3 cannot resolve {host}: no DNS resolver");
+                    continue;
+                }
+            };
+            for ip in addrs {
+                let addr = SocketAddr::new(ip, *port);
+                match self.deliver_smtp(msg, body, route, host, addr, idx).await {
+                    Ok(outcomes) => return outcomes,
+                    Err(e) => {
+                        tracing::info!(queue_id = %msg.id, peer = %addr, error = %e, "next hop failed");
+                        last_error = e;
+                    }
+                }
+            }
+        }
+        all(Outcome::Deferred(last_error))
+    }
+
+    /// Delivers to one server. `Err` means "try the next hop" (nothing was accepted).
+    async fn deliver_smtp(
+        &self,
+        msg: &QueuedMessage,
+        body: &[u8],
+        route: &Route,
+        host: &str,
+        addr: SocketAddr,
+        idx: &[usize],
+    ) -> Result<Vec<(usize, Outcome)>, String> {
+        let want_tls = route.tls != TlsLevel::None;
+        let pooled = self.pool.lock().ok().and_then(|mut p| {
+            let v = p.get_mut(&(addr, want_tls))?;
+            while let Some((t, c)) = v.pop() {
+                if t.elapsed() < POOL_IDLE {
+                    return Some(c);
+                }
+            }
+            None
+        });
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => self.connect(route, host, addr).await?,
+        };
+        let rcpts: Vec<String> = idx
+            .iter()
+            .filter_map(|&i| msg.recipients.get(i).map(|r| r.address.clone()))
+            .collect();
+        let tx = Transaction {
+            mail_from: msg.mail_from.clone(),
+            rcpt_to: rcpts,
+            size: msg.size,
+            eightbit: msg.body_type == BodyType::EightBitMime,
+            smtputf8: msg.smtputf8,
+        };
+        if let Err(e) = conn.session.send_transaction(tx, Instant::now()) {
+            let o = match e {
+                sealgate_proto::client::ClientError::TooLarge(_) => {
+                    Outcome::Failed(format!("552 5.3.4 {e}"))
+                }
+                sealgate_proto::client::ClientError::NoSmtpUtf8 => {
+                    Outcome::Failed(format!("550 5.6.7 {e}"))
+                }
+                other => Outcome::Deferred(format!("4.4.2 {other}")),
+            };
+            return Ok(idx.iter().map(|&i| (i, o.clone())).collect());
+        }
+        let mut sent = false;
+        loop {
+            match conn.next_event(&self.config, &self.tls_client, host).await {
+                Ok(ClientEvent::SendBody) => {
+                    conn.session.send_body(body, Instant::now());
+                    sent = true;
+                }
+                Ok(ClientEvent::TransactionDone { rcpt, mail, data }) => {
+                    let peer = format!("{host} [{}] ({})", addr, conn.tls_desc());
+                    let outcomes = idx
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &i)| {
+                            let r = mail.as_ref().or(rcpt.get(k));
+                            let o = match (r, &data) {
+                                (Some(r), _) if !r.is_positive() => reply_outcome(r, &peer),
+                                (_, Some(d)) => reply_outcome(d, &peer),
+                                (_, None) => Outcome::Deferred("4.4.2 no reply to DATA".into()),
+                            };
+                            (i, o)
+                        })
+                        .collect();
+                    // Reuse: the session is Ready again; park it.
+                    if let Ok(ClientEvent::Ready(_)) =
+                        conn.next_event(&self.config, &self.tls_client, host).await
+                        && let Ok(mut p) = self.pool.lock()
+                    {
+                        let v = p.entry((addr, want_tls)).or_default();
+                        if v.len() < POOL_PER_HOP {
+                            v.push((Instant::now(), conn));
+                        }
+                    }
+                    return Ok(outcomes);
+                }
+                Ok(ClientEvent::Ready(_)) | Ok(ClientEvent::StartTls) => continue,
+                Ok(ClientEvent::Failed(e)) => {
+                    return if sent {
+                        // The body may have arrived; at-least-once: defer, do not try elsewhere now.
+                        Ok(idx
+                            .iter()
+                            .map(|&i| (i, Outcome::Deferred(format!("4.4.2 {e}"))))
+                            .collect())
+                    } else {
+                        Err(format!("4.4.2 {addr}: {e}"))
+                    };
+                }
+                Ok(ClientEvent::Closed) => return Err(format!("4.4.2 {addr}: connection closed")),
+                Err(e) => {
+                    return if sent {
+                        Ok(idx
+                            .iter()
+                            .map(|&i| (i, Outcome::Deferred(format!("4.4.2 {e}"))))
+                            .collect())
+                    } else {
+                        Err(format!("4.4.2 {addr}: {e}"))
+                    };
+                }
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        route: &Route,
+        host: &str,
+        addr: SocketAddr,
+    ) -> Result<ClientConn, String> {
+        let tcp = tokio::time::timeout(self.config.queue.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("4.4.1 connect to {addr} timed out"))?
+            .map_err(|e| format!("4.4.1 connect to {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let starttls = match route.tls {
+            TlsLevel::None => StartTlsMode::Never,
+            TlsLevel::May => StartTlsMode::IfOffered,
+            _ => StartTlsMode::Required,
+        };
+        let params = ClientParams {
+            helo: self.config.hostname.clone(),
+            starttls,
+            ..Default::default()
+        };
+        let mut conn = ClientConn {
+            conn: Conn::Plain(tcp),
+            session: ClientSession::new(params, Instant::now()),
+            buf: vec![0; 8192],
+            tls: None,
+        };
+        loop {
+            match conn
+                .next_event(&self.config, &self.tls_client, host)
+                .await?
+            {
+                ClientEvent::Ready(_) => return Ok(conn),
+                ClientEvent::StartTls => continue,
+                ClientEvent::Failed(e) => return Err(format!("4.4.2 {addr}: {e}")),
+                other => return Err(format!("4.4.2 {addr}: unexpected {other:?}")),
+            }
+        }
+    }
+
+    async fn deliver_maildir(
+        &self,
+        msg: &QueuedMessage,
+        body: &[u8],
+        dir: &std::path::Path,
+        idx: &[usize],
+    ) -> Vec<(usize, Outcome)> {
+        let dir: PathBuf = if dir.is_absolute() {
+            dir.to_path_buf()
+        } else {
+            self.state_dir.join(dir)
+        };
+        let mut out = Vec::new();
+        for &i in idx {
+            let Some(r) = msg.recipients.get(i) else {
+                continue;
+            };
+            let mut data = format!(
+                "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+                msg.mail_from, r.address
+            )
+            .into_bytes();
+            data.extend_from_slice(body);
+            let name = format!("{}.{}_{}.{}", unix_now(), msg.id, i, self.config.hostname);
+            let d = dir.clone();
+            let res = tokio::task::spawn_blocking(move || maildir_write(&d, &name, &data)).await;
+            let o = match res {
+                Ok(Ok(())) => {
+                    Outcome::Delivered(format!("250 2.0.0 delivered to Maildir {}", dir.display()))
+                }
+                Ok(Err(e)) => Outcome::Deferred(format!("4.3.0 Maildir {}: {e}", dir.display())),
+                Err(e) => Outcome::Deferred(format!("4.3.0 Maildir writer: {e}")),
+            };
+            out.push((i, o));
+        }
+        out
+    }
+}
+
+/// Writes one message into a Maildir: `tmp/`, fsync, rename into `new/`, fsync `new/`.
+fn maildir_write(dir: &std::path::Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    for sub in ["tmp", "new", "cur"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let tmp = dir.join("tmp").join(name);
+    let new = dir.join("new").join(name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &new)?;
+    std::fs::File::open(dir.join("new"))?.sync_all()
+}
+
+/// Maps a reply to an outcome, naming the peer for logs and DSNs.
+fn reply_outcome(r: &Reply, peer: &str) -> Outcome {
+    let text = format!("{} (from {peer})", r.one_line());
+    if r.is_positive() {
+        Outcome::Delivered(text)
+    } else if r.is_permanent() {
+        Outcome::Failed(text)
+    } else {
+        Outcome::Deferred(text)
+    }
+}
+
+/// The enhanced status code inside a stored reason text (`550 5.1.1 …` → `5.1.1`).
+fn status_of(text: &str) -> Option<&str> {
+    text.split_whitespace().take(2).find(|w| {
+        let mut p = w.split('.');
+        matches!((p.next(), p.next(), p.next(), p.next()), (Some(a), Some(b), Some(c), None)
+            if ["2", "4", "5"].contains(&a) && !b.is_empty() && !c.is_empty()
+            && b.bytes().chain(c.bytes()).all(|x| x.is_ascii_digit()))
+    })
+}
+
+/// One outbound SMTP connection and its session machine.
+#[derive(Debug)]
+struct ClientConn {
+    conn: Conn,
+    session: ClientSession,
+    buf: Vec<u8>,
+    tls: Option<(String, String)>,
+}
+
+impl ClientConn {
+    fn tls_desc(&self) -> String {
+        match &self.tls {
+            Some((v, c)) => format!("{v} {c}"),
+            None => "plaintext".into(),
+        }
+    }
+
+    /// Drives I/O until the machine has an event; performs STARTTLS handshakes itself.
+    async fn next_event(
+        &mut self,
+        config: &Config,
+        tls: &Arc<rustls::ClientConfig>,
+        host: &str,
+    ) -> Result<ClientEvent, String> {
+        loop {
+            let out = self.session.take_output();
+            if !out.is_empty() {
+                self.conn.write_all(&out).await.map_err(|e| e.to_string())?;
+                self.conn.flush().await.map_err(|e| e.to_string())?;
+            }
+            if let Some(ev) = self.session.poll_event() {
+                if ev == ClientEvent::StartTls {
+                    self.starttls(config, tls, host).await?;
+                }
+                return Ok(ev);
+            }
+            let read = match self.session.deadline() {
+                Some(d) => {
+                    match tokio::time::timeout_at(d.into(), self.conn.read(&mut self.buf)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            self.session.handle_timeout(Instant::now());
+                            continue;
+                        }
+                    }
+                }
+                None => self.conn.read(&mut self.buf).await,
+            };
+            match read {
+                Ok(0) => return Err("connection closed by server".into()),
+                Ok(n) => {
+                    let data = self.buf.get(..n).unwrap_or(&[]).to_vec();
+                    self.session.feed(&data, Instant::now());
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    async fn starttls(
+        &mut self,
+        config: &Config,
+        tls: &Arc<rustls::ClientConfig>,
+        host: &str,
+    ) -> Result<(), String> {
+        let tcp = self
+            .conn
+            .take_plain()
+            .ok_or("STARTTLS on a TLS connection")?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("bad server name {host}: {e}"))?;
+        let connector = TlsConnector::from(tls.clone());
+        let s = tokio::time::timeout(config.tls.handshake_timeout, connector.connect(name, tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let (_, cc) = s.get_ref();
+        self.tls = Some((
+            version_name(cc.protocol_version()),
+            suite_name(cc.negotiated_cipher_suite()),
+        ));
+        self.conn = Conn::ClientTls(Box::new(s));
+        self.session.tls_established(Instant::now());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_in_reasons() {
+        let cases = [
+            ("550 5.1.1 no such user (from x)", Some("5.1.1")),
+            ("4.4.7 gave up", Some("4.4.7")),
+            ("550 No route", None),
+            ("hello world", None),
+        ];
+        for (t, want) in cases {
+            assert_eq!(status_of(t), want, "{t}");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The Sealgate gateway daemon: the runtime layer that owns tokio, sockets, rustls I/O and
+//! files, around the I/O-free protocol machines of `sealgate-proto`.
+
+pub mod cidr;
+pub mod config;
+pub mod conn;
+pub mod daemon;
+pub mod delivery;
+pub mod dns;
+pub mod smtpd;
+pub mod spool;
+pub mod tls;

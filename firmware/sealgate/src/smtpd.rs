@@ -1,0 +1,368 @@
+//! The SMTP listeners: accept loop with connection caps, and the driver that runs one
+//! [`ServerSession`] over a socket (STARTTLS and implicit TLS via rustls, spool commits,
+//! timeouts, logging).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sealgate_proto::received::{ReceivedFields, received_header};
+use sealgate_proto::server::{
+    ClientInfo, Event, ServerParams, ServerSession, StoreResult, TlsInfo,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::conn::Conn;
+use crate::delivery::Queue;
+use crate::spool::{BodySink, Spool, SpoolError, unix_now};
+use crate::tls::{ServerTls, suite_name, version_name};
+
+/// Bodies are moved from the session machine to the spool sink in chunks of at least this.
+const BODY_CHUNK: usize = 64 * 1024;
+const READ_BUF: usize = 16 * 1024;
+
+/// Everything a session needs, shared by all listeners.
+#[derive(Debug)]
+pub struct Smtpd {
+    pub config: Arc<Config>,
+    pub params: Arc<ServerParams>,
+    pub tls: Option<Arc<ServerTls>>,
+    pub spool: Arc<Spool>,
+    pub queue: Arc<Queue>,
+    sessions: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    spool_free: AtomicU64,
+}
+
+/// Releases the per-IP slot when the session ends.
+struct IpSlot<'a> {
+    smtpd: &'a Smtpd,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.smtpd.per_ip.lock()
+            && let Some(n) = m.get_mut(&self.ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Smtpd {
+    pub fn new(
+        config: Arc<Config>,
+        tls: Option<Arc<ServerTls>>,
+        spool: Arc<Spool>,
+        queue: Arc<Queue>,
+    ) -> Arc<Smtpd> {
+        let s = &config.smtp;
+        let params = Arc::new(ServerParams {
+            hostname: config.hostname.clone(),
+            limits: sealgate_proto::server::ServerLimits {
+                max_message_bytes: s.max_message_bytes,
+                max_recipients: s.max_recipients,
+                max_errors: s.max_errors,
+                command_timeout: s.command_timeout,
+                data_timeout: s.data_timeout,
+                ..Default::default()
+            },
+            local_domains: s.local_domains.clone(),
+        });
+        let free = spool.free_bytes();
+        Arc::new(Smtpd {
+            sessions: Arc::new(Semaphore::new(s.max_connections)),
+            per_ip: Mutex::new(HashMap::new()),
+            spool_free: AtomicU64::new(free),
+            params,
+            tls,
+            spool,
+            queue,
+            config,
+        })
+    }
+
+    /// Re-measures free spool space (called periodically; sessions read the cached value).
+    pub fn refresh_spool_free(&self) {
+        self.spool_free
+            .store(self.spool.free_bytes(), Ordering::Relaxed);
+    }
+
+    fn admit(&self, ip: IpAddr) -> Result<(OwnedSemaphorePermit, IpSlot<'_>), &'static str> {
+        let permit = self
+            .sessions
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "421 4.7.0 Too many connections, try again later\r\n")?;
+        let mut m = self
+            .per_ip
+            .lock()
+            .map_err(|_| "421 4.3.0 Internal error\r\n")?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.config.smtp.max_connections_per_ip {
+            return Err("421 4.7.0 Too many connections from your address\r\n");
+        }
+        *n += 1;
+        Ok((permit, IpSlot { smtpd: self, ip }))
+    }
+
+    /// Accepts connections until the process ends.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, implicit_tls: bool) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.connection(stream, peer, implicit_tls).await;
+            });
+        }
+    }
+
+    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, implicit_tls: bool) {
+        let local = match stream.local_addr() {
+            Ok(a) => a,
+            Err(_) => return,
+        };
+        let (_permit, _slot) = match self.admit(peer.ip()) {
+            Ok(x) => x,
+            Err(reply) => {
+                tracing::info!(client = %peer.ip(), local = %local, result = reply.trim_end(), "session refused");
+                if !implicit_tls {
+                    let _ = stream.write_all(reply.as_bytes()).await;
+                }
+                return;
+            }
+        };
+        let mut conn = Conn::Plain(stream);
+        let mut implicit = None;
+        if implicit_tls {
+            let Some(tls) = &self.tls else {
+                tracing::warn!(client = %peer.ip(), "implicit TLS connection but no certificate installed");
+                return;
+            };
+            match self.handshake(&mut conn, tls, local.ip()).await {
+                Ok(info) => implicit = Some(info),
+                Err(e) => {
+                    tracing::info!(client = %peer.ip(), local = %local, result = %e, "TLS handshake failed");
+                    return;
+                }
+            }
+        }
+        let ip = peer.ip();
+        let info = ClientInfo {
+            peer,
+            local,
+            relay_allowed: self.config.is_trusted(ip),
+            starttls_available: self.tls.is_some(),
+            tls_required: self.config.is_forced_tls(ip),
+            implicit_tls: implicit,
+        };
+        let mut stats = SessionStats::default();
+        let result = self.run_session(&mut conn, info, &mut stats).await;
+        let _ = conn.shutdown().await;
+        let (tls_v, tls_c) = stats
+            .tls
+            .as_ref()
+            .map(|t| (t.version.as_str(), t.cipher.as_str()))
+            .unwrap_or(("none", "none"));
+        tracing::info!(
+            client = %ip,
+            local = %local,
+            helo = stats.helo.as_deref().unwrap_or("-"),
+            tls = tls_v,
+            cipher = tls_c,
+            messages = stats.queued.len(),
+            queue_ids = %stats.queued.join(","),
+            result = %result,
+            "session"
+        );
+    }
+
+    async fn handshake(
+        &self,
+        conn: &mut Conn,
+        tls: &ServerTls,
+        local: IpAddr,
+    ) -> Result<TlsInfo, String> {
+        let tcp = conn.take_plain().ok_or("already TLS")?;
+        let acceptor = TlsAcceptor::from(tls.for_local(local));
+        let hs = tokio::time::timeout(self.config.tls.handshake_timeout, acceptor.accept(tcp))
+            .await
+            .map_err(|_| "handshake timeout".to_string())?
+            .map_err(|e| e.to_string())?;
+        let (_, sc) = hs.get_ref();
+        let info = TlsInfo {
+            version: version_name(sc.protocol_version()),
+            cipher: suite_name(sc.negotiated_cipher_suite()),
+            sni: sc.server_name().map(str::to_string),
+            verified_client: None,
+        };
+        *conn = Conn::ServerTls(Box::new(hs));
+        Ok(info)
+    }
+
+    async fn run_session(
+        &self,
+        conn: &mut Conn,
+        info: ClientInfo,
+        stats: &mut SessionStats,
+    ) -> String {
+        let local_ip = info.local.ip();
+        let client_ip = info.peer.ip();
+        stats.tls = info.implicit_tls.clone();
+        let mut session = ServerSession::new(self.params.clone(), info, Instant::now());
+        session.set_spool_free(self.spool_free.load(Ordering::Relaxed));
+        let mut buf = vec![0u8; READ_BUF];
+        let mut sink: Option<BodySink> = None;
+        loop {
+            while let Some(ev) = session.poll_event() {
+                match ev {
+                    Event::StartTls => {
+                        if let Err(e) = flush(conn, &mut session).await {
+                            return format!("write error: {e}");
+                        }
+                        let Some(tls) = &self.tls else {
+                            return "STARTTLS without certificate".into();
+                        };
+                        match self.handshake(conn, tls, local_ip).await {
+                            Ok(t) => {
+                                stats.tls = Some(t.clone());
+                                session.tls_established(t, Instant::now());
+                            }
+                            Err(e) => return format!("TLS handshake failed: {e}"),
+                        }
+                    }
+                    Event::MessageStart => {
+                        session.set_spool_free(self.spool_free.load(Ordering::Relaxed));
+                        let id_sink = self.spool.begin(Vec::new());
+                        let tls = session
+                            .tls()
+                            .map(|t| (t.version.as_str(), t.cipher.as_str()));
+                        let header = received_header(&ReceivedFields {
+                            helo: session.helo().unwrap_or("unknown"),
+                            client_ip,
+                            by: &self.config.hostname,
+                            protocol: session.protocol(),
+                            tls,
+                            queue_id: id_sink.id(),
+                            for_rcpt: None,
+                            unix_time: unix_now(),
+                        });
+                        let mut s = id_sink;
+                        if let Err(e) = s.append(header.into_bytes()).await {
+                            tracing::error!(error = %e, "spool write failed");
+                        }
+                        sink = Some(s);
+                    }
+                    Event::MessageComplete(envelope) => {
+                        let result = match sink.take() {
+                            None => StoreResult::Failed,
+                            Some(mut s) => {
+                                let stored = match s.append(session.take_body()).await {
+                                    Ok(()) => self.spool.commit(s, &envelope).await,
+                                    Err(e) => Err(e),
+                                };
+                                match stored {
+                                    Ok(msg) => {
+                                        let id = msg.id.clone();
+                                        tracing::info!(
+                                            queue_id = %id,
+                                            client = %client_ip,
+                                            from = %msg.mail_from,
+                                            rcpts = msg.recipients.len(),
+                                            size = msg.size,
+                                            "queued"
+                                        );
+                                        self.queue.enqueue(msg);
+                                        stats.queued.push(id.clone());
+                                        StoreResult::Queued(id)
+                                    }
+                                    Err(SpoolError::NoSpace) => StoreResult::NoSpace,
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "spool commit failed");
+                                        StoreResult::Failed
+                                    }
+                                }
+                            }
+                        };
+                        session.message_stored(result, Instant::now());
+                    }
+                    Event::Etrn(domain) => {
+                        let r = self.queue.etrn(&domain);
+                        session.etrn_result(r, Instant::now());
+                    }
+                    Event::Close => {
+                        stats.helo = session.helo().map(str::to_string);
+                        let _ = flush(conn, &mut session).await;
+                        return "closed".into();
+                    }
+                }
+            }
+            if session.body_len() >= BODY_CHUNK
+                && let Some(s) = sink.as_mut()
+                && let Err(e) = s.append(session.take_body()).await
+            {
+                tracing::error!(error = %e, "spool write failed");
+                return "spool write failed".into();
+            }
+            if let Err(e) = flush(conn, &mut session).await {
+                return format!("write error: {e}");
+            }
+            stats.helo = session.helo().map(str::to_string).or(stats.helo.take());
+            if session.is_closed() {
+                return "closed".into();
+            }
+            if !session.wants_input() {
+                return "session stalled".into();
+            }
+            let read = match session.deadline() {
+                Some(d) => match tokio::time::timeout_at(d.into(), conn.read(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        session.handle_timeout(Instant::now());
+                        continue;
+                    }
+                },
+                None => conn.read(&mut buf).await,
+            };
+            match read {
+                Ok(0) => return "client disconnected".into(),
+                Ok(n) => session.feed(buf.get(..n).unwrap_or(&[]), Instant::now()),
+                Err(e) => return format!("read error: {e}"),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct SessionStats {
+    helo: Option<String>,
+    tls: Option<TlsInfo>,
+    queued: Vec<String>,
+}
+
+async fn flush(conn: &mut Conn, session: &mut ServerSession) -> std::io::Result<()> {
+    if session.has_output() {
+        let out = session.take_output();
+        conn.write_all(&out).await?;
+        conn.flush().await?;
+    }
+    Ok(())
+}
