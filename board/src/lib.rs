@@ -42,10 +42,12 @@ impl DevBoard {
             path: root.to_path_buf(),
             source,
         })?;
-        let root = root.canonicalize().map_err(|source| BoardError::CreateDir {
-            path: root.to_path_buf(),
-            source,
-        })?;
+        let root = root
+            .canonicalize()
+            .map_err(|source| BoardError::CreateDir {
+                path: root.to_path_buf(),
+                source,
+            })?;
         let lock_path = root.join("lock");
         let lock = OpenOptions::new()
             .create(true)
