@@ -444,10 +444,34 @@ impl Queue {
             }
             None
         });
-        let mut conn = match pooled {
-            Some(c) => c,
-            None => self.connect(route, host, addr).await?,
-        };
+        if let Some(conn) = pooled {
+            // A parked connection may have been closed by the server meanwhile; `Err` means
+            // nothing was sent, so a fresh connection is safe.
+            match self
+                .transact(conn, msg, body, host, addr, want_tls, idx)
+                .await
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => tracing::debug!(peer = %addr, error = %e, "reused connection failed"),
+            }
+        }
+        let conn = self.connect(route, host, addr).await?;
+        self.transact(conn, msg, body, host, addr, want_tls, idx)
+            .await
+    }
+
+    /// Runs one transaction on a ready connection and parks it afterwards.
+    #[allow(clippy::too_many_arguments)]
+    async fn transact(
+        &self,
+        mut conn: ClientConn,
+        msg: &QueuedMessage,
+        body: &[u8],
+        host: &str,
+        addr: SocketAddr,
+        want_tls: bool,
+        idx: &[usize],
+    ) -> Result<Vec<(usize, Outcome)>, String> {
         let rcpts: Vec<String> = idx
             .iter()
             .filter_map(|&i| msg.recipients.get(i).map(|r| r.address.clone()))
