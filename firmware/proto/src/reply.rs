@@ -183,11 +183,16 @@ impl ReplyParser {
             return Err(ReplyError::TooManyLines);
         }
         let text = String::from_utf8_lossy(text);
-        let (enhanced, text) = match split_enhanced(code, &text) {
+        // The first line decides whether this reply carries enhanced codes.
+        let first = self.lines.is_empty();
+        let parsed = (first || self.enhanced.is_some())
+            .then(|| split_enhanced(code, &text))
+            .flatten();
+        let (enhanced, text) = match parsed {
             Some((e, t)) => (Some(e), t.to_string()),
             None => (None, text.into_owned()),
         };
-        if self.lines.is_empty() {
+        if first {
             self.enhanced = enhanced;
         }
         self.code = Some(code);
@@ -309,6 +314,14 @@ mod tests {
                     (451, Some((4, 3, 0)), &["first", "second"]),
                     (250, None, &["ok"]),
                 ],
+            ),
+            (
+                b"451-4.3.0 a\r\n451 b\r\n",
+                &[(451, Some((4, 3, 0)), &["a", "b"])],
+            ),
+            (
+                b"451-a\r\n451 4.3.0 b\r\n",
+                &[(451, None, &["a", "4.3.0 b"])],
             ),
             (
                 b"250 caf\xc3\xa9 \xff\r\n",
