@@ -501,6 +501,7 @@ impl ClientSession {
             p.rcpt.len() < n || p.any_rcpt_ok()
         };
         if due {
+            self.deadline = Some(now + self.params.command_timeout);
             self.state = State::Envelope(p);
         } else {
             self.finish_without_body(p, None, now);
