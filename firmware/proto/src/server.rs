@@ -12,11 +12,20 @@
 //!   no new greeting), or drops the connection.
 //! - After `Event::Close` (output holds the last reply), the runtime flushes and closes.
 
+use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::envelope::Envelope;
+use smtp_proto::{
+    Error as ParseError, MAIL_BODY_7BIT, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, MAIL_BY_NOTIFY,
+    MAIL_BY_RETURN, MAIL_BY_TRACE, MAIL_CONPERM, MAIL_REQUIRETLS, MAIL_RET_FULL, MAIL_RET_HDRS,
+    MAIL_SMTPUTF8, MailFrom, RcptTo, Request,
+};
+
+use crate::envelope::{BodyType, Envelope, domain_of};
+use crate::reply::{EnhancedCode, Reply};
 
 /// Bounds for one session. Defaults follow RFC 5321 §4.5.3 and §4.5.3.2.
 #[derive(Debug, Clone)]
@@ -135,81 +144,1817 @@ pub enum EtrnResult {
     NotAllowed,
 }
 
+/// Spool space a message needs at least at `MAIL`/`DATA` when it declares no (larger) `SIZE`.
+pub const MIN_SPOOL_FREE: u64 = 1 << 20;
+
+/// Input taken into the machine per processing step while it runs (bounds `input`).
+const FEED_CHUNK: usize = 16 * 1024;
+
+/// Longest client-supplied text echoed back in a reply.
+const MAX_ECHO: usize = 64;
+
+/// Commands that a client on the forced-TLS list may not issue in plaintext.
+const TLS_ONLY_VERBS: [&[u8]; 6] = [b"MAIL", b"RCPT", b"DATA", b"ETRN", b"AUTH", b"BDAT"];
+
+/// Where the machine is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading command lines.
+    Command,
+    /// Reading the message text after `354`.
+    Data,
+    /// `MessageComplete` emitted; waiting for `message_stored`.
+    AwaitStore,
+    /// `Etrn` emitted; waiting for `etrn_result`.
+    AwaitEtrn,
+    /// `StartTls` emitted; waiting for `tls_established`.
+    AwaitTls,
+    /// `Close` emitted; everything is ignored.
+    Closed,
+}
+
+/// Position of the DATA receiver within the current text line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum LinePos {
+    /// After `CRLF` (or right after `354`).
+    #[default]
+    LineStart,
+    /// A `.` at line start (held back: stuffing dot or terminator).
+    Dot,
+    /// `.` `CR` at line start (end of data if `LF` follows).
+    DotCr,
+    /// Inside a line.
+    Mid,
+    /// A `CR` inside a line (held back until we know whether `LF` follows).
+    Cr,
+}
+
+/// The DATA receiver: dot-unstuffing, the `CRLF.CRLF` terminator and the text checks.
+///
+/// Only `CRLF . CRLF` ends the data. A bare `LF` or bare `CR` anywhere is remembered and the
+/// message is refused after the terminator (SMTP smuggling defence).
+#[derive(Debug, Default)]
+struct DataReceiver {
+    pos: LinePos,
+    /// Wire octets of the current line so far, including the stuffing dot and CRLF.
+    line_len: usize,
+    /// Unstuffed body octets so far.
+    total: u64,
+    too_long: bool,
+    too_big: bool,
+    bare_eol: bool,
+}
+
+impl DataReceiver {
+    fn refused(&self) -> bool {
+        self.too_long || self.too_big || self.bare_eol
+    }
+
+    /// Consumes bytes of `input`; returns how many and whether the terminator was seen.
+    fn ingest(&mut self, input: &[u8], body: &mut Vec<u8>, limits: &ServerLimits) -> (usize, bool) {
+        let mut i = 0;
+        while let Some(&b) = input.get(i) {
+            if self.pos == LinePos::Mid {
+                // Fast path: copy the run up to the next CR or LF in one go.
+                let rest = input.get(i..).unwrap_or_default();
+                let run = rest
+                    .iter()
+                    .position(|&c| c == b'\r' || c == b'\n')
+                    .unwrap_or(rest.len());
+                if run > 0 {
+                    self.count(run, limits);
+                    self.emit(rest.get(..run).unwrap_or_default(), body, limits);
+                    i += run;
+                    continue;
+                }
+            }
+            i += 1;
+            self.count(1, limits);
+            match (self.pos, b) {
+                (LinePos::LineStart, b'.') => self.pos = LinePos::Dot,
+                (LinePos::Dot, b'\r') => self.pos = LinePos::DotCr,
+                (LinePos::DotCr, b'\n') => {
+                    self.pos = LinePos::LineStart;
+                    self.line_len = 0;
+                    return (i, true);
+                }
+                (LinePos::Cr, b'\n') => {
+                    self.emit(b"\r\n", body, limits);
+                    self.pos = LinePos::LineStart;
+                    self.line_len = 0;
+                }
+                (LinePos::DotCr | LinePos::Cr, _) => {
+                    // The held-back CR is not followed by LF.
+                    self.bare_eol = true;
+                    self.emit(b"\r", body, limits);
+                    self.inside(b, body, limits);
+                }
+                // After a line-start dot (stuffing, removed) or inside a line.
+                (LinePos::LineStart | LinePos::Dot | LinePos::Mid, _) => {
+                    self.inside(b, body, limits)
+                }
+            }
+        }
+        (i, false)
+    }
+
+    fn inside(&mut self, b: u8, body: &mut Vec<u8>, limits: &ServerLimits) {
+        match b {
+            b'\r' => self.pos = LinePos::Cr,
+            b'\n' => {
+                self.bare_eol = true;
+                self.emit(b"\n", body, limits);
+                self.pos = LinePos::Mid;
+            }
+            _ => {
+                self.emit(&[b], body, limits);
+                self.pos = LinePos::Mid;
+            }
+        }
+    }
+
+    fn count(&mut self, n: usize, limits: &ServerLimits) {
+        self.line_len = self.line_len.saturating_add(n);
+        if self.line_len > limits.max_text_line {
+            self.too_long = true;
+        }
+    }
+
+    fn emit(&mut self, bytes: &[u8], body: &mut Vec<u8>, limits: &ServerLimits) {
+        if !self.refused() {
+            self.total = self.total.saturating_add(bytes.len() as u64);
+            if self.total > limits.max_message_bytes {
+                self.too_big = true;
+            }
+        }
+        if self.refused() {
+            // Nothing of a refused message is kept.
+            body.clear();
+        } else {
+            body.extend_from_slice(bytes);
+        }
+    }
+}
+
 /// One SMTP server session.
 #[derive(Debug)]
 pub struct ServerSession {
-    _params: Arc<ServerParams>,
+    params: Arc<ServerParams>,
+    client: ClientInfo,
+    state: State,
+    /// Unprocessed input: at most one partial command line while running, at most
+    /// `max_buffered_input` while waiting.
+    input: Vec<u8>,
+    /// Discarding the rest of an over-long command line.
+    discarding: bool,
+    output: Vec<u8>,
+    events: VecDeque<Event>,
+    body: Vec<u8>,
+    data: DataReceiver,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: Option<TlsInfo>,
+    envelope: Option<Envelope>,
+    /// Domain of the ETRN awaiting `etrn_result`.
+    etrn: Option<String>,
+    errors: u32,
+    spool_free: u64,
+    last_activity: Instant,
 }
 
 impl ServerSession {
     pub fn new(params: Arc<ServerParams>, client: ClientInfo, now: Instant) -> Self {
-        let _ = (client, now);
-        todo!("server session")
+        let tls = client.implicit_tls.clone();
+        let mut session = ServerSession {
+            params,
+            client,
+            state: State::Command,
+            input: Vec::new(),
+            discarding: false,
+            output: Vec::new(),
+            events: VecDeque::new(),
+            body: Vec::new(),
+            data: DataReceiver::default(),
+            helo: None,
+            esmtp: false,
+            tls,
+            envelope: None,
+            etrn: None,
+            errors: 0,
+            spool_free: u64::MAX,
+            last_activity: now,
+        };
+        let greeting = format!("{} ESMTP Sealgate", session.params.hostname);
+        Reply::plain(220, greeting).write_to(&mut session.output);
+        session
     }
+
     /// Appends `data` and processes it. Returns immediately if the machine is waiting.
     pub fn feed(&mut self, data: &[u8], now: Instant) {
-        let _ = (data, now);
-        todo!()
+        let mut rest = data;
+        while !rest.is_empty() {
+            match self.state {
+                State::Closed | State::AwaitTls => return,
+                State::AwaitStore | State::AwaitEtrn => {
+                    let total = self.input.len().saturating_add(rest.len());
+                    if total > self.params.limits.max_buffered_input {
+                        self.reply(
+                            421,
+                            (4, 7, 0),
+                            self.host_text("Error: too much pipelined input"),
+                        );
+                        self.close();
+                    } else {
+                        self.input.extend_from_slice(rest);
+                    }
+                    return;
+                }
+                State::Command | State::Data => {
+                    let (chunk, tail) = rest.split_at(rest.len().min(FEED_CHUNK));
+                    rest = tail;
+                    self.input.extend_from_slice(chunk);
+                    self.process(now);
+                }
+            }
+        }
     }
+
     /// Bytes to send to the client, in order. Empties the buffer.
     pub fn take_output(&mut self) -> Vec<u8> {
-        todo!()
+        std::mem::take(&mut self.output)
     }
+
     pub fn has_output(&self) -> bool {
-        todo!()
+        !self.output.is_empty()
     }
+
     pub fn poll_event(&mut self) -> Option<Event> {
-        todo!()
+        self.events.pop_front()
     }
+
     /// Unstuffed body bytes received so far for the current message.
     pub fn body_len(&self) -> usize {
-        todo!()
+        self.body.len()
     }
+
     /// Takes the body bytes received so far (the runtime spills large bodies to disk).
     pub fn take_body(&mut self) -> Vec<u8> {
-        todo!()
+        std::mem::take(&mut self.body)
     }
+
     pub fn message_stored(&mut self, result: StoreResult, now: Instant) {
-        let _ = (result, now);
-        todo!()
+        if self.state != State::AwaitStore {
+            return;
+        }
+        self.state = State::Command;
+        self.envelope = None;
+        self.body.clear();
+        self.last_activity = now;
+        match result {
+            StoreResult::Queued(id) => {
+                let id: String = sanitize(id.as_bytes());
+                self.reply(250, (2, 0, 0), format!("Ok: queued as {id}"));
+            }
+            StoreResult::NoSpace => {
+                self.reply(452, (4, 3, 1), "Insufficient system storage");
+            }
+            StoreResult::Failed => {
+                self.reply(451, (4, 3, 0), "Error: queue file write error");
+            }
+        }
+        self.process(now);
     }
+
     pub fn etrn_result(&mut self, result: EtrnResult, now: Instant) {
-        let _ = (result, now);
-        todo!()
+        if self.state != State::AwaitEtrn {
+            return;
+        }
+        self.state = State::Command;
+        self.last_activity = now;
+        let node = self.etrn.take().unwrap_or_default();
+        match result {
+            EtrnResult::Started => {
+                self.reply(250, (2, 0, 0), format!("Queuing for node {node} started"));
+            }
+            EtrnResult::NoMessages => {
+                self.reply(
+                    458,
+                    (4, 0, 0),
+                    format!("Unable to queue messages for node {node}"),
+                );
+            }
+            EtrnResult::NotAllowed => {
+                self.reply(459, (4, 0, 0), format!("Node {node} not allowed"));
+            }
+        }
+        self.process(now);
     }
+
     pub fn tls_established(&mut self, info: TlsInfo, now: Instant) {
-        let _ = (info, now);
-        todo!()
+        if self.state != State::AwaitTls {
+            return;
+        }
+        // RFC 3207 §4.2: forget everything learned from the client before TLS.
+        self.state = State::Command;
+        self.tls = Some(info);
+        self.helo = None;
+        self.esmtp = false;
+        self.envelope = None;
+        self.etrn = None;
+        self.input.clear();
+        self.discarding = false;
+        self.body.clear();
+        self.data = DataReceiver::default();
+        self.last_activity = now;
     }
+
     /// Free spool bytes as last measured; below what a message needs, MAIL/DATA get `452 4.3.1`.
     pub fn set_spool_free(&mut self, bytes: u64) {
-        let _ = bytes;
-        todo!()
+        self.spool_free = bytes;
     }
+
     /// When `handle_timeout` must be called if no input arrives first.
     pub fn deadline(&self) -> Option<Instant> {
-        todo!()
+        let limits = &self.params.limits;
+        let timeout = match self.state {
+            State::Command | State::AwaitTls => limits.command_timeout,
+            State::Data => limits.data_timeout,
+            State::AwaitStore | State::AwaitEtrn | State::Closed => return None,
+        };
+        // An unrepresentable deadline is no deadline.
+        self.last_activity.checked_add(timeout)
     }
+
     pub fn handle_timeout(&mut self, now: Instant) {
-        let _ = now;
-        todo!()
+        let Some(deadline) = self.deadline() else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        if self.state != State::AwaitTls {
+            // During the handshake a plaintext reply would only corrupt the TLS stream.
+            self.reply(421, (4, 4, 2), self.host_text("Error: timeout exceeded"));
+        }
+        self.close();
     }
+
     /// False while an event awaits the runtime's answer, during STARTTLS, or once closed.
     pub fn wants_input(&self) -> bool {
-        todo!()
+        matches!(self.state, State::Command | State::Data)
     }
+
     pub fn is_closed(&self) -> bool {
-        todo!()
+        self.state == State::Closed
     }
+
     /// The HELO/EHLO name given, if any.
     pub fn helo(&self) -> Option<&str> {
-        todo!()
+        self.helo.as_deref()
     }
+
     /// `SMTP`, `ESMTP`, `ESMTPS` or `ESMTPSA`, for the Received header.
     pub fn protocol(&self) -> &'static str {
-        todo!()
+        if self.tls.is_some() {
+            "ESMTPS"
+        } else if self.esmtp {
+            "ESMTP"
+        } else {
+            "SMTP"
+        }
     }
+
     pub fn tls(&self) -> Option<&TlsInfo> {
-        todo!()
+        self.tls.as_ref()
+    }
+
+    // ---- processing -------------------------------------------------------------------------
+
+    /// Processes buffered input until it is used up or the machine has to wait.
+    fn process(&mut self, now: Instant) {
+        let mut input = std::mem::take(&mut self.input);
+        let mut pos = 0;
+        while let Some(rest) = input.get(pos..).filter(|r| !r.is_empty()) {
+            match self.state {
+                State::Command => {
+                    let Some(used) = self.command_step(rest, now) else {
+                        break;
+                    };
+                    pos += used;
+                }
+                State::Data => {
+                    let params = Arc::clone(&self.params);
+                    let (used, done) = self.data.ingest(rest, &mut self.body, &params.limits);
+                    pos += used;
+                    self.last_activity = now;
+                    if done {
+                        self.end_of_data();
+                    }
+                }
+                State::AwaitStore | State::AwaitEtrn | State::AwaitTls | State::Closed => break,
+            }
+        }
+        match self.state {
+            // STARTTLS: whatever followed it in plaintext is dropped (CVE-2011-0411).
+            State::AwaitTls | State::Closed => input.clear(),
+            _ => {
+                input.drain(..pos.min(input.len()));
+            }
+        }
+        self.input = input;
+    }
+
+    /// Frames and runs at most one command line from `rest`; returns the bytes used, or
+    /// `None` when a complete line has not arrived yet.
+    fn command_step(&mut self, rest: &[u8], now: Instant) -> Option<usize> {
+        if self.discarding {
+            return match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.discarding = false;
+                    self.last_activity = now;
+                    self.fail(500, (5, 5, 2), "Error: line too long");
+                    Some(i + 1)
+                }
+                None => Some(rest.len()),
+            };
+        }
+        let max = self.params.limits.max_command_line;
+        let window = rest.get(..max.min(rest.len())).unwrap_or_default();
+        match window.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                let line = rest.get(..=i).unwrap_or_default();
+                self.last_activity = now;
+                self.command(line, now);
+                Some(i + 1)
+            }
+            None if rest.len() >= max => {
+                // Longer than allowed: drop it as it arrives, answer at its end.
+                self.discarding = true;
+                Some(window.len())
+            }
+            None => None,
+        }
+    }
+
+    /// Runs one command line (`raw` ends with LF, maybe CR LF).
+    fn command(&mut self, raw: &[u8], now: Instant) {
+        let text = raw.strip_suffix(b"\n").unwrap_or(raw);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        if text.contains(&b'\r') {
+            // The grammar parser skips CRs; we do not let a bare CR hide inside a command.
+            self.fail(500, (5, 5, 2), "Error: bare CR in command");
+            return;
+        }
+        let trimmed = text.trim_ascii();
+        if trimmed.is_empty() {
+            self.fail(500, (5, 5, 2), "Error: bad syntax");
+            return;
+        }
+        let verb_len = trimmed
+            .iter()
+            .position(|b| b.is_ascii_whitespace())
+            .unwrap_or(trimmed.len());
+        let (verb, args) = trimmed.split_at(verb_len);
+        let has_args = !args.trim_ascii().is_empty();
+        let verb = verb.to_ascii_uppercase();
+
+        if self.client.tls_required
+            && self.tls.is_none()
+            && TLS_ONLY_VERBS.contains(&verb.as_slice())
+        {
+            self.fail(530, (5, 7, 0), "Must issue a STARTTLS command first");
+            return;
+        }
+        // Sequence errors before syntax errors: the client learns the real problem.
+        match verb.as_slice() {
+            b"MAIL" | b"RCPT" | b"DATA" if self.helo.is_none() => {
+                self.fail(503, (5, 5, 1), "Error: send HELO/EHLO first");
+                return;
+            }
+            b"MAIL" if self.envelope.is_some() => {
+                self.fail(503, (5, 5, 1), "Error: nested MAIL command");
+                return;
+            }
+            b"RCPT" | b"DATA" if self.envelope.is_none() => {
+                self.fail(503, (5, 5, 1), "Error: need MAIL command");
+                return;
+            }
+            _ => {}
+        }
+
+        let request = match Request::parse(&mut raw.iter()) {
+            Ok(request) => request,
+            Err(err) => {
+                self.parse_error(err);
+                return;
+            }
+        };
+        match request {
+            Request::Ehlo { host } => self.hello(&host, true),
+            Request::Helo { host } => self.hello(&host, false),
+            Request::Mail { from } => self.mail(&from, raw),
+            Request::Rcpt { to } => self.rcpt(&to, raw),
+            Request::Data if has_args => self.fail(501, (5, 5, 4), "Syntax: DATA"),
+            Request::Data => self.data_command(),
+            Request::Rset if has_args => self.fail(501, (5, 5, 4), "Syntax: RSET"),
+            Request::Rset => {
+                self.envelope = None;
+                self.reply(250, (2, 0, 0), "Ok");
+            }
+            Request::Noop { .. } => self.reply(250, (2, 0, 0), "Ok"),
+            Request::Vrfy { .. } => self.reply(
+                252,
+                (2, 5, 2),
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            ),
+            Request::Help { .. } => self.reply(
+                214,
+                (2, 0, 0),
+                "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP ETRN STARTTLS",
+            ),
+            Request::Etrn { name } => self.etrn(&name),
+            Request::StartTls => self.starttls(has_args, now),
+            Request::Quit if has_args => self.fail(501, (5, 5, 4), "Syntax: QUIT"),
+            Request::Quit => {
+                self.reply(221, (2, 0, 0), self.host_text("Bye"));
+                self.close();
+            }
+            Request::Lhlo { .. }
+            | Request::Auth { .. }
+            | Request::Expn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. }
+            | Request::Bdat { .. } => self.fail(502, (5, 5, 1), "Error: command not implemented"),
+        }
+    }
+
+    fn parse_error(&mut self, err: ParseError) {
+        match err {
+            ParseError::UnknownCommand => {
+                self.fail(500, (5, 5, 1), "Error: command not recognized")
+            }
+            ParseError::InvalidSenderAddress => {
+                self.fail(501, (5, 1, 7), "Bad sender address syntax")
+            }
+            ParseError::InvalidRecipientAddress => {
+                self.fail(501, (5, 1, 3), "Bad recipient address syntax")
+            }
+            ParseError::SyntaxError { syntax } => {
+                self.fail(501, (5, 5, 4), format!("Syntax: {syntax}"))
+            }
+            ParseError::InvalidParameter { param } => {
+                self.fail(501, (5, 5, 4), format!("Invalid {param} parameter value"))
+            }
+            ParseError::UnsupportedParameter { param } => {
+                let param = sanitize(param.as_bytes());
+                self.fail(555, (5, 5, 4), format!("Unsupported parameter {param}"))
+            }
+            ParseError::NeedsMoreData { .. }
+            | ParseError::ResponseTooLong
+            | ParseError::InvalidResponse { .. } => self.fail(501, (5, 5, 4), "Error: bad syntax"),
+        }
+    }
+
+    fn hello(&mut self, host: &str, esmtp: bool) {
+        if !host.bytes().all(|b| b.is_ascii_graphic()) {
+            self.fail(501, (5, 5, 4), "Invalid HELO/EHLO hostname");
+            return;
+        }
+        self.helo = Some(host.to_owned());
+        self.esmtp = esmtp;
+        self.envelope = None;
+        let name = self.params.hostname.clone();
+        if !esmtp {
+            Reply::plain(250, name).write_to(&mut self.output);
+            return;
+        }
+        let mut lines = vec![
+            name,
+            "PIPELINING".to_owned(),
+            format!("SIZE {}", self.params.limits.max_message_bytes),
+            "ETRN".to_owned(),
+        ];
+        if self.client.starttls_available && self.tls.is_none() {
+            lines.push("STARTTLS".to_owned());
+        }
+        lines.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"].map(str::to_owned));
+        Reply {
+            code: 250,
+            enhanced: None,
+            lines,
+        }
+        .write_to(&mut self.output);
+    }
+
+    fn mail(&mut self, from: &MailFrom<Cow<'_, str>>, raw: &[u8]) {
+        if let Some(param) = unsupported_mail_param(from) {
+            self.fail(555, (5, 5, 4), format!("Unsupported parameter {param}"));
+            return;
+        }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        if from.address.is_empty() && !raw_path(raw).is_some_and(<[u8]>::is_empty) {
+            // smtp-proto maps `<postmaster>` to the empty path; as a sender it is no address.
+            self.fail(501, (5, 1, 7), "Bad sender address syntax");
+            return;
+        }
+        if let Err((code, enhanced, text)) = check_address(&from.address, smtputf8, (5, 1, 7)) {
+            self.fail(code, enhanced, text);
+            return;
+        }
+        let size = from.size as u64;
+        if size > self.params.limits.max_message_bytes {
+            self.fail(
+                552,
+                (5, 3, 4),
+                "Message size exceeds fixed maximum message size",
+            );
+            return;
+        }
+        if self.spool_free < size.max(MIN_SPOOL_FREE) {
+            self.fail(452, (4, 3, 1), "Insufficient system storage");
+            return;
+        }
+        self.envelope = Some(Envelope {
+            mail_from: from.address.to_string(),
+            rcpt_to: Vec::new(),
+            body: if from.flags & MAIL_BODY_8BITMIME != 0 {
+                BodyType::EightBitMime
+            } else {
+                BodyType::SevenBit
+            },
+            smtputf8,
+            // smtp-proto reports an absent SIZE as 0; `SIZE=0` tells us nothing either.
+            declared_size: (size > 0).then_some(size),
+        });
+        self.reply(250, (2, 1, 0), "Ok");
+    }
+
+    fn rcpt(&mut self, to: &RcptTo<Cow<'_, str>>, raw: &[u8]) {
+        if to.flags != 0 || to.orcpt.is_some() || to.rrvs != 0 {
+            self.fail(555, (5, 5, 4), "Unsupported parameter (DSN is not offered)");
+            return;
+        }
+        let smtputf8 = self.envelope.as_ref().is_some_and(|e| e.smtputf8);
+        let address = if to.address.is_empty() {
+            // smtp-proto maps both `<>` and `<postmaster>` to the empty path.
+            if raw_path(raw).is_some_and(|p| p.eq_ignore_ascii_case(b"postmaster")) {
+                "postmaster".to_owned()
+            } else {
+                self.fail(501, (5, 1, 3), "Bad recipient address syntax");
+                return;
+            }
+        } else {
+            to.address.to_string()
+        };
+        if let Err((code, enhanced, text)) = check_address(&address, smtputf8, (5, 1, 3)) {
+            self.fail(code, enhanced, text);
+            return;
+        }
+        let local = if address == "postmaster" {
+            true
+        } else {
+            let Some(domain) = domain_of(&address) else {
+                self.fail(501, (5, 1, 3), "Bad recipient address syntax");
+                return;
+            };
+            self.params
+                .local_domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(&domain))
+        };
+        if !local && !self.client.relay_allowed {
+            self.fail(554, (5, 7, 1), "Relay access denied");
+            return;
+        }
+        let max = self.params.limits.max_recipients;
+        let Some(envelope) = self.envelope.as_mut() else {
+            self.fail(503, (5, 5, 1), "Error: need MAIL command");
+            return;
+        };
+        if envelope.rcpt_to.contains(&address) {
+            self.reply(250, (2, 1, 5), "Ok");
+        } else if envelope.rcpt_to.len() >= max {
+            self.fail(452, (4, 5, 3), "Too many recipients");
+        } else {
+            envelope.rcpt_to.push(address);
+            self.reply(250, (2, 1, 5), "Ok");
+        }
+    }
+
+    fn data_command(&mut self) {
+        let Some(envelope) = self.envelope.as_ref() else {
+            self.fail(503, (5, 5, 1), "Error: need MAIL command");
+            return;
+        };
+        if envelope.rcpt_to.is_empty() {
+            self.fail(554, (5, 5, 1), "Error: no valid recipients");
+            return;
+        }
+        let need = envelope.declared_size.unwrap_or(0).max(MIN_SPOOL_FREE);
+        if self.spool_free < need {
+            self.fail(452, (4, 3, 1), "Insufficient system storage");
+            return;
+        }
+        Reply::plain(354, "End data with <CR><LF>.<CR><LF>").write_to(&mut self.output);
+        self.state = State::Data;
+        self.data = DataReceiver::default();
+        self.body.clear();
+        self.events.push_back(Event::MessageStart);
+    }
+
+    fn end_of_data(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        self.state = State::Command;
+        let envelope = self.envelope.take();
+        if data.too_big {
+            self.body.clear();
+            self.fail(552, (5, 3, 4), "Error: message too big");
+        } else if data.too_long {
+            self.body.clear();
+            self.fail(500, (5, 5, 2), "Error: line too long");
+        } else if data.bare_eol {
+            self.body.clear();
+            self.fail(
+                550,
+                (5, 6, 0),
+                "Error: bare CR or LF in message text (use CRLF line endings)",
+            );
+        } else if let Some(envelope) = envelope {
+            self.envelope = Some(envelope.clone());
+            self.state = State::AwaitStore;
+            self.events.push_back(Event::MessageComplete(envelope));
+        } else {
+            self.body.clear();
+            self.reply(451, (4, 3, 0), "Error: no transaction");
+        }
+    }
+
+    fn etrn(&mut self, name: &str) {
+        if !is_domain(name) {
+            self.fail(501, (5, 5, 4), "Syntax: ETRN domain");
+            return;
+        }
+        if self.helo.is_none() {
+            self.fail(503, (5, 5, 1), "Error: send HELO/EHLO first");
+            return;
+        }
+        if self.envelope.is_some() {
+            self.fail(503, (5, 5, 1), "Error: MAIL transaction in progress");
+            return;
+        }
+        if !self.client.relay_allowed {
+            self.fail(459, (4, 7, 1), "Client not authorized to use ETRN");
+            return;
+        }
+        let domain = name.trim_end_matches('.').to_ascii_lowercase();
+        self.etrn = Some(domain.clone());
+        self.state = State::AwaitEtrn;
+        self.events.push_back(Event::Etrn(domain));
+    }
+
+    fn starttls(&mut self, has_args: bool, now: Instant) {
+        if self.tls.is_some() {
+            self.fail(503, (5, 5, 1), "Error: TLS already active");
+        } else if !self.client.starttls_available {
+            self.fail(502, (5, 5, 1), "Error: command not implemented");
+        } else if has_args {
+            self.fail(501, (5, 5, 4), "Syntax: STARTTLS");
+        } else {
+            self.reply(220, (2, 0, 0), "Ready to start TLS");
+            self.state = State::AwaitTls;
+            self.last_activity = now;
+            self.events.push_back(Event::StartTls);
+        }
+    }
+
+    // ---- replies ----------------------------------------------------------------------------
+
+    fn reply(
+        &mut self,
+        code: u16,
+        (class, subject, detail): (u8, u16, u16),
+        text: impl Into<String>,
+    ) {
+        Reply::new(code, EnhancedCode(class, subject, detail), text).write_to(&mut self.output);
+    }
+
+    /// An error reply to a client command; too many of them end the session.
+    fn fail(&mut self, code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) {
+        self.reply(code, enhanced, text);
+        self.errors = self.errors.saturating_add(1);
+        if self.errors >= self.params.limits.max_errors && self.state != State::Closed {
+            self.reply(421, (4, 7, 0), self.host_text("Error: too many errors"));
+            self.close();
+        }
+    }
+
+    fn host_text(&self, text: &str) -> String {
+        format!("{} {text}", self.params.hostname)
+    }
+
+    fn close(&mut self) {
+        if self.state != State::Closed {
+            self.state = State::Closed;
+            self.input.clear();
+            self.body.clear();
+            self.events.push_back(Event::Close);
+        }
+    }
+}
+
+/// The first unsupported `MAIL FROM` parameter smtp-proto recognised, if any.
+fn unsupported_mail_param(from: &MailFrom<Cow<'_, str>>) -> Option<&'static str> {
+    let flags = from.flags;
+    let checks = [
+        (flags & MAIL_BODY_BINARYMIME != 0, "BODY=BINARYMIME"),
+        (flags & (MAIL_RET_FULL | MAIL_RET_HDRS) != 0, "RET"),
+        (flags & MAIL_REQUIRETLS != 0, "REQUIRETLS"),
+        (flags & MAIL_CONPERM != 0, "CONPERM"),
+        (
+            flags & (MAIL_BY_NOTIFY | MAIL_BY_RETURN | MAIL_BY_TRACE) != 0 || from.by != 0,
+            "BY",
+        ),
+        (from.trans_id.is_some(), "TRANSID"),
+        (from.env_id.is_some(), "ENVID"),
+        (from.solicit.is_some(), "SOLICIT"),
+        (from.mtrk.is_some(), "MTRK"),
+        (from.auth.is_some(), "AUTH"),
+        (from.hold_for != 0, "HOLDFOR"),
+        (from.hold_until != 0, "HOLDUNTIL"),
+        (from.mt_priority != 0, "MT-PRIORITY"),
+        (
+            flags & !(MAIL_BODY_7BIT | MAIL_BODY_8BITMIME | MAIL_SMTPUTF8) != 0,
+            "(unknown)",
+        ),
+    ];
+    checks.iter().find(|(bad, _)| *bad).map(|(_, name)| *name)
+}
+
+/// A negative reply: code, enhanced code, text.
+type Refusal = (u16, (u8, u16, u16), &'static str);
+
+/// Checks an address the grammar accepted: valid UTF-8, no control characters, non-ASCII
+/// only with `SMTPUTF8` (RFC 6531 §3.5: `553 5.6.7`).
+fn check_address(address: &str, smtputf8: bool, syntax: (u8, u16, u16)) -> Result<(), Refusal> {
+    if address.contains(char::REPLACEMENT_CHARACTER) || address.chars().any(char::is_control) {
+        return Err((501, syntax, "Bad address syntax"));
+    }
+    if !address.is_ascii() && !smtputf8 {
+        return Err((553, (5, 6, 7), "Non-ASCII address requires SMTPUTF8"));
+    }
+    Ok(())
+}
+
+/// The raw bytes between the first `<` and the next `>` of a command line.
+fn raw_path(raw: &[u8]) -> Option<&[u8]> {
+    let start = raw.iter().position(|&b| b == b'<')? + 1;
+    let rest = raw.get(start..)?;
+    let end = rest.iter().position(|&b| b == b'>')?;
+    rest.get(..end)
+}
+
+/// A plain domain name (letters, digits, `-`, `.`; RFC 1985 `@`/`#` forms are not offered).
+fn is_domain(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    (1..=253).contains(&name.len())
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Client text made safe to echo: printable ASCII only, bounded.
+fn sanitize(text: &[u8]) -> String {
+    text.iter()
+        .take(MAX_ECHO)
+        .map(|&b| {
+            if b.is_ascii_graphic() {
+                char::from(b)
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    const HOST: &str = "mx.local.test";
+
+    fn params() -> Arc<ServerParams> {
+        Arc::new(ServerParams {
+            hostname: HOST.to_owned(),
+            limits: ServerLimits {
+                max_command_line: 512,
+                max_text_line: 1000,
+                max_message_bytes: 10_000,
+                max_recipients: 3,
+                max_errors: 10,
+                command_timeout: Duration::from_secs(300),
+                data_timeout: Duration::from_secs(180),
+                max_buffered_input: 4096,
+            },
+            local_domains: vec!["local.test".to_owned()],
+        })
+    }
+
+    /// Who connects.
+    #[derive(Debug, Clone, Copy)]
+    enum Peer {
+        /// Internet host: no relay, STARTTLS offered.
+        Stranger,
+        /// In trusted_networks: may relay and ETRN.
+        Trusted,
+        /// On the forced-TLS list.
+        Forced,
+        /// No certificate installed: STARTTLS not offered.
+        NoCert,
+        /// Arrived on an implicit-TLS listener.
+        Implicit,
+    }
+
+    fn client(peer: Peer) -> ClientInfo {
+        let addr = |last| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, last), 25));
+        ClientInfo {
+            peer: addr(9),
+            local: addr(1),
+            relay_allowed: matches!(peer, Peer::Trusted),
+            starttls_available: !matches!(peer, Peer::NoCert),
+            tls_required: matches!(peer, Peer::Forced),
+            implicit_tls: matches!(peer, Peer::Implicit).then(tls_info),
+        }
+    }
+
+    fn tls_info() -> TlsInfo {
+        TlsInfo {
+            version: "TLSv1.3".to_owned(),
+            cipher: "TLS13_AES_256_GCM_SHA384".to_owned(),
+            sni: None,
+            verified_client: None,
+        }
+    }
+
+    /// One thing the client or the runtime does.
+    #[derive(Debug, Clone)]
+    enum Act {
+        Send(Vec<u8>),
+        Store(StoreResult),
+        Etrn(EtrnResult),
+        Tls,
+        Spool(u64),
+        /// Virtual time moves to t0 + secs; `handle_timeout` is called.
+        At(u64),
+    }
+
+    fn send(s: &str) -> Act {
+        Act::Send(s.as_bytes().to_vec())
+    }
+
+    fn name(event: &Event) -> &'static str {
+        match event {
+            Event::StartTls => "StartTls",
+            Event::MessageStart => "MessageStart",
+            Event::MessageComplete(_) => "MessageComplete",
+            Event::Etrn(_) => "Etrn",
+            Event::Close => "Close",
+        }
+    }
+
+    /// The last line of each reply in `out` (`250-…` continuation lines skipped).
+    fn finals(out: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(out)
+            .split("\r\n")
+            .filter(|l| !l.is_empty() && l.as_bytes().get(3) != Some(&b'-'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    struct Harness {
+        s: ServerSession,
+        t0: Instant,
+        now: Instant,
+    }
+
+    impl Harness {
+        fn new(peer: Peer) -> Self {
+            let t0 = Instant::now();
+            let mut s = ServerSession::new(params(), client(peer), t0);
+            let greeting = finals(&s.take_output());
+            assert_eq!(greeting, vec![format!("220 {HOST} ESMTP Sealgate")]);
+            Harness { s, t0, now: t0 }
+        }
+
+        /// Does `act`; returns the final reply lines written and the events raised.
+        fn act(&mut self, act: &Act) -> (Vec<String>, Vec<&'static str>) {
+            match act {
+                Act::Send(bytes) => self.s.feed(bytes, self.now),
+                Act::Store(r) => self.s.message_stored(r.clone(), self.now),
+                Act::Etrn(r) => self.s.etrn_result(*r, self.now),
+                Act::Tls => self.s.tls_established(tls_info(), self.now),
+                Act::Spool(b) => self.s.set_spool_free(*b),
+                Act::At(secs) => {
+                    self.now = self.t0 + Duration::from_secs(*secs);
+                    self.s.handle_timeout(self.now);
+                }
+            }
+            let events = std::iter::from_fn(|| self.s.poll_event())
+                .map(|e| name(&e))
+                .collect();
+            (finals(&self.s.take_output()), events)
+        }
+    }
+
+    type Step = (Act, &'static [&'static str], &'static [&'static str]);
+
+    fn run(case: &str, peer: Peer, steps: &[Step]) {
+        let mut h = Harness::new(peer);
+        for (i, (act, want_replies, want_events)) in steps.iter().enumerate() {
+            let (replies, events) = h.act(act);
+            let ok = replies.len() == want_replies.len()
+                && replies
+                    .iter()
+                    .zip(want_replies.iter())
+                    .all(|(r, w)| r.starts_with(w));
+            assert!(
+                ok,
+                "{case}: step {i} {act:?}: replies {replies:?}, want {want_replies:?}"
+            );
+            assert_eq!(&events, want_events, "{case}: step {i} {act:?}: events");
+        }
+    }
+
+    fn ehlo() -> Step {
+        (send("EHLO client.test\r\n"), &["250 "], &[])
+    }
+
+    fn mail() -> Step {
+        (
+            send("MAIL FROM:<alice@remote.test>\r\n"),
+            &["250 2.1.0"],
+            &[],
+        )
+    }
+
+    fn rcpt() -> Step {
+        (send("RCPT TO:<bob@local.test>\r\n"), &["250 2.1.5"], &[])
+    }
+
+    fn data() -> Step {
+        (send("DATA\r\n"), &["354 "], &["MessageStart"])
+    }
+
+    #[test]
+    fn sessions() {
+        use Peer::*;
+        let cases: Vec<(&str, Peer, Vec<Step>)> = vec![
+            (
+                "happy path",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (
+                        send("Subject: x\r\n\r\nhi\r\n.\r\n"),
+                        &[],
+                        &["MessageComplete"],
+                    ),
+                    (
+                        Act::Store(StoreResult::Queued("Q1".into())),
+                        &["250 2.0.0 Ok: queued as Q1"],
+                        &[],
+                    ),
+                    (send("QUIT\r\n"), &["221 2.0.0"], &["Close"]),
+                    (send("NOOP\r\n"), &[], &[]),
+                ],
+            ),
+            (
+                "HELO session",
+                Stranger,
+                vec![
+                    (send("HELO client.test\r\n"), &["250 mx.local.test"], &[]),
+                    mail(),
+                    rcpt(),
+                ],
+            ),
+            (
+                "relay denied to strangers, allowed to trusted",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    (
+                        send("RCPT TO:<x@other.test>\r\n"),
+                        &["554 5.7.1 Relay access denied"],
+                        &[],
+                    ),
+                    (send("RCPT TO:<x@LOCAL.Test>\r\n"), &["250 2.1.5"], &[]),
+                    (send("RCPT TO:<x@local.test.evil>\r\n"), &["554 5.7.1"], &[]),
+                    (
+                        send("RCPT TO:<@local.test:x@other.test>\r\n"),
+                        &["554 5.7.1"],
+                        &[],
+                    ),
+                    (
+                        send("RCPT TO:<\"x@local.test\"@other.test>\r\n"),
+                        &["554 5.7.1"],
+                        &[],
+                    ),
+                ],
+            ),
+            (
+                "trusted may relay",
+                Trusted,
+                vec![
+                    ehlo(),
+                    mail(),
+                    (send("RCPT TO:<x@other.test>\r\n"), &["250 2.1.5"], &[]),
+                ],
+            ),
+            (
+                "addresses without domain",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    (send("RCPT TO:<Postmaster>\r\n"), &["250 2.1.5"], &[]),
+                    (send("RCPT TO:<>\r\n"), &["501 5.1.3"], &[]),
+                    (send("RCPT TO:<user>\r\n"), &["501 5.1.3"], &[]),
+                    (send("RCPT TO:<user@>\r\n"), &["501 5.1.3"], &[]),
+                    (send("RCPT TO:bob@local.test\r\n"), &["501 5.5.4"], &[]),
+                ],
+            ),
+            (
+                "senders",
+                Stranger,
+                vec![
+                    ehlo(),
+                    (send("MAIL FROM:<postmaster>\r\n"), &["501 5.1.7"], &[]),
+                    (send("MAIL FROM:<a b@x.test>\r\n"), &["501 5.1.7"], &[]),
+                    (send("MAIL FROM:<>\r\n"), &["250 2.1.0"], &[]),
+                ],
+            ),
+            (
+                "command order",
+                Stranger,
+                vec![
+                    (send("MAIL FROM:<a@remote.test>\r\n"), &["503 5.5.1"], &[]),
+                    (send("RCPT TO:<b@local.test>\r\n"), &["503 5.5.1"], &[]),
+                    (send("DATA\r\n"), &["503 5.5.1"], &[]),
+                    ehlo(),
+                    (send("RCPT TO:<b@local.test>\r\n"), &["503 5.5.1"], &[]),
+                    (send("DATA\r\n"), &["503 5.5.1"], &[]),
+                    mail(),
+                    (send("MAIL FROM:<a@remote.test>\r\n"), &["503 5.5.1"], &[]),
+                ],
+            ),
+            (
+                "DATA without recipients, RSET and EHLO reset the transaction",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    (send("DATA\r\n"), &["554 5.5.1"], &[]),
+                    (send("RSET\r\n"), &["250 2.0.0"], &[]),
+                    (send("RCPT TO:<b@local.test>\r\n"), &["503 5.5.1"], &[]),
+                    mail(),
+                    ehlo(),
+                    (send("RCPT TO:<b@local.test>\r\n"), &["503 5.5.1"], &[]),
+                ],
+            ),
+            (
+                "MAIL parameters",
+                Stranger,
+                vec![
+                    ehlo(),
+                    (
+                        send("MAIL FROM:<a@r.test> SIZE=10001\r\n"),
+                        &["552 5.3.4"],
+                        &[],
+                    ),
+                    (
+                        send("MAIL FROM:<a@r.test> BODY=BINARYMIME\r\n"),
+                        &["555 5.5.4"],
+                        &[],
+                    ),
+                    (
+                        send("MAIL FROM:<a@r.test> FOO=bar\r\n"),
+                        &["555 5.5.4"],
+                        &[],
+                    ),
+                    (
+                        send("MAIL FROM:<a@r.test> RET=FULL\r\n"),
+                        &["555 5.5.4"],
+                        &[],
+                    ),
+                    (
+                        send("MAIL FROM:<a@r.test> BODY=9BIT\r\n"),
+                        &["501 5.5.4"],
+                        &[],
+                    ),
+                    (send("MAIL FROM:<a@r.test> SIZE=x\r\n"), &["501 5.5.4"], &[]),
+                    (
+                        send("MAIL FROM:<a@r.test> SIZE=9000 BODY=8BITMIME SMTPUTF8\r\n"),
+                        &["250 2.1.0"],
+                        &[],
+                    ),
+                    (
+                        send("RCPT TO:<b@local.test> NOTIFY=NEVER\r\n"),
+                        &["555 5.5.4"],
+                        &[],
+                    ),
+                ],
+            ),
+            (
+                "non-ASCII addresses need SMTPUTF8",
+                Stranger,
+                vec![
+                    ehlo(),
+                    (
+                        send("MAIL FROM:<j\u{fc}rg@r.test>\r\n"),
+                        &["553 5.6.7"],
+                        &[],
+                    ),
+                    (
+                        send("MAIL FROM:<j\u{fc}rg@r.test> SMTPUTF8\r\n"),
+                        &["250 2.1.0"],
+                        &[],
+                    ),
+                    (
+                        send("RCPT TO:<m\u{fc}ller@local.test>\r\n"),
+                        &["250 2.1.5"],
+                        &[],
+                    ),
+                ],
+            ),
+            (
+                "too many recipients (duplicates not counted)",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    (send("RCPT TO:<a@local.test>\r\n"), &["250 2.1.5"], &[]),
+                    (send("RCPT TO:<a@local.test>\r\n"), &["250 2.1.5"], &[]),
+                    (send("RCPT TO:<b@local.test>\r\n"), &["250 2.1.5"], &[]),
+                    (send("RCPT TO:<c@local.test>\r\n"), &["250 2.1.5"], &[]),
+                    (
+                        send("RCPT TO:<d@local.test>\r\n"),
+                        &["452 4.5.3 Too many recipients"],
+                        &[],
+                    ),
+                ],
+            ),
+            (
+                "forced TLS",
+                Forced,
+                vec![
+                    ehlo(),
+                    (
+                        send("MAIL FROM:<a@r.test>\r\n"),
+                        &["530 5.7.0 Must issue a STARTTLS command first"],
+                        &[],
+                    ),
+                    (send("RCPT TO:<b@local.test>\r\n"), &["530 5.7.0"], &[]),
+                    (send("DATA\r\n"), &["530 5.7.0"], &[]),
+                    (send("ETRN local.test\r\n"), &["530 5.7.0"], &[]),
+                    (send("NOOP\r\n"), &["250 2.0.0"], &[]),
+                    (send("STARTTLS\r\n"), &["220 2.0.0"], &["StartTls"]),
+                    (Act::Tls, &[], &[]),
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                ],
+            ),
+            (
+                "forced TLS: AUTH",
+                Forced,
+                vec![
+                    ehlo(),
+                    (send("AUTH PLAIN AGFAAGI=\r\n"), &["530 5.7.0"], &[]),
+                ],
+            ),
+            (
+                "STARTTLS injection: pipelined plaintext is discarded",
+                Stranger,
+                vec![
+                    (
+                        send("EHLO c.test\r\nSTARTTLS\r\nMAIL FROM:<a@b.test>\r\n"),
+                        &["250 ", "220 2.0.0 Ready to start TLS"],
+                        &["StartTls"],
+                    ),
+                    (send("RCPT TO:<b@local.test>\r\n"), &[], &[]),
+                    (Act::Tls, &[], &[]),
+                    (send("MAIL FROM:<a@b.test>\r\n"), &["503 5.5.1"], &[]),
+                    (send("RCPT TO:<b@local.test>\r\n"), &["503 5.5.1"], &[]),
+                    ehlo(),
+                    (send("STARTTLS\r\n"), &["503 5.5.1"], &[]),
+                    mail(),
+                ],
+            ),
+            (
+                "STARTTLS variants",
+                Stranger,
+                vec![
+                    (send("STARTTLS now\r\n"), &["501 5.5.4"], &[]),
+                    (send("STARTTLS\r\n"), &["220 2.0.0"], &["StartTls"]),
+                ],
+            ),
+            (
+                "STARTTLS without certificate",
+                NoCert,
+                vec![(send("STARTTLS\r\n"), &["502 5.5.1"], &[])],
+            ),
+            (
+                "STARTTLS on implicit TLS",
+                Implicit,
+                vec![(send("STARTTLS\r\n"), &["503 5.5.1"], &[])],
+            ),
+            (
+                "command line length",
+                Stranger,
+                vec![
+                    (Act::Send(long_noop(512)), &["250 2.0.0"], &[]),
+                    (Act::Send(long_noop(513)), &["500 5.5.2"], &[]),
+                    (Act::Send(long_noop(100_000)), &["500 5.5.2"], &[]),
+                    (Act::Send(b"NOOP xxxxx".repeat(60)), &[], &[]),
+                    (send("\r\nNOOP\r\n"), &["500 5.5.2", "250 2.0.0"], &[]),
+                ],
+            ),
+            (
+                "text line length",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (Act::Send(text_line(1000)), &[], &[]),
+                    (send(".\r\n"), &[], &["MessageComplete"]),
+                    (
+                        Act::Store(StoreResult::Queued("Q".into())),
+                        &["250 2.0.0"],
+                        &[],
+                    ),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (Act::Send(text_line(1001)), &[], &[]),
+                    (send("more\r\n.\r\n"), &["500 5.5.2"], &[]),
+                    (send("RCPT TO:<b@local.test>\r\n"), &["503 5.5.1"], &[]),
+                ],
+            ),
+            (
+                "message size",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (Act::Send(text_line(1000).repeat(10)), &[], &[]),
+                    (send(".\r\n"), &[], &["MessageComplete"]),
+                    (
+                        Act::Store(StoreResult::Queued("Q".into())),
+                        &["250 2.0.0"],
+                        &[],
+                    ),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (Act::Send(text_line(1000).repeat(10)), &[], &[]),
+                    (send("z\r\n.\r\n"), &["552 5.3.4"], &[]),
+                    mail(),
+                ],
+            ),
+            (
+                "too many errors",
+                Stranger,
+                vec![
+                    (
+                        send("FOO\r\nBAR\r\nBAZ\r\n\r\n"),
+                        &["500 5.5.1", "500 5.5.1", "500 5.5.1", "500 5.5.2"],
+                        &[],
+                    ),
+                    (send("A\r\nB\r\nC\r\nD\r\nE\r\n"), &["500 5.5.1"; 5], &[]),
+                    (
+                        send("QUUX\r\nNOOP\r\n"),
+                        &["500 5.5.1", "421 4.7.0"],
+                        &["Close"],
+                    ),
+                    (send("NOOP\r\n"), &[], &[]),
+                    (Act::At(10_000), &[], &[]),
+                ],
+            ),
+            (
+                "spool space",
+                Stranger,
+                vec![
+                    ehlo(),
+                    (Act::Spool(MIN_SPOOL_FREE - 1), &[], &[]),
+                    (send("MAIL FROM:<a@r.test>\r\n"), &["452 4.3.1"], &[]),
+                    (Act::Spool(MIN_SPOOL_FREE), &[], &[]),
+                    mail(),
+                    rcpt(),
+                    (Act::Spool(1000), &[], &[]),
+                    (send("DATA\r\n"), &["452 4.3.1"], &[]),
+                    (Act::Spool(u64::MAX), &[], &[]),
+                    data(),
+                ],
+            ),
+            (
+                "store failures reset the transaction",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (send(".\r\n"), &[], &["MessageComplete"]),
+                    (Act::Store(StoreResult::NoSpace), &["452 4.3.1"], &[]),
+                    (send("RCPT TO:<b@local.test>\r\n"), &["503 5.5.1"], &[]),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (send(".\r\n"), &[], &["MessageComplete"]),
+                    (Act::Store(StoreResult::Failed), &["451 4.3.0"], &[]),
+                    (Act::Store(StoreResult::Failed), &[], &[]),
+                ],
+            ),
+            (
+                "ETRN from a trusted client",
+                Trusted,
+                vec![
+                    (send("ETRN local.test\r\n"), &["503 5.5.1"], &[]),
+                    ehlo(),
+                    (send("ETRN\r\n"), &["501 5.5.4"], &[]),
+                    (send("ETRN #queue\r\n"), &["501 5.5.4"], &[]),
+                    (send("ETRN bad..domain\r\n"), &["501 5.5.4"], &[]),
+                    (send("ETRN Local.Test\r\nNOOP\r\n"), &[], &["Etrn"]),
+                    (
+                        Act::Etrn(EtrnResult::Started),
+                        &["250 2.0.0 Queuing for node local.test started", "250 2.0.0"],
+                        &[],
+                    ),
+                    (send("ETRN other.test\r\n"), &[], &["Etrn"]),
+                    (Act::Etrn(EtrnResult::NoMessages), &["458 4.0.0"], &[]),
+                    (send("ETRN other.test\r\n"), &[], &["Etrn"]),
+                    (Act::Etrn(EtrnResult::NotAllowed), &["459 4.0.0"], &[]),
+                    mail(),
+                    (send("ETRN local.test\r\n"), &["503 5.5.1"], &[]),
+                ],
+            ),
+            (
+                "ETRN from a stranger",
+                Stranger,
+                vec![ehlo(), (send("ETRN local.test\r\n"), &["459 4.7.1"], &[])],
+            ),
+            (
+                "pipelining in one feed",
+                Stranger,
+                vec![
+                    (
+                        send(
+                            "EHLO c.test\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<b@local.test>\r\n\
+                             RCPT TO:<c@other.test>\r\nDATA\r\n",
+                        ),
+                        &["250 ", "250 2.1.0", "250 2.1.5", "554 5.7.1", "354 "],
+                        &["MessageStart"],
+                    ),
+                    (
+                        send("hi\r\n.\r\nMAIL FROM:<a@r.test>\r\nQUIT\r\n"),
+                        &[],
+                        &["MessageComplete"],
+                    ),
+                    (
+                        Act::Store(StoreResult::Queued("Q7".into())),
+                        &["250 2.0.0 Ok: queued as Q7", "250 2.1.0", "221 2.0.0"],
+                        &["Close"],
+                    ),
+                ],
+            ),
+            (
+                "pipelined input beyond the buffer while waiting",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (send(".\r\n"), &[], &["MessageComplete"]),
+                    (Act::Send(b"NOOP\r\n".repeat(600)), &[], &[]),
+                    (
+                        Act::Send(b"NOOP\r\n".repeat(200)),
+                        &["421 4.7.0"],
+                        &["Close"],
+                    ),
+                    (Act::Store(StoreResult::Queued("Q".into())), &[], &[]),
+                ],
+            ),
+            (
+                "command timeout",
+                Stranger,
+                vec![
+                    ehlo(),
+                    (Act::At(200), &[], &[]),
+                    (send("NOOP\r\n"), &["250 2.0.0"], &[]),
+                    (send("NOO"), &[], &[]),
+                    (Act::At(499), &[], &[]),
+                    (
+                        Act::At(500),
+                        &["421 4.4.2 mx.local.test Error: timeout exceeded"],
+                        &["Close"],
+                    ),
+                    (Act::At(900), &[], &[]),
+                ],
+            ),
+            (
+                "data timeout",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (Act::At(100), &[], &[]),
+                    (send("line\r\n"), &[], &[]),
+                    (Act::At(279), &[], &[]),
+                    (Act::At(280), &["421 4.4.2"], &["Close"]),
+                ],
+            ),
+            (
+                "no timeout while the runtime stores",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (send(".\r\n"), &[], &["MessageComplete"]),
+                    (Act::At(10_000), &[], &[]),
+                ],
+            ),
+            (
+                "other commands",
+                Stranger,
+                vec![
+                    (send("NOOP\r\n"), &["250 2.0.0"], &[]),
+                    (send("noop\n"), &["250 2.0.0"], &[]),
+                    (send("VRFY bob\r\n"), &["252 2.5.2"], &[]),
+                    (send("HELP\r\n"), &["214 2.0.0"], &[]),
+                    (send("RSET\r\n"), &["250 2.0.0"], &[]),
+                    (send("EXPN staff\r\n"), &["502 5.5.1"], &[]),
+                    (send("NO\rOP\r\n"), &["500 5.5.2"], &[]),
+                ],
+            ),
+            (
+                "syntax errors",
+                Stranger,
+                vec![
+                    (send("RSET now\r\n"), &["501 5.5.4"], &[]),
+                    (send("EHLO\r\n"), &["501 5.5.4"], &[]),
+                    (send("EHLO a\x01b\r\n"), &["501 5.5.4"], &[]),
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                    (send("DATA now\r\n"), &["501 5.5.4"], &[]),
+                ],
+            ),
+            (
+                "QUIT with pipelined rest",
+                Stranger,
+                vec![
+                    (send("QUIT\r\nNOOP\r\n"), &["221 2.0.0"], &["Close"]),
+                    (send("NOOP\r\n"), &[], &[]),
+                ],
+            ),
+        ];
+        for (case, peer, steps) in &cases {
+            run(case, *peer, steps);
+        }
+    }
+
+    /// `NOOP` padded to exactly `len` octets including CRLF.
+    fn long_noop(len: usize) -> Vec<u8> {
+        let mut line = b"NOOP ".to_vec();
+        line.resize(len - 2, b'x');
+        line.extend_from_slice(b"\r\n");
+        line
+    }
+
+    /// A text line of exactly `len` octets including CRLF.
+    fn text_line(len: usize) -> Vec<u8> {
+        let mut line = vec![b'y'; len - 2];
+        line.extend_from_slice(b"\r\n");
+        line
+    }
+
+    /// Sequences that must not end DATA; the final CRLF.CRLF then refuses the message.
+    #[test]
+    fn smuggling() {
+        let tricks: [&[u8]; 8] = [
+            b"a\n.\nMAIL FROM:<x@evil.test>\r\n",
+            b"a\r.\rMAIL FROM:<x@evil.test>\r\n",
+            b"a\n.\r\nMAIL FROM:<x@evil.test>\r\n",
+            b"a\r\n.\nMAIL FROM:<x@evil.test>\r\n",
+            b"a\r\n.\rMAIL FROM:<x@evil.test>\r\n",
+            b"a\r.\r\nMAIL FROM:<x@evil.test>\r\n",
+            b"bare\nline feed\r\n",
+            b"bare\rcarriage return\r\n",
+        ];
+        for trick in tricks {
+            let case = String::from_utf8_lossy(trick).escape_debug().to_string();
+            run(
+                &case,
+                Peer::Stranger,
+                &[
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (Act::Send(trick.to_vec()), &[], &[]),
+                    (send("RSET\r\n"), &[], &[]),
+                    (send(".\r\n"), &["550 5.6.0"], &[]),
+                    (send("RCPT TO:<b@local.test>\r\n"), &["503 5.5.1"], &[]),
+                ],
+            );
+        }
+    }
+
+    #[test]
+    fn message_body_and_envelope() {
+        let mut h = Harness::new(Peer::Stranger);
+        h.act(&send(
+            "EHLO c.test\r\nMAIL FROM:<a@r.test> BODY=8BITMIME SIZE=500\r\n\
+             RCPT TO:<b@local.test>\r\nRCPT TO:<postmaster>\r\nDATA\r\n",
+        ));
+        assert!(!h.s.wants_input() || h.s.body_len() == 0);
+        h.s.feed(b"..leading dot\r\n", h.now);
+        assert_eq!(h.s.take_body(), b".leading dot\r\n");
+        h.s.feed(b"\r\nmiddle\r\n...\r\n\r\n.", h.now);
+        assert_eq!(h.s.body_len(), b"\r\nmiddle\r\n..\r\n\r\n".len());
+        assert!(h.s.wants_input());
+        h.s.feed(b"\r\n", h.now);
+        assert_eq!(h.s.take_body(), b"\r\nmiddle\r\n..\r\n\r\n");
+        let events: Vec<Event> = std::iter::from_fn(|| h.s.poll_event()).collect();
+        let want = Envelope {
+            mail_from: "a@r.test".into(),
+            rcpt_to: vec!["b@local.test".into(), "postmaster".into()],
+            body: BodyType::EightBitMime,
+            smtputf8: false,
+            declared_size: Some(500),
+        };
+        assert_eq!(events, vec![Event::MessageComplete(want)]);
+        assert!(!h.s.wants_input());
+        assert_eq!(h.s.deadline(), None);
+        h.s.message_stored(StoreResult::Queued("A".into()), h.now);
+        assert!(h.s.wants_input());
+
+        // An empty message.
+        h.act(&send(
+            "MAIL FROM:<>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n.\r\n",
+        ));
+        assert_eq!(h.s.take_body(), b"");
+    }
+
+    #[test]
+    fn ehlo_advertisement_and_protocol() {
+        let mut h = Harness::new(Peer::Stranger);
+        assert_eq!(h.s.protocol(), "SMTP");
+        h.s.feed(b"EHLO c.test\r\n", h.now);
+        let out = String::from_utf8(h.s.take_output()).unwrap_or_default();
+        assert_eq!(
+            out,
+            "250-mx.local.test\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-ETRN\r\n\
+             250-STARTTLS\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+        );
+        assert_eq!(h.s.protocol(), "ESMTP");
+        assert_eq!(h.s.helo(), Some("c.test"));
+        h.s.feed(b"STARTTLS\r\n", h.now);
+        assert!(!h.s.wants_input());
+        assert_eq!(h.s.tls(), None);
+        h.s.tls_established(tls_info(), h.now);
+        assert_eq!(h.s.helo(), None);
+        assert_eq!(h.s.tls(), Some(&tls_info()));
+        assert_eq!(h.s.protocol(), "ESMTPS");
+        h.s.take_output();
+        h.s.feed(b"EHLO c.test\r\n", h.now);
+        let out = String::from_utf8(h.s.take_output()).unwrap_or_default();
+        assert!(
+            out.starts_with("250-mx.local.test\r\n") && !out.contains("STARTTLS"),
+            "{out}"
+        );
+
+        let mut h = Harness::new(Peer::NoCert);
+        h.s.feed(b"HELO c.test\r\n", h.now);
+        assert_eq!(h.s.protocol(), "SMTP");
+        h.s.feed(b"EHLO c.test\r\n", h.now);
+        assert!(!String::from_utf8_lossy(&h.s.take_output()).contains("STARTTLS"));
+
+        let h = Harness::new(Peer::Implicit);
+        assert_eq!(h.s.protocol(), "ESMTPS");
+    }
+
+    /// Runs a whole transcript, answering every event, feeding it in chunks of `chunk`.
+    fn transcript(input: &[u8], chunk: usize) -> (Vec<u8>, Vec<Event>, Vec<u8>) {
+        let t0 = Instant::now();
+        let mut s = ServerSession::new(params(), client(Peer::Trusted), t0);
+        let (mut out, mut events, mut body) = (Vec::new(), Vec::new(), Vec::new());
+        // Body bytes drained for the current message, as a runtime spills them.
+        let mut pending = Vec::new();
+        for piece in input.chunks(chunk.max(1)) {
+            s.feed(piece, t0);
+            while let Some(event) = s.poll_event() {
+                if event == Event::MessageStart {
+                    pending.clear();
+                }
+                pending.extend(s.take_body());
+                match &event {
+                    Event::MessageComplete(_) => {
+                        body.append(&mut pending);
+                        s.message_stored(StoreResult::Queued("Q".into()), t0)
+                    }
+                    Event::Etrn(_) => s.etrn_result(EtrnResult::Started, t0),
+                    Event::StartTls => s.tls_established(tls_info(), t0),
+                    Event::MessageStart | Event::Close => {}
+                }
+                events.push(event);
+            }
+            pending.extend(s.take_body());
+            out.extend(s.take_output());
+        }
+        (out, events, body)
+    }
+
+    #[test]
+    fn byte_at_a_time_equals_one_shot() {
+        let session = b"EHLO c.test\r\nMAIL FROM:<a@r.test> SIZE=100\r\nRCPT TO:<b@local.test>\r\n\
+            RCPT TO:<c@far.test>\r\nDATA\r\nSubject: t\r\n\r\n..dots\r\nline\r\n.\r\n\
+            ETRN local.test\r\nBOGUS\r\nRSET\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nDATA\r\n\
+            smuggle\n.\nx\r\n.\r\nNOOP\r\nQUIT\r\nNOOP\r\n";
+        let whole = transcript(session, session.len());
+        assert_eq!(finals(&whole.0).len(), 16, "{:?}", finals(&whole.0));
+        for chunk in [1, 2, 3, 7, 64] {
+            let got = transcript(session, chunk);
+            assert_eq!(
+                String::from_utf8_lossy(&got.0),
+                String::from_utf8_lossy(&whole.0),
+                "chunk {chunk}"
+            );
+            assert_eq!(got, whole, "chunk {chunk}");
+        }
+        assert!(finals(&whole.0).iter().any(|l| l.starts_with("550 5.6.0")));
+        assert_eq!(whole.2, b"Subject: t\r\n\r\n.dots\r\nline\r\n");
+    }
+
+    #[test]
+    fn binary_garbage() {
+        let mut garbage = Vec::new();
+        let mut x: u32 = 0x1234_5678;
+        for _ in 0..200_000 {
+            // xorshift: deterministic noise with every byte value.
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            garbage.push(x.to_le_bytes()[0]);
+        }
+        for chunk in [1, 13, 4096, garbage.len()] {
+            let (out, events, body) = transcript(&garbage, chunk);
+            assert!(body.is_empty());
+            assert_eq!(events.last(), Some(&Event::Close));
+            for line in finals(&out) {
+                let code: u16 = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+                assert!((200..600).contains(&code), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_after_close() {
+        let mut h = Harness::new(Peer::Stranger);
+        h.act(&send("QUIT\r\n"));
+        assert!(h.s.is_closed() && !h.s.wants_input());
+        assert_eq!(h.s.deadline(), None);
+        h.s.feed(b"EHLO x\r\n", h.now);
+        h.s.message_stored(StoreResult::Failed, h.now);
+        h.s.etrn_result(EtrnResult::Started, h.now);
+        h.s.tls_established(tls_info(), h.now);
+        assert!(!h.s.has_output() && h.s.poll_event().is_none() && h.s.tls().is_none());
+    }
+
+    #[test]
+    fn handshake_timeout_closes_silently() {
+        let mut h = Harness::new(Peer::Stranger);
+        h.act(&send("STARTTLS\r\n"));
+        assert!(h.act(&Act::At(299)).1.is_empty());
+        let (replies, events) = h.act(&Act::At(300));
+        assert!(replies.is_empty());
+        assert_eq!(events, vec!["Close"]);
     }
 }
