@@ -1,0 +1,255 @@
+"""Gateway to gateway: relaying over STARTTLS, relay control, ETRN, DSNs."""
+
+import re
+import smtplib
+import time
+
+from clients import marker, verifying_ctx
+from harness import (
+    Raw,
+    free_port,
+    header_block,
+    message,
+    queue_id,
+    received_headers,
+    send_raw_message,
+    wait_until,
+)
+
+
+def relay_routes(next_hop: str, local=("a.test",), **extra) -> list[dict]:
+    routes = [{"domain": d, "maildir": "maildir"} for d in local]
+    routes.append({"domain": "*", "next_hop": [next_hop], "tls": "may", **extra})
+    return routes
+
+
+def test_two_gateways_relay_over_starttls(gateways):
+    b = gateways.simple("b", ip="127.0.0.2", hostname="gw-b.test", local_domains=["b.test"],
+                        trusted_networks=[])
+    a = gateways.simple("a", hostname="gw-a.test", local_domains=["a.test"],
+                        routes=relay_routes("%s:%d" % b.addr))
+    mark = marker("relay")
+    long_line = "x" * 990
+    body = (
+        f"8-bit text: gr\u00fc\u00dfe \u2014 caf\u00e9\r\n"
+        ".a line with a leading dot\r\n"
+        "..two dots\r\n"
+        f"{long_line}\r\n"
+        "trailing spaces   \r\n"
+        "\r\n"
+        "end\r\n"
+    )
+    data = message(mark, "alice@a.test", "user@b.test").replace(b"us-ascii", b"utf-8")
+    data += body.encode("utf-8")
+    with smtplib.SMTP(*a.addr, local_hostname="client.test", timeout=15) as s:
+        s.ehlo()
+        s.starttls(context=verifying_ctx(a.cert_file, hostname_check=False))
+        s.ehlo()
+        code, _ = s.mail("alice@a.test", ["BODY=8BITMIME"])
+        assert code == 250
+        code, text = s.rcpt("user@b.test")
+        assert code == 250, text
+        code, text = s.data(data)
+        assert code == 250, text
+    qid = queue_id(text.decode())
+
+    got = b.wait_message_with(mark.encode())
+    # the client's message arrives byte for byte, below the trace fields
+    assert got.endswith(data), "message altered in transit:\n%r" % got[-600:]
+    trace = got[: -len(data)]
+    assert trace.startswith(b"Return-Path: <alice@a.test>\r\nDelivered-To: user@b.test\r\n"), trace
+    rec = received_headers(trace + b"\r\n")
+    assert len(rec) == 2, rec
+    b_rec, a_rec = rec
+    assert "from gw-a.test ([127.0.0.1])" in b_rec and "by gw-b.test (Sealgate)" in b_rec, b_rec
+    assert re.search(r"with ESMTPS \(TLSv1\.3 TLS13_\w+\)", b_rec), b_rec
+    assert "from client.test ([127.0.0.1])" in a_rec and "by gw-a.test (Sealgate)" in a_rec, a_rec
+    assert re.search(rf"with ESMTPS \(TLSv1\.3 TLS13_\w+\) id {re.escape(qid)}\b", a_rec), a_rec
+
+    # A logged the delivery with the TLS version of the hop, and forgot the message
+    line = a.wait_log(rf"delivery queue_id={re.escape(qid)} rcpt=user@b\.test result=Delivered\(.*")
+    assert "TLSv1.3" in line[0].group(0) and "127.0.0.2" in line[0].group(0), line[0].group(0)
+    a.wait_log(rf"queue_id={re.escape(qid)} .*done")
+    a.wait_queue_empty()
+    b.wait_queue_empty()
+    # B logged A's session as TLS 1.3
+    b.wait_log(r"session client=127\.0\.0\.1 .*helo=gw-a\.test .*tls=TLSv1\.3")
+
+
+def test_relay_connection_reuse(gateways):
+    """Several messages for the same next hop: all arrive, in fewer sessions than messages."""
+    b = gateways.simple("b", ip="127.0.0.2", hostname="gw-b.test", local_domains=["b.test"],
+                        trusted_networks=[])
+    a = gateways.simple("a", hostname="gw-a.test", local_domains=["a.test"],
+                        routes=relay_routes("%s:%d" % b.addr))
+    marks = [marker(f"reuse{i}") for i in range(6)]
+    r = Raw(a.addr)
+    r.expect("EHLO client.test", 250)
+    for m in marks:
+        rep = send_raw_message(r, "alice@a.test", ["u@b.test"], message(m, "alice@a.test", "u@b.test"))
+        assert rep.code == 250, rep
+    r.expect("QUIT", 221)
+    got = b.wait_messages(len(marks))
+    for m in marks:
+        assert sum(m.encode() in v for v in got.values()) == 1, m
+    a.wait_queue_empty()
+    # B logs a session when it ends; A keeps idle connections, so stop A to end them
+    assert a.stop() == 0
+
+    def counts():
+        per_session = [int(x) for x in re.findall(r"helo=gw-a\.test .*?messages=(\d+)", b.log())]
+        return per_session if sum(per_session) == len(marks) else None
+
+    per_session = wait_until(counts, 20, "B's session lines for A's connections")
+    assert len(per_session) < len(marks), f"no connection reuse: {per_session}"
+
+
+def test_open_relay_refused(gateways):
+    closed = free_port("127.0.0.3")
+    gw = gateways.simple("gw", hostname="gw.test", local_domains=["a.test"],
+                         trusted_networks=["127.0.0.1/32"],
+                         routes=relay_routes(f"127.0.0.3:{closed}"),
+                         queue={"retry_schedule": ["1h"]})
+    # untrusted client (bound to 127.0.0.9)
+    r = Raw(gw.addr, source="127.0.0.9")
+    assert r.sock.getsockname()[0] == "127.0.0.9"
+    r.expect("EHLO outsider.test", 250)
+    r.expect("MAIL FROM:<spammer@evil.test>", 250)
+    for rcpt in [
+        "victim@external.test",
+        "victim@EXTERNAL.test",
+        "victim@sub.a.test",
+        "victim@a.test.evil.test",
+        "@a.test:victim@external.test",
+    ]:
+        rep = r.cmd(f"RCPT TO:<{rcpt}>")
+        assert rep.code >= 500, f"untrusted RCPT {rcpt} -> {rep}"
+        if "@" in rcpt and not rcpt.startswith("@"):
+            assert rep.code == 554 and "5.7.1" in rep.text, f"{rcpt} -> {rep}"
+    # local domain from anyone (case-insensitive)
+    r.expect("RCPT TO:<bob@A.TEST>", 250)
+    r.expect("DATA", 354)
+    mark = marker("outsider")
+    r.send(message(mark, "spammer@evil.test", "bob@a.test") + b".\r\n")
+    rep = r.reply()
+    assert rep.code == 250, rep
+    r.expect("QUIT", 221)
+    msg = gw.wait_message_with(mark.encode())
+    assert b"Delivered-To: bob@" in msg and b"[127.0.0.9]" in msg
+    gw.wait_queue_empty()
+
+    # trusted client: the same external recipient is accepted
+    t = Raw(gw.addr)
+    t.expect("EHLO insider.test", 250)
+    t.expect("MAIL FROM:<alice@a.test>", 250)
+    t.expect("RCPT TO:<victim@external.test>", 250)
+    t.expect("RSET", 250)
+    t.expect("QUIT", 221)
+    # nothing for external.test ever reached the queue
+    assert gw.queue_files() == []
+
+
+def test_etrn(gateways):
+    sink_port = free_port("127.0.0.3")
+    a = gateways.simple("a", hostname="gw-a.test", local_domains=["a.test"],
+                        trusted_networks=["127.0.0.1/32"],
+                        routes=[{"domain": "a.test", "maildir": "maildir"},
+                                {"domain": "c.test", "next_hop": [f"127.0.0.3:{sink_port}"],
+                                 "tls": "may"}],
+                        queue={"retry_schedule": ["1h"]})
+    mark = marker("etrn")
+    r = Raw(a.addr)
+    ehlo = r.expect("EHLO client.test", 250)
+    assert "ETRN" in ehlo.text
+    rep = send_raw_message(r, "alice@a.test", ["user@c.test"], message(mark, "alice@a.test", "user@c.test"))
+    assert rep.code == 250, rep
+    qid = queue_id(rep.text)
+    r.expect("QUIT", 221)
+    # the first attempt fails (nobody listens), the next one is an hour away
+    a.wait_log(rf"delivery queue_id={re.escape(qid)} rcpt=user@c\.test result=Deferred")
+    assert qid in a.queue_files()
+
+    c = gateways.simple("c", ip="127.0.0.3", hostname="gw-c.test", local_domains=["c.test"],
+                        trusted_networks=[], listen=[f"127.0.0.3:{sink_port}"])
+
+    # ETRN from an untrusted address is refused and triggers nothing
+    u = Raw(a.addr, source="127.0.0.9")
+    u.expect("EHLO outsider.test", 250)
+    rep = u.cmd("ETRN c.test")
+    assert rep.code >= 400, f"untrusted ETRN accepted: {rep}"
+    u.expect("QUIT", 221)
+    time.sleep(1.5)  # negative check: give a wrongly triggered run the time to show
+    assert c.messages() == {}, "untrusted ETRN triggered a delivery"
+
+    t = Raw(a.addr)
+    t.expect("EHLO client.test", 250)
+    rep = t.cmd("ETRN nothing-queued.test")
+    assert rep.code in (458, 459), f"ETRN for a domain without mail: {rep}"
+    t0 = time.monotonic()
+    rep = t.cmd("ETRN c.test")
+    assert rep.code == 250, rep
+    t.expect("QUIT", 221)
+    got = c.wait_message_with(mark.encode(), timeout=20)
+    assert time.monotonic() - t0 < 20
+    assert got.endswith(message(mark, "alice@a.test", "user@c.test"))
+    a.wait_queue_empty()
+
+
+def _dsn_checks(dsn: bytes, sender: str, failed: str, hostname: str, mark: str):
+    text = dsn.decode("utf-8", "replace")
+    head = header_block(dsn)
+    assert text.startswith(f"Return-Path: <>\r\nDelivered-To: {sender}\r\n"), text[:300]
+    assert re.search(r"(?im)^Content-Type:\s*multipart/report;[\s\S]*?report-type=\"?delivery-status", head), head
+    assert re.search(rf"(?im)^From:.*MAILER-DAEMON@{re.escape(hostname)}", head), head
+    assert re.search(rf"(?im)^To:.*{re.escape(sender)}", head), head
+    assert re.search(r"(?im)^Content-Type:\s*message/delivery-status", text), text
+    assert re.search(rf"(?im)^Final-Recipient:\s*rfc822;\s*{re.escape(failed)}\s*$", text), text
+    assert re.search(r"(?im)^Action:\s*failed\s*$", text), text
+    assert re.search(r"(?im)^Status:\s*5\.7\.1\s*$", text), text
+    assert re.search(r"(?im)^Diagnostic-Code:\s*smtp;\s*554\b", text), text
+    assert mark in text, "DSN does not include the original message's headers"
+    for line in dsn.split(b"\r\n"):
+        assert len(line) <= 998
+
+
+def test_dsn_on_permanent_failure(gateways):
+    b = gateways.simple("b", ip="127.0.0.2", hostname="gw-b.test", local_domains=["b.test"],
+                        trusted_networks=[])
+    a = gateways.simple("a", hostname="gw-a.test", local_domains=["a.test"],
+                        routes=relay_routes("%s:%d" % b.addr))
+    mark = marker("bounce")
+    r = Raw(a.addr)
+    r.expect("EHLO client.test", 250)
+    rcpts = ["user@elsewhere.test", "carol@a.test"]
+    rep = send_raw_message(r, "alice@a.test", rcpts, message(mark, "alice@a.test", rcpts[0]))
+    assert rep.code == 250, rep
+    qid = queue_id(rep.text)
+
+    # null sender: the failure is final, and no DSN is made
+    mark0 = marker("nullsender")
+    rep = send_raw_message(r, "", ["user2@elsewhere.test"], message(mark0, "", "user2@elsewhere.test"))
+    assert rep.code == 250, rep
+    qid0 = queue_id(rep.text)
+    r.expect("QUIT", 221)
+
+    a.wait_log(rf"delivery queue_id={re.escape(qid)} rcpt=user@elsewhere\.test result=Failed\(.*554")
+    a.wait_log(rf"delivery queue_id={re.escape(qid)} rcpt=carol@a\.test result=Delivered")
+    a.wait_log(rf"delivery queue_id={re.escape(qid0)} rcpt=user2@elsewhere\.test result=Failed\(.*554")
+    a.wait_log(rf"queue_id={re.escape(qid0)} .*done")
+
+    def dsns():
+        return [v for v in a.messages().values() if v.startswith(b"Return-Path: <>")]
+
+    (dsn,) = wait_until(dsns, 20, "the DSN in A's Maildir")
+    _dsn_checks(dsn, "alice@a.test", "user@elsewhere.test", "gw-a.test", mark)
+    assert b"carol@a.test" not in dsn.split(b"message/delivery-status", 1)[1].split(b"\r\n--", 1)[0], \
+        "the delivered recipient is listed in the delivery-status part"
+    # the local recipient got the original
+    orig = a.wait_message_with(mark.encode())
+    assert orig.startswith(b"Return-Path: <alice@a.test>\r\nDelivered-To: carol@a.test\r\n")
+    a.wait_queue_empty()
+    # no DSN for the null sender, nothing at B
+    assert len(dsns()) == 1
+    assert not any(mark0.encode() in v for v in a.messages().values())
+    assert not re.search(rf"DSN queued.*original={re.escape(qid0)}", a.log())
+    assert b.messages() == {}
