@@ -11,6 +11,29 @@
 //!   the runtime flushes output, runs the handshake and calls `tls_established` (session reset,
 //!   no new greeting), or drops the connection.
 //! - After `Event::Close` (output holds the last reply), the runtime flushes and closes.
+//!
+//! Command grammar is smtp-proto's `Request::parse`, applied to lines we frame ourselves (so
+//! the 512-octet limit holds without buffering long lines); the DATA receiver is our own.
+//!
+//! Decisions beyond RFC 5321 and the product spec:
+//! - Every 4xx/5xx reply to a client command or message counts toward `max_errors` (relay
+//!   denied and `530` included); the answers to `message_stored`/`etrn_result` do not. The
+//!   count survives STARTTLS.
+//! - The command timer restarts with each complete command line, not with partial bytes (a
+//!   trickled line cannot keep a session open); the DATA timer restarts with any data bytes.
+//!   No deadline while the runtime stores or runs ETRN; during the TLS handshake the command
+//!   timeout applies and expiry emits `Close` without a (plaintext) reply.
+//! - Input beyond `max_buffered_input` while waiting for the runtime: `421 4.7.0`, `Close`.
+//! - ETRN needs HELO/EHLO, no open transaction and `relay_allowed` (else `459 4.7.1`); only a
+//!   plain domain is accepted (RFC 1985 `@`/`#` forms get `501 5.5.4`); it is passed lowercased.
+//! - MAIL parameters other than `SIZE`, `BODY=7BIT|8BITMIME` and `SMTPUTF8`, and every RCPT
+//!   parameter (DSN is not offered), get `555 5.5.4`. `SIZE=0` counts as no declaration.
+//!   Non-ASCII addresses without `SMTPUTF8` get `553 5.6.7`; invalid UTF-8 or control
+//!   characters in an address get `501`. `<postmaster>` as recipient is kept as `postmaster`.
+//! - `DATA`, `RSET`, `QUIT`, `STARTTLS` with arguments get `501 5.5.4`; a bare CR inside a
+//!   command line gets `500 5.5.2`. EHLO/HELO names must be printable ASCII.
+//! - A refused message (`552 5.3.4` before `500 5.5.2` before `550 5.6.0`) ends the
+//!   transaction like a stored one; the runtime discards what it drained since `MessageStart`.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -356,18 +379,16 @@ impl ServerSession {
             match self.state {
                 State::Closed | State::AwaitTls => return,
                 State::AwaitStore | State::AwaitEtrn => {
-                    let total = self.input.len().saturating_add(rest.len());
-                    if total > self.params.limits.max_buffered_input {
-                        self.reply(
-                            421,
-                            (4, 7, 0),
-                            self.host_text("Error: too much pipelined input"),
-                        );
-                        self.close();
-                    } else {
-                        self.input.extend_from_slice(rest);
-                    }
-                    return;
+                    // Buffer what the client pipelined, up to the limit (never beyond).
+                    let room = self
+                        .params
+                        .limits
+                        .max_buffered_input
+                        .saturating_sub(self.input.len());
+                    let take = rest.len().min(room.saturating_add(1));
+                    self.input
+                        .extend_from_slice(rest.get(..take).unwrap_or_default());
+                    break;
                 }
                 State::Command | State::Data => {
                     let (chunk, tail) = rest.split_at(rest.len().min(FEED_CHUNK));
@@ -377,6 +398,7 @@ impl ServerSession {
                 }
             }
         }
+        self.check_buffered();
     }
 
     /// Bytes to send to the client, in order. Empties the buffer.
@@ -562,6 +584,19 @@ impl ServerSession {
             }
         }
         self.input = input;
+    }
+
+    /// While the machine waits, at most `max_buffered_input` octets may be pending.
+    fn check_buffered(&mut self) {
+        let waiting = matches!(self.state, State::AwaitStore | State::AwaitEtrn);
+        if waiting && self.input.len() > self.params.limits.max_buffered_input {
+            self.reply(
+                421,
+                (4, 7, 0),
+                self.host_text("Error: too much pipelined input"),
+            );
+            self.close();
+        }
     }
 
     /// Frames and runs at most one command line from `rest`; returns the bytes used, or
@@ -1655,6 +1690,21 @@ mod tests {
                         &["Close"],
                     ),
                     (Act::Store(StoreResult::Queued("Q".into())), &[], &[]),
+                ],
+            ),
+            (
+                "pipelined input beyond the buffer in the same feed as the dot",
+                Stranger,
+                vec![
+                    ehlo(),
+                    mail(),
+                    rcpt(),
+                    data(),
+                    (
+                        Act::Send([&b".\r\n"[..], &b"NOOP\r\n".repeat(700)].concat()),
+                        &["421 4.7.0"],
+                        &["MessageComplete", "Close"],
+                    ),
                 ],
             ),
             (
