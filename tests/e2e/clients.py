@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import threading
 import uuid
+from email import policy as email_policy
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -30,7 +31,6 @@ def swaks(addr, frm: str, to: str, mark: str, *extra: str, timeout: float = 30) 
         "--to", to,
         "--helo", "swaks.test",
         "--header", f"Subject: swaks {mark}",
-        "--header", f"Message-ID: <{mark}@swaks.test>",
         "--body", f"body marker {mark}\n.leading dot line\nlast line",
         "--timeout", "15",
         *extra,
@@ -42,7 +42,7 @@ def swaks(addr, frm: str, to: str, mark: str, *extra: str, timeout: float = 30) 
 
 
 def swaks_queue_id(transcript: str) -> str:
-    ids = re.findall(r"<~?\s+250[ -]2\.0\.0 Ok: queued as (\S+)", transcript)
+    ids = re.findall(r"<[-~]\s+250[ -]2\.0\.0 Ok: queued as (\S+)", transcript)
     assert len(ids) == 1, f"expected one 'queued as' in swaks transcript:\n{transcript}"
     return ids[0]
 
@@ -170,8 +170,13 @@ def openssl_send(addr, *, starttls: bool, cafile: Path, verify_host: str, frm: s
         if not starttls:
             code, text = s.reply()
             assert code == 220, text
-        code, text = s.cmd("EHLO openssl.test")
-        assert code == 250, text
+        s.send("EHLO openssl.test\r\n")
+        code, text = s.reply()
+        # s_client 3.x echoes the last line of its own pre-TLS EHLO reply after the handshake
+        # (it is not on the wire); skip it
+        if re.fullmatch(r"250 [A-Z0-9-]+( \S+)?", text):
+            code, text = s.reply()
+        assert code == 250 and text.count("\n") > 1, text
         assert "STARTTLS" not in text, f"STARTTLS offered inside TLS: {text}"
         code, text = s.cmd(f"MAIL FROM:<{frm}>")
         assert code == 250, text
@@ -252,6 +257,6 @@ def smtplib_ssl(addr, frm, to, mark, cafile: Path, connect_host: str | None = No
         s.mail(frm)
         code, text = s.rcpt(to)
         assert code == 250, text
-        code, text = s.data(email(frm, to, mark).as_bytes())
+        code, text = s.data(email(frm, to, mark).as_bytes(policy=email_policy.SMTP))
         assert code == 250, text
     return version, text.decode()
