@@ -30,14 +30,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Benchmarks: an SMTP load generator and a reference sink.
+    /// Benchmarks: an SMTP load generator and a reference sink
     #[command(subcommand)]
     Bench(BenchCommand),
 }
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Load-generate against any SMTP server and report throughput and latency.
+    /// Load-generate against any SMTP server; report throughput and latency
     ///
     /// Runs --conns concurrent sessions until --msgs messages have been sent,
     /// --per-session per connection. Latency of a message is measured from
@@ -53,7 +53,7 @@ enum BenchCommand {
     /// usage errors.
     #[command(verbatim_doc_comment)]
     Smtp(SmtpArgs),
-    /// Run the bare reference sink: a BENCHMARK REFERENCE, NOT A MAIL SERVER.
+    /// The bare reference sink: a BENCHMARK REFERENCE, NOT A MAIL SERVER
     ///
     /// Speaks just enough SMTP (EHLO with PIPELINING, and STARTTLS with
     /// --tls-self-signed), writes each message body to a new file in --dir

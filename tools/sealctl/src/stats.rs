@@ -93,7 +93,10 @@ impl Stats {
     pub fn error(&mut self, kind: ErrorKind, message: impl FnOnce() -> String) {
         self.errors[kind.index()] += 1;
         if self.samples.len() < MAX_SAMPLES {
-            self.samples.push(message());
+            let message = message();
+            if !self.samples.contains(&message) {
+                self.samples.push(message);
+            }
         }
     }
 
@@ -126,7 +129,7 @@ impl Stats {
             *a += b;
         }
         for s in other.samples {
-            if self.samples.len() < MAX_SAMPLES * 2 {
+            if self.samples.len() < MAX_SAMPLES * 2 && !self.samples.contains(&s) {
                 self.samples.push(s);
             }
         }
