@@ -374,12 +374,19 @@ def test_tls_handshake_garbage(gateways):
     s = socket.create_connection(gw.tls_addr, timeout=10)
     s.sendall(b"EHLO not-tls\r\n" + bytes(range(256)) * 4)
     s.settimeout(10)
+    got = b""
     try:
-        while s.recv(4096):
-            pass
-    except (ConnectionResetError, socket.timeout):
+        while True:
+            d = s.recv(4096)
+            if not d:
+                break
+            got += d
+    except ConnectionResetError:
         pass
+    except socket.timeout:
+        pytest.fail("implicit-TLS listener kept a non-TLS client open")
     s.close()
+    assert b"220" not in got and b"250" not in got, f"SMTP spoken before TLS: {got!r}"
     r = Raw(gw.addr)
     r.expect("EHLO client.test", 250)
     assert r.cmd("STARTTLS").code == 220

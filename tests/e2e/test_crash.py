@@ -2,13 +2,14 @@
 after the restart (duplicates allowed, loss never)."""
 
 import random
+import subprocess
 import re
 import smtplib
 import ssl
 import threading
 import uuid
 
-from harness import message, queue_id, wait_until
+from harness import BIN, Raw, free_port, make_config, message, queue_id, wait_until
 
 THREADS = 8
 PER_THREAD = 40
@@ -110,3 +111,20 @@ def test_sigkill_under_load_loses_nothing(gateways):
     dups = sum(len(v) - 1 for v in delivered.values())
     print(f"seed={seed} kills={kills} acked={len(acked)} delivered={len(delivered)} duplicates={dups}")
     assert gw.stop() == 0
+
+
+def test_state_dir_is_locked(gateways):
+    """A second daemon on the same state directory refuses to start; the first keeps working."""
+    gw = gateways.simple("gw", hostname="gw.test", local_domains=["a.test"])
+    other = gw.dir / "other.toml"
+    other.write_text(make_config(hostname="gw2.test", listen=[f"127.0.0.1:{free_port()}"],
+                                 local_domains=["a.test"],
+                                 routes=[{"domain": "a.test", "maildir": "maildir"}]))
+    p = subprocess.run([str(BIN), "--config", str(other), "--state", str(gw.state)],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+    assert p.returncode != 0, "second daemon on a locked state dir did not fail"
+    assert "sealgate ready" not in p.stdout, p.stdout
+    assert gw.running()
+    r = Raw(gw.addr)
+    r.expect("EHLO client.test", 250)
+    r.expect("QUIT", 221)
