@@ -42,6 +42,9 @@ enum Outcome {
     Deferred(String),
 }
 
+/// Parked connections are keyed by peer address and whether TLS was wanted.
+type PoolKey = (SocketAddr, bool);
+
 #[derive(Debug, Default)]
 struct QueueState {
     messages: HashMap<String, QueuedMessage>,
@@ -58,7 +61,7 @@ pub struct Queue {
     state: Mutex<QueueState>,
     wake: Notify,
     dns: Option<Dns>,
-    pool: Mutex<HashMap<(SocketAddr, bool), Vec<(Instant, ClientConn)>>>,
+    pool: Mutex<HashMap<PoolKey, Vec<(Instant, ClientConn)>>>,
     tls_client: Arc<rustls::ClientConfig>,
     slots: Arc<Semaphore>,
     /// Relative Maildir paths are taken from here.
