@@ -272,6 +272,12 @@ impl Smtpd {
                         sink = Some(s);
                     }
                     Event::MessageComplete(envelope) => {
+                        if session.is_closed() {
+                            // The session already ended (input overflow behind the dot): the
+                            // client will never see a 250, so storing would only duplicate.
+                            sink = None;
+                            continue;
+                        }
                         let result = match sink.take() {
                             None => StoreResult::Failed,
                             Some(mut s) => {
