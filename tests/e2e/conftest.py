@@ -10,7 +10,9 @@ def gateways(tmp_path, request):
     f = GatewayFactory(tmp_path)
     request.node._sealgate = f
     yield f
-    f.close()
+    problems = f.close()
+    if problems:
+        pytest.fail("; ".join(problems))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -347,12 +347,19 @@ class GatewayFactory:
         )
         return self(name, cfg, start=start)
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Stops every daemon; returns problems seen (unexpected exits, panics)."""
+        problems = []
         for gw in self.gateways:
+            if gw.proc is not None and gw.proc.poll() is not None:
+                problems.append(f"{gw.name}: daemon exited on its own with status {gw.proc.returncode}")
             try:
                 gw.stop()
             except Exception:  # noqa: BLE001 - teardown must reach every process
                 gw.kill()
+            if "panicked at" in gw.log():
+                problems.append(f"{gw.name}: a thread panicked (see {gw.log_path})")
+        return problems
 
 
 # ---------------------------------------------------------------------------------------------

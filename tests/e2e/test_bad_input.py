@@ -400,3 +400,37 @@ def test_tls_handshake_garbage(gateways):
         with ctx.wrap_socket(raw) as t:
             assert t.recv(512).startswith(b"220 ")
     fresh_session_works(gw)
+
+
+def test_spool_full_refuses_before_data(gateways):
+    """Below min_free_bytes the box says 452 4.3.1 before accepting anything."""
+    gw = gateways.simple("gw", hostname="gw.test", local_domains=["a.test"],
+                         queue={"min_free_bytes": 1 << 60})
+    r = Raw(gw.addr)
+    r.expect("EHLO client.test", 250)
+    rep = r.cmd("MAIL FROM:<alice@a.test>")
+    if rep.code == 250:
+        r.expect("RCPT TO:<bob@a.test>", 250)
+        rep = r.cmd("DATA")
+    assert_code(rep, 452, "4.3.1")
+    r.expect("QUIT", 221)
+    assert gw.queue_files() == []
+
+
+def test_no_certificate_no_starttls(gateways):
+    """Encryption is off until a certificate is present: no STARTTLS, no implicit listener."""
+    gw = gateways.simple("gw", hostname="gw.test", local_domains=["a.test"], implicit=True,
+                         certificates=[], tls={"dev_self_signed": False})
+    assert gw.smtps == [], gw.ready_line
+    r = Raw(gw.addr)
+    ehlo = r.expect("EHLO client.test", 250)
+    assert "STARTTLS" not in ehlo.text
+    rep = r.cmd("STARTTLS")
+    assert 400 <= rep.code < 600, rep
+    mark = marker("nocert")
+    rep = send_raw_message(r, "alice@a.test", ["bob@a.test"], message(mark, "alice@a.test", "bob@a.test"))
+    assert_code(rep, 250, "2.0.0")
+    r.expect("QUIT", 221)
+    msg = gw.wait_message_with(mark.encode())
+    assert re.search(rb"with ESMTP\b(?!S)", msg)
+    assert not (gw.state / "certs" / "default.crt.pem").exists()

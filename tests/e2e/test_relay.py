@@ -254,3 +254,30 @@ def test_dsn_on_permanent_failure(gateways):
     assert not any(mark0.encode() in v for v in a.messages().values())
     assert not re.search(rf"DSN queued.*original={re.escape(qid0)}", a.log())
     assert b.messages() == {}
+
+
+def test_dsn_after_max_queue_time(gateways):
+    closed = free_port("127.0.0.3")
+    a = gateways.simple("a", hostname="gw-a.test", local_domains=["a.test"],
+                        routes=relay_routes(f"127.0.0.3:{closed}"),
+                        queue={"retry_schedule": ["1s"], "max_queue_time": "3s",
+                               "connect_timeout": "2s"})
+    mark = marker("expire")
+    r = Raw(a.addr)
+    r.expect("EHLO client.test", 250)
+    rep = send_raw_message(r, "alice@a.test", ["late@far.test"], message(mark, "alice@a.test", "late@far.test"))
+    assert rep.code == 250, rep
+    qid = queue_id(rep.text)
+    r.expect("QUIT", 221)
+    t0 = time.monotonic()
+    dsn = wait_until(
+        lambda: next((v for v in a.messages().values() if v.startswith(b"Return-Path: <>")), None),
+        30, "the expiry DSN")
+    assert time.monotonic() - t0 >= 2.0, "bounced before max_queue_time"
+    text = dsn.decode("utf-8", "replace")
+    assert re.search(r"(?im)^Final-Recipient:\s*rfc822;\s*late@far\.test\s*$", text), text
+    assert re.search(r"(?im)^Action:\s*failed\s*$", text), text
+    assert re.search(r"(?im)^Status:\s*4\.4\.7\s*$", text), text
+    assert mark in text
+    a.wait_log(rf"done queue_id={re.escape(qid)} ")
+    a.wait_queue_empty()
