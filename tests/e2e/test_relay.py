@@ -4,6 +4,8 @@ import re
 import smtplib
 import time
 
+import pytest
+
 from clients import marker, verifying_ctx
 from harness import (
     Raw,
@@ -281,3 +283,32 @@ def test_dsn_after_max_queue_time(gateways):
     assert mark in text
     a.wait_log(rf"done queue_id={re.escape(qid)} ")
     a.wait_queue_empty()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon bug: an untrusted client's RCPT TO:<postmaster> (no domain, RFC 5321 "
+    "§4.5.1) is accepted and then relayed through the '*' route to the next hop instead of "
+    "going to a local postmaster or being refused",
+)
+def test_untrusted_bare_postmaster_is_not_relayed(gateways):
+    b = gateways.simple("b", ip="127.0.0.2", hostname="gw-b.test", local_domains=["b.test"],
+                        trusted_networks=["127.0.0.0/8"])
+    a = gateways.simple("a", hostname="gw-a.test", local_domains=["a.test"],
+                        routes=relay_routes("%s:%d" % b.addr))
+    r = Raw(a.addr, source="127.0.0.9")
+    r.expect("EHLO outsider.test", 250)
+    r.expect("MAIL FROM:<spammer@evil.test>", 250)
+    rep = r.cmd("RCPT TO:<postmaster>")
+    if rep.code != 250:
+        return  # refusing it is fine
+    r.expect("DATA", 354)
+    mark = marker("postmaster")
+    r.send(message(mark, "spammer@evil.test", "postmaster") + b".\r\n")
+    rep = r.reply()
+    assert rep.code == 250, rep
+    qid = queue_id(rep.text)
+    r.expect("QUIT", 221)
+    a.wait_log(rf"done queue_id={re.escape(qid)} ")
+    line = re.search(rf"delivery queue_id={re.escape(qid)} .*", a.log()).group(0)
+    assert "127.0.0.2" not in line, f"relayed for an untrusted client to the next hop: {line}"
