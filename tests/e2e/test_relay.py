@@ -312,3 +312,25 @@ def test_untrusted_bare_postmaster_is_not_relayed(gateways):
     a.wait_log(rf"done queue_id={re.escape(qid)} ")
     line = re.search(rf"delivery queue_id={re.escape(qid)} .*", a.log()).group(0)
     assert "127.0.0.2" not in line, f"relayed for an untrusted client to the next hop: {line}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon bug: a quoted local part loses its quotes in the envelope "
+    '("john smith"@b.test is relayed as RCPT TO:<john smith@b.test>, which the next hop '
+    "refuses with 501 5.1.3, so the message bounces)",
+)
+def test_quoted_local_part_relayed_intact(gateways):
+    b = gateways.simple("b", ip="127.0.0.2", hostname="gw-b.test", local_domains=["b.test"],
+                        trusted_networks=[])
+    a = gateways.simple("a", hostname="gw-a.test", local_domains=["a.test"],
+                        routes=relay_routes("%s:%d" % b.addr))
+    mark = marker("quoted")
+    r = Raw(a.addr)
+    r.expect("EHLO client.test", 250)
+    rep = send_raw_message(r, "alice@a.test", ['"john smith"@b.test'],
+                           message(mark, "alice@a.test", "john@b.test"))
+    assert rep.code == 250, rep
+    r.expect("QUIT", 221)
+    got = b.wait_message_with(mark.encode(), timeout=10)
+    assert b'Delivered-To: "john smith"@b.test\r\n' in got
