@@ -331,6 +331,10 @@ def test_quoted_local_part_relayed_intact(gateways):
     rep = send_raw_message(r, "alice@a.test", ['"john smith"@b.test'],
                            message(mark, "alice@a.test", "john@b.test"))
     assert rep.code == 250, rep
+    qid = queue_id(rep.text)
     r.expect("QUIT", 221)
-    got = b.wait_message_with(mark.encode(), timeout=10)
+    a.wait_log(rf"done queue_id={re.escape(qid)} ")
+    line = re.search(rf"delivery queue_id={re.escape(qid)} .*", a.log()).group(0)
+    assert "result=Delivered" in line, line
+    got = b.wait_message_with(mark.encode())
     assert b'Delivered-To: "john smith"@b.test\r\n' in got
