@@ -285,12 +285,6 @@ def test_dsn_after_max_queue_time(gateways):
     a.wait_queue_empty()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: an untrusted client's RCPT TO:<postmaster> (no domain, RFC 5321 "
-    "§4.5.1) is accepted and then relayed through the '*' route to the next hop instead of "
-    "going to a local postmaster or being refused",
-)
 def test_untrusted_bare_postmaster_is_not_relayed(gateways):
     b = gateways.simple("b", ip="127.0.0.2", hostname="gw-b.test", local_domains=["b.test"],
                         trusted_networks=["127.0.0.0/8"])
@@ -314,12 +308,6 @@ def test_untrusted_bare_postmaster_is_not_relayed(gateways):
     assert "127.0.0.2" not in line, f"relayed for an untrusted client to the next hop: {line}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: a quoted local part loses its quotes in the envelope "
-    '("john smith"@b.test is relayed as RCPT TO:<john smith@b.test>, which the next hop '
-    "refuses with 501 5.1.3, so the message bounces)",
-)
 def test_quoted_local_part_relayed_intact(gateways):
     b = gateways.simple("b", ip="127.0.0.2", hostname="gw-b.test", local_domains=["b.test"],
                         trusted_networks=[])

@@ -34,6 +34,33 @@ pub fn domain_of(address: &str) -> Option<String> {
     }
 }
 
+/// Puts quotes back around a local part that is not a dot-atom (RFC 5321 §4.1.2):
+/// `john smith@x.test` → `"john smith"@x.test`. Addresses without `@` are returned as they are.
+pub fn requote(address: &str) -> String {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return address.to_string();
+    };
+    let atext = |c: char| c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    let dot_atom = !local.is_empty()
+        && local
+            .split('.')
+            .all(|part| !part.is_empty() && part.chars().all(atext));
+    if dot_atom {
+        return address.to_string();
+    }
+    let mut q = String::with_capacity(address.len() + 4);
+    q.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push_str("\"@");
+    q.push_str(domain);
+    q
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,6 +76,22 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(domain_of(input).as_deref(), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn requoting() {
+        let cases = [
+            ("a.b@x.test", "a.b@x.test"),
+            ("john smith@x.test", "\"john smith\"@x.test"),
+            ("b@external.test@a.test", "\"b@external.test\"@a.test"),
+            ("a\"b@x.test", "\"a\\\"b\"@x.test"),
+            (".a@x.test", "\".a\"@x.test"),
+            ("a..b@x.test", "\"a..b\"@x.test"),
+            ("postmaster", "postmaster"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(requote(input), want, "{input}");
         }
     }
 }

@@ -29,7 +29,8 @@
 //! - MAIL parameters other than `SIZE`, `BODY=7BIT|8BITMIME` and `SMTPUTF8`, and every RCPT
 //!   parameter (DSN is not offered), get `555 5.5.4`. `SIZE=0` counts as no declaration.
 //!   Non-ASCII addresses without `SMTPUTF8` get `553 5.6.7`; invalid UTF-8 or control
-//!   characters in an address get `501`. `<postmaster>` as recipient is kept as `postmaster`.
+//!   characters in an address get `501`. `<postmaster>` as recipient is stored as `postmaster@<first local domain>` (refused
+//!   with `550 5.1.1` when there is none), so it can never be relayed.
 //! - `DATA`, `RSET`, `QUIT`, `STARTTLS` with arguments get `501 5.5.4`; a bare CR inside a
 //!   command line gets `500 5.5.2`. EHLO/HELO names must be printable ASCII.
 //! - A refused message (`552 5.3.4` before `500 5.5.2` before `550 5.6.0`) ends the
@@ -833,30 +834,36 @@ impl ServerSession {
         let address = if to.address.is_empty() {
             // smtp-proto maps both `<>` and `<postmaster>` to the empty path.
             if raw_path(raw).is_some_and(|p| p.eq_ignore_ascii_case(b"postmaster")) {
-                "postmaster".to_owned()
+                // RFC 5321 §4.1.1.3: the bare `postmaster` is ours. It is stored under our
+                // first local domain so that routing can never send it to another host.
+                match self.params.local_domains.first() {
+                    Some(d) => format!("postmaster@{d}"),
+                    None => {
+                        self.fail(550, (5, 1, 1), "No local postmaster on this gateway");
+                        return;
+                    }
+                }
             } else {
                 self.fail(501, (5, 1, 3), "Bad recipient address syntax");
                 return;
             }
         } else {
-            to.address.to_string()
+            // smtp-proto strips the quotes of a quoted local part; put them back.
+            crate::envelope::requote(&to.address)
         };
         if let Err((code, enhanced, text)) = check_address(&address, smtputf8, (5, 1, 3)) {
             self.fail(code, enhanced, text);
             return;
         }
-        let local = if address == "postmaster" {
-            true
-        } else {
-            let Some(domain) = domain_of(&address) else {
-                self.fail(501, (5, 1, 3), "Bad recipient address syntax");
-                return;
-            };
-            self.params
-                .local_domains
-                .iter()
-                .any(|d| d.eq_ignore_ascii_case(&domain))
+        let Some(domain) = domain_of(&address) else {
+            self.fail(501, (5, 1, 3), "Bad recipient address syntax");
+            return;
         };
+        let local = self
+            .params
+            .local_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(&domain));
         if !local && !self.client.relay_allowed {
             self.fail(554, (5, 7, 1), "Relay access denied");
             return;
@@ -1855,7 +1862,7 @@ mod tests {
         let events: Vec<Event> = std::iter::from_fn(|| h.s.poll_event()).collect();
         let want = Envelope {
             mail_from: "a@r.test".into(),
-            rcpt_to: vec!["b@local.test".into(), "postmaster".into()],
+            rcpt_to: vec!["b@local.test".into(), "postmaster@local.test".into()],
             body: BodyType::EightBitMime,
             smtputf8: false,
             declared_size: Some(500),

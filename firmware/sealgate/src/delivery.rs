@@ -215,8 +215,10 @@ impl Queue {
         // Group pending recipients by route.
         let mut groups: Vec<(Option<Route>, String, Vec<usize>)> = Vec::new();
         for (i, r) in msg.pending() {
-            let domain = domain_of(&r.address).unwrap_or_default();
-            let route = self.config.route_for(&domain).cloned();
+            // A recipient without a domain matches no route (not even `*`): never relayed.
+            let domain = domain_of(&r.address);
+            let route = domain.as_deref().and_then(|d| self.config.route_for(d)).cloned();
+            let domain = domain.unwrap_or_default();
             let key = match &route {
                 Some(Route {
                     destination: Destination::Mx,
