@@ -298,11 +298,12 @@ class Gateway:
         return wait_until(find, timeout, f"a message with {marker!r} in {self.name}'s {sub}")
 
     def queue_files(self) -> list[str]:
-        """Files of the queue directory (committed messages and their state files)."""
-        d = self.state / "queue"
-        if not d.is_dir():
+        """Queue ids of the messages still queued, as `sealgate queue list` reports them."""
+        if not (self.state / "queue").is_dir():
             return []
-        return sorted(f.name for f in d.iterdir() if f.is_file())
+        out = subprocess.run([str(BIN), "--state", str(self.state), "queue", "list", "--json"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return sorted(m["id"] for m in json.loads(out))
 
     def wait_queue_empty(self, timeout: float = 30.0) -> None:
         wait_until(lambda: not self.queue_files(), timeout, f"{self.name}'s queue to empty")

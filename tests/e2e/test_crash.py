@@ -90,10 +90,9 @@ def test_sigkill_under_load_loses_nothing(gateways):
         gw.start()
         gw.wait_log(r"queue recovered", count=gw.starts)
 
-    wait_until(lambda: all(f.endswith(".damaged") for f in gw.queue_files()), 90,
-               "the recovered queue to be delivered")
-    damaged = gw.queue_files()
-    assert not damaged, f"queue files set aside as damaged after kill -9: {damaged}"
+    wait_until(lambda: not gw.queue_files(), 90, "the recovered queue to be delivered")
+    # A kill can only tear the tail of the log (never acknowledged); nothing else is damaged.
+    assert "records after it are lost" not in gw.log(), "queue segment damaged after kill -9"
 
     delivered = {}
     for name, content in gw.messages().items():

@@ -217,7 +217,10 @@ impl Queue {
         for (i, r) in msg.pending() {
             // A recipient without a domain matches no route (not even `*`): never relayed.
             let domain = domain_of(&r.address);
-            let route = domain.as_deref().and_then(|d| self.config.route_for(d)).cloned();
+            let route = domain
+                .as_deref()
+                .and_then(|d| self.config.route_for(d))
+                .cloned();
             let domain = domain.unwrap_or_default();
             let key = match &route {
                 Some(Route {

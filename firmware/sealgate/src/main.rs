@@ -19,12 +19,45 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// State directory: spool, certificates, Maildir of the demo.
-    #[arg(long, value_name = "DIR", default_value = "var")]
+    #[arg(long, value_name = "DIR", default_value = "var", global = true)]
     state: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Inspect the mail queue of a state directory (read-only; works while the daemon runs).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum QueueCommand {
+    /// List queued messages with each recipient's status and last error.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Queue {
+        command: QueueCommand::List { json },
+    }) = cli.command
+    {
+        return match sealgate::queue_list::print(&cli.state.join("queue"), json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sealgate queue list: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SEALGATE_LOG")
