@@ -123,6 +123,7 @@ struct RawRoute {
     next_hop: Option<Vec<String>>,
     #[serde(default)]
     mx: bool,
+    port: Option<u16>,
     maildir: Option<PathBuf>,
     tls: Option<String>,
     ca: Option<String>,
@@ -224,8 +225,8 @@ pub enum DomainMatch {
 pub enum Destination {
     /// Fixed next hops, tried in order (`host:port`).
     NextHops(Vec<(String, u16)>),
-    /// DNS MX of the recipient domain (RFC 5321 §5.1).
-    Mx,
+    /// DNS MX of the recipient domain (RFC 5321 §5.1), on this port (25 unless configured).
+    Mx(u16),
     /// Local Maildir (absolute, or relative to the state directory).
     Maildir(PathBuf),
 }
@@ -623,6 +624,12 @@ impl RawConfig {
                     "give exactly one of next_hop, mx = true, maildir",
                 ));
             }
+            if r.port.is_some() && !r.mx {
+                return Err(invalid(
+                    format!("{key}.port"),
+                    "only with mx = true (next hops carry their own port)",
+                ));
+            }
             let destination = if let Some(hops) = &r.next_hop {
                 if hops.is_empty() {
                     return Err(invalid(format!("{key}.next_hop"), "is empty"));
@@ -633,7 +640,7 @@ impl RawConfig {
                         .collect::<Result<Vec<_>, _>>()?,
                 )
             } else if r.mx {
-                Destination::Mx
+                Destination::Mx(r.port.unwrap_or(25))
             } else {
                 Destination::Maildir(r.maildir.clone().unwrap_or_default())
             };

@@ -224,7 +224,7 @@ impl Queue {
             let domain = domain.unwrap_or_default();
             let key = match &route {
                 Some(Route {
-                    destination: Destination::Mx,
+                    destination: Destination::Mx(_),
                     ..
                 }) => format!("mx:{domain}"),
                 Some(r) => format!("{:?}", r.domain),
@@ -387,12 +387,12 @@ impl Queue {
         let hosts: Vec<(String, u16)> = match &route.destination {
             Destination::Maildir(dir) => return self.deliver_maildir(msg, body, dir, idx).await,
             Destination::NextHops(h) => h.clone(),
-            Destination::Mx => {
+            Destination::Mx(port) => {
                 let Some(dns) = &self.dns else {
                     return all(Outcome::Deferred("4.4.3 no DNS resolver available".into()));
                 };
                 match dns.mx_hosts(domain).await {
-                    Ok(h) => h.into_iter().map(|h| (h, 25)).collect(),
+                    Ok(h) => h.into_iter().map(|h| (h, *port)).collect(),
                     Err(DnsFailure::Permanent(e)) => {
                         return all(Outcome::Failed(format!("550 {e}")));
                     }
