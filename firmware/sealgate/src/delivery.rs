@@ -505,10 +505,12 @@ impl Queue {
         }
         let mut sent = false;
         loop {
-            match conn.next_event(&self.config, &self.tls_client, host).await {
+            let failure: String = match conn.next_event(&self.config, &self.tls_client, host).await
+            {
                 Ok(ClientEvent::SendBody) => {
                     conn.session.send_body(body, Instant::now());
                     sent = true;
+                    continue;
                 }
                 Ok(ClientEvent::TransactionDone { rcpt, mail, data }) => {
                     let peer = format!("{host} [{}] ({})", addr, conn.tls_desc());
@@ -538,29 +540,20 @@ impl Queue {
                     return Ok(outcomes);
                 }
                 Ok(ClientEvent::Ready(_)) | Ok(ClientEvent::StartTls) => continue,
-                Ok(ClientEvent::Failed(e)) => {
-                    return if sent {
-                        // The body may have arrived; at-least-once: defer, do not try elsewhere now.
-                        Ok(idx
-                            .iter()
-                            .map(|&i| (i, Outcome::Deferred(format!("4.4.2 {e}"))))
-                            .collect())
-                    } else {
-                        Err(format!("4.4.2 {addr}: {e}"))
-                    };
-                }
-                Ok(ClientEvent::Closed) => return Err(format!("4.4.2 {addr}: connection closed")),
-                Err(e) => {
-                    return if sent {
-                        Ok(idx
-                            .iter()
-                            .map(|&i| (i, Outcome::Deferred(format!("4.4.2 {e}"))))
-                            .collect())
-                    } else {
-                        Err(format!("4.4.2 {addr}: {e}"))
-                    };
-                }
-            }
+                Ok(ClientEvent::Failed(e)) => e.to_string(),
+                Ok(ClientEvent::Closed) => "connection closed".into(),
+                Err(e) => e,
+            };
+            // Once the body went out it may have arrived: at-least-once means defer, and not
+            // try another hop now. Before that, nothing was accepted: the next hop may try.
+            return if sent {
+                Ok(idx
+                    .iter()
+                    .map(|&i| (i, Outcome::Deferred(format!("4.4.2 {addr}: {failure}"))))
+                    .collect())
+            } else {
+                Err(format!("4.4.2 {addr}: {failure}"))
+            };
         }
     }
 
