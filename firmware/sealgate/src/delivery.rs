@@ -514,7 +514,7 @@ impl Queue {
                 }
                 Ok(ClientEvent::TransactionDone { rcpt, mail, data }) => {
                     let peer = format!("{host} [{}] ({})", addr, conn.tls_desc());
-                    let outcomes = idx
+                    let outcomes: Vec<(usize, Outcome)> = idx
                         .iter()
                         .enumerate()
                         .map(|(k, &i)| {
@@ -527,6 +527,21 @@ impl Queue {
                             (i, o)
                         })
                         .collect();
+                    let (tls, cipher) = conn
+                        .tls
+                        .clone()
+                        .unwrap_or_else(|| ("none".into(), "none".into()));
+                    tracing::info!(
+                        queue_id = %msg.id,
+                        peer = %addr,
+                        host,
+                        tls = %tls,
+                        cipher = %cipher,
+                        rcpts = idx.len(),
+                        accepted = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Delivered(_))).count(),
+                        result = %data.as_ref().or(mail.as_ref()).map(Reply::one_line).unwrap_or_else(|| "no recipient accepted".into()),
+                        "delivery attempt"
+                    );
                     // Reuse: the session is Ready again; park it.
                     if let Ok(ClientEvent::Ready(_)) =
                         conn.next_event(&self.config, &self.tls_client, host).await
@@ -544,6 +559,14 @@ impl Queue {
                 Ok(ClientEvent::Closed) => "connection closed".into(),
                 Err(e) => e,
             };
+            tracing::info!(
+                queue_id = %msg.id,
+                peer = %addr,
+                host,
+                tls = %conn.tls_desc(),
+                result = %failure,
+                "delivery attempt failed"
+            );
             // Once the body went out it may have arrived: at-least-once means defer, and not
             // try another hop now. Before that, nothing was accepted: the next hop may try.
             return if sent {
