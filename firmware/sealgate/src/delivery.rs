@@ -25,6 +25,7 @@ use tokio_rustls::TlsConnector;
 use crate::config::{Config, Destination, Route, TlsLevel};
 use crate::conn::Conn;
 use crate::dns::{Dns, DnsFailure};
+use crate::maildir::Maildirs;
 use crate::spool::{QueuedMessage, RcptStatus, Spool, unix_now};
 use crate::tls::{suite_name, version_name};
 
@@ -66,6 +67,7 @@ pub struct Queue {
     slots: Arc<Semaphore>,
     /// Relative Maildir paths are taken from here.
     state_dir: PathBuf,
+    maildirs: Maildirs,
 }
 
 impl Queue {
@@ -98,6 +100,7 @@ impl Queue {
             pool: Mutex::new(HashMap::new()),
             tls_client,
             state_dir,
+            maildirs: Maildirs::default(),
         })
     }
 
@@ -644,34 +647,16 @@ impl Queue {
             .into_bytes();
             data.extend_from_slice(body);
             let name = format!("{}.{}_{}.{}", unix_now(), msg.id, i, self.config.hostname);
-            let d = dir.clone();
-            let res = tokio::task::spawn_blocking(move || maildir_write(&d, &name, &data)).await;
-            let o = match res {
-                Ok(Ok(())) => {
+            let o = match self.maildirs.deliver(&dir, name, data).await {
+                Ok(()) => {
                     Outcome::Delivered(format!("250 2.0.0 delivered to Maildir {}", dir.display()))
                 }
-                Ok(Err(e)) => Outcome::Deferred(format!("4.3.0 Maildir {}: {e}", dir.display())),
-                Err(e) => Outcome::Deferred(format!("4.3.0 Maildir writer: {e}")),
+                Err(e) => Outcome::Deferred(format!("4.3.0 Maildir {}: {e}", dir.display())),
             };
             out.push((i, o));
         }
         out
     }
-}
-
-/// Writes one message into a Maildir: `tmp/`, fsync, rename into `new/`, fsync `new/`.
-fn maildir_write(dir: &std::path::Path, name: &str, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    for sub in ["tmp", "new", "cur"] {
-        std::fs::create_dir_all(dir.join(sub))?;
-    }
-    let tmp = dir.join("tmp").join(name);
-    let new = dir.join("new").join(name);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &new)?;
-    std::fs::File::open(dir.join("new"))?.sync_all()
 }
 
 /// Maps a reply to an outcome, naming the peer for logs and DSNs.

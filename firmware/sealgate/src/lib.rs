@@ -7,6 +7,7 @@ pub mod conn;
 pub mod daemon;
 pub mod delivery;
 pub mod dns;
+pub mod maildir;
 pub mod queue_list;
 pub mod smtpd;
 pub mod spool;
