@@ -29,8 +29,9 @@
 //! - MAIL parameters other than `SIZE`, `BODY=7BIT|8BITMIME` and `SMTPUTF8`, and every RCPT
 //!   parameter (DSN is not offered), get `555 5.5.4`. `SIZE=0` counts as no declaration.
 //!   Non-ASCII addresses without `SMTPUTF8` get `553 5.6.7`; invalid UTF-8 or control
-//!   characters in an address get `501`. `<postmaster>` as recipient is stored as `postmaster@<first local domain>` (refused
-//!   with `550 5.1.1` when there is none), so it can never be relayed.
+//!   characters in an address get `501`. `<postmaster>` as recipient is stored as
+//!   `postmaster@<first local domain>` (refused with `550 5.1.1` when there is none), so it
+//!   can never be relayed; quoted local parts keep their quotes.
 //! - `DATA`, `RSET`, `QUIT`, `STARTTLS` with arguments get `501 5.5.4`; a bare CR inside a
 //!   command line gets `500 5.5.2`. EHLO/HELO names must be printable ASCII.
 //! - A refused message (`552 5.3.4` before `500 5.5.2` before `550 5.6.0`) ends the
