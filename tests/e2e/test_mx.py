@@ -312,10 +312,6 @@ def test_servfail_defers_without_implicit_mx(gateways, dns):
     assert dsns(a) == [] and b.messages() == {}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon bug: implicit MX without any address record is deferred (retried until "
-    "max_queue_time) instead of bounced; dns::addresses() returns Permanent('5.4.4 host ... has "
-    "no address') but delivery::deliver_group() turns every per-host failure into Deferred"))
 def test_implicit_mx_without_address_bounces(gateways, dns):
     """RFC 5321 §5.1: a domain with neither MX nor address records is an error, not a retry."""
     port = free_port(SINK_IP)

@@ -404,6 +404,9 @@ impl Queue {
             }
         };
         let mut last_error = String::from("4.4.1 no next hop reachable");
+        // RFC 5321 §5.1: when no host of the list has an address at all, that is an error to
+        // report (bounce), not a reason to retry for days.
+        let mut all_unresolvable = !hosts.is_empty();
         for (host, port) in &hosts {
             let addrs = match &self.dns {
                 _ if host.parse::<std::net::IpAddr>().is_ok() => {
@@ -412,15 +415,18 @@ impl Queue {
                 Some(dns) => match dns.addresses(host).await {
                     Ok(a) => a,
                     Err(e) => {
+                        all_unresolvable &= matches!(e, DnsFailure::Permanent(_));
                         last_error = e.to_string();
                         continue;
                     }
                 },
                 None => {
+                    all_unresolvable = false;
                     last_error = format!("4.4.3 cannot resolve {host}: no DNS resolver");
                     continue;
                 }
             };
+            all_unresolvable = false;
             for ip in addrs {
                 let addr = SocketAddr::new(ip, *port);
                 match self.deliver_smtp(msg, body, route, host, addr, idx).await {
@@ -431,6 +437,9 @@ impl Queue {
                     }
                 }
             }
+        }
+        if all_unresolvable {
+            return all(Outcome::Failed(format!("550 {last_error}")));
         }
         all(Outcome::Deferred(last_error))
     }
