@@ -7,6 +7,7 @@
 pub mod client;
 pub mod dsn;
 pub mod envelope;
+pub mod policy;
 pub mod received;
 pub mod reply;
 pub mod server;
