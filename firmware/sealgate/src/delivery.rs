@@ -6,7 +6,7 @@
 //! hop's `250` (or the Maildir file's fsync); a message leaves the spool only when every
 //! recipient is delivered or failed for good (and its DSN, if any, is itself queued).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -51,7 +51,6 @@ struct QueueState {
     messages: HashMap<String, QueuedMessage>,
     /// (next attempt unix seconds, id) of messages waiting; in-flight ones are not in here.
     schedule: BTreeSet<(u64, String)>,
-    in_flight: HashSet<String>,
 }
 
 /// The delivery side of the queue.
@@ -167,7 +166,6 @@ impl Queue {
                     match st.schedule.first().cloned() {
                         Some((t, id)) if t <= now => {
                             st.schedule.remove(&(t, id.clone()));
-                            st.in_flight.insert(id.clone());
                             st.messages.get(&id).cloned()
                         }
                         Some((t, _)) => {
@@ -211,7 +209,7 @@ impl Queue {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(queue_id = %msg.id, error = %e, "cannot read queued message");
-                self.reschedule(msg, true).await;
+                self.reschedule(msg, None).await;
                 return;
             }
         };
@@ -271,14 +269,15 @@ impl Queue {
             }
         }
         msg.attempts += 1;
-        self.reschedule(msg, false).await;
+        self.reschedule(msg, Some(&body)).await;
     }
 
     /// After an attempt: finish (DSN, remove) or persist the state and schedule the retry.
-    async fn reschedule(&self, mut msg: QueuedMessage, read_failed: bool) {
+    /// `body` is `None` when the message could not be read (then it is only retried).
+    async fn reschedule(&self, mut msg: QueuedMessage, body: Option<&[u8]>) {
         let now = unix_now();
         let expired = now >= msg.arrival + self.config.queue.max_queue_time.as_secs();
-        if expired && !read_failed {
+        if expired && body.is_some() {
             for r in msg.recipients.iter_mut() {
                 if r.status == RcptStatus::Pending {
                     let why = r
@@ -293,7 +292,7 @@ impl Queue {
             }
         }
         if msg.is_done() {
-            if let Err(e) = self.bounce(&msg).await {
+            if let Err(e) = self.bounce(&msg, body.unwrap_or_default()).await {
                 // Keep the message: better a late DSN than a lost one.
                 tracing::error!(queue_id = %msg.id, error = %e, "cannot queue DSN; keeping message");
                 return self.put_back(msg, now + 60).await;
@@ -302,7 +301,6 @@ impl Queue {
                 tracing::error!(queue_id = %msg.id, error = %e, "cannot remove finished message");
             }
             if let Ok(mut st) = self.state.lock() {
-                st.in_flight.remove(&msg.id);
                 st.messages.remove(&msg.id);
             }
             tracing::info!(queue_id = %msg.id, attempts = msg.attempts, "done");
@@ -325,14 +323,17 @@ impl Queue {
     async fn put_back(&self, mut msg: QueuedMessage, next: u64) {
         msg.next_attempt = next;
         if let Ok(mut st) = self.state.lock() {
-            st.in_flight.remove(&msg.id);
             st.schedule.insert((next, msg.id.clone()));
             st.messages.insert(msg.id.clone(), msg);
         }
     }
 
     /// Queues a DSN to the sender for every failed recipient (none for a null sender).
-    async fn bounce(&self, msg: &QueuedMessage) -> Result<(), crate::spool::SpoolError> {
+    async fn bounce(
+        &self,
+        msg: &QueuedMessage,
+        original: &[u8],
+    ) -> Result<(), crate::spool::SpoolError> {
         let failed: Vec<RecipientStatus> = msg
             .recipients
             .iter()
@@ -350,7 +351,6 @@ impl Queue {
         if failed.is_empty() || msg.mail_from.is_empty() {
             return Ok(());
         }
-        let original = self.spool.read_message(&msg.id).await.unwrap_or_default();
         let sink = self.spool.begin(Vec::new());
         let message_id = format!("{}.dsn@{}", sink.id(), self.config.hostname);
         let bytes = dsn::build(&DsnParams {
@@ -360,7 +360,7 @@ impl Queue {
             arrival_time: msg.arrival,
             now: unix_now(),
             recipients: &failed,
-            original_headers: dsn::header_section(&original, DSN_HEADER_MAX),
+            original_headers: dsn::header_section(original, DSN_HEADER_MAX),
             message_id: &message_id,
         });
         let mut sink = sink;
