@@ -453,8 +453,11 @@ impl RawConfig {
         }
         let max_connections = s.max_connections.unwrap_or(1000);
         let max_connections_per_ip = s.max_connections_per_ip.unwrap_or(50);
-        if max_connections == 0 || max_connections_per_ip == 0 {
-            return Err(invalid("smtp.max_connections", "must be at least 1"));
+        if !(1..=1_000_000).contains(&max_connections) || max_connections_per_ip == 0 {
+            return Err(invalid(
+                "smtp.max_connections",
+                "must be between 1 and 1000000 (and max_connections_per_ip at least 1)",
+            ));
         }
         let smtp = SmtpConfig {
             listen,

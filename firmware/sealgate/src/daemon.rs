@@ -14,6 +14,9 @@ use crate::smtpd::Smtpd;
 use crate::spool::Spool;
 use crate::tls::{ServerTls, client_config_unverified};
 
+/// How long SIGTERM waits for open SMTP sessions before the process exits.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
@@ -69,6 +72,7 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
     let smtpd = Smtpd::new(config.clone(), tls.clone(), spool, queue);
 
     let mut ready = Vec::new();
+    let mut listeners = Vec::new();
     for (addrs, implicit) in [
         (&config.smtp.listen, false),
         (&config.smtp.implicit_tls, true),
@@ -89,7 +93,7 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
             } else {
                 format!("smtp={bound}")
             });
-            tokio::spawn(smtpd.clone().serve(listener, implicit));
+            listeners.push(tokio::spawn(smtpd.clone().serve(listener, implicit)));
         }
     }
     {
@@ -121,7 +125,19 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         );
     }
     wait_for_shutdown().await;
-    tracing::info!("shutting down");
+    // Stop accepting; give running sessions a grace period to finish their transactions.
+    // Whatever is cut off was never acknowledged, and everything acknowledged is in the queue.
+    for l in listeners {
+        l.abort();
+    }
+    let active = smtpd.active_sessions();
+    tracing::info!(sessions = active, "shutting down");
+    if active > 0 && !smtpd.drain(SHUTDOWN_GRACE).await {
+        tracing::warn!(
+            sessions = smtpd.active_sessions(),
+            "sessions still open after the grace period; closing them"
+        );
+    }
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use sealgate_proto::server::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
@@ -38,6 +38,7 @@ pub struct Smtpd {
     sessions: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     spool_free: AtomicU64,
+    shutdown: watch::Sender<bool>,
 }
 
 /// Releases the per-IP slot when the session ends.
@@ -84,12 +85,28 @@ impl Smtpd {
             sessions: Arc::new(Semaphore::new(s.max_connections)),
             per_ip: Mutex::new(HashMap::new()),
             spool_free: AtomicU64::new(free),
+            shutdown: watch::Sender::new(false),
             params,
             tls,
             spool,
             queue,
             config,
         })
+    }
+
+    /// Sessions open right now.
+    pub fn active_sessions(&self) -> usize {
+        self.config.smtp.max_connections - self.sessions.available_permits()
+    }
+
+    /// Closes idle sessions at once and waits until every session has ended, at most `grace`;
+    /// `true` if they all did.
+    pub async fn drain(&self, grace: std::time::Duration) -> bool {
+        self.shutdown.send_replace(true);
+        let all = u32::try_from(self.config.smtp.max_connections).unwrap_or(u32::MAX);
+        tokio::time::timeout(grace, self.sessions.acquire_many(all))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Re-measures free spool space (called periodically; sessions read the cached value).
@@ -231,6 +248,7 @@ impl Smtpd {
         session.set_spool_free(self.spool_free.load(Ordering::Relaxed));
         let mut buf = vec![0u8; READ_BUF];
         let mut sink: Option<BodySink> = None;
+        let mut shutdown = self.shutdown.subscribe();
         loop {
             while let Some(ev) = session.poll_event() {
                 match ev {
@@ -338,15 +356,27 @@ impl Smtpd {
             if !session.wants_input() {
                 return "session stalled".into();
             }
-            let read = match session.deadline() {
-                Some(d) => match tokio::time::timeout_at(d.into(), conn.read(&mut buf)).await {
+            // Far in the future when the machine sets no deadline.
+            let deadline = session
+                .deadline()
+                .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(86_400));
+            let idle = sink.is_none();
+            let read = tokio::select! {
+                r = tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)) => match r {
                     Ok(r) => r,
                     Err(_) => {
                         session.handle_timeout(Instant::now());
                         continue;
                     }
                 },
-                None => conn.read(&mut buf).await,
+                // On shutdown, a session not inside DATA is told so and closed at once; one
+                // inside DATA may finish its message within the grace period.
+                _ = shutdown.changed(), if idle => {
+                    let _ = conn
+                        .write_all(b"421 4.3.2 Service shutting down, try again later\r\n")
+                        .await;
+                    return "closed by shutdown".into();
+                }
             };
             match read {
                 Ok(0) => return "client disconnected".into(),
