@@ -9,7 +9,9 @@
 //!   runtime answers with `message_stored` / `etrn_result`; then it continues with buffered input.
 //! - After `Event::StartTls` (the `220` reply is in the output), all buffered input is discarded;
 //!   the runtime flushes output, runs the handshake and calls `tls_established` (session reset,
-//!   no new greeting), or drops the connection.
+//!   no new greeting), or drops the connection. When the client certificate verified against
+//!   an e-mail VPN peer's CA, the runtime then calls `set_relay_allowed(true)` (the relay
+//!   decision itself stays here, at RCPT).
 //! - After `Event::Close` (output holds the last reply), the runtime flushes and closes.
 //!
 //! Command grammar is smtp-proto's `Request::parse`, applied to lines we frame ourselves (so
@@ -490,6 +492,13 @@ impl ServerSession {
         self.body.clear();
         self.data = DataReceiver::default();
         self.last_activity = now;
+    }
+
+    /// Grants (or withdraws) the right to relay to any domain and to use ETRN, replacing
+    /// `ClientInfo::relay_allowed`. The runtime grants it after TLS to an e-mail VPN peer whose
+    /// client certificate verified against the peer's CA; only effective while TLS is up.
+    pub fn set_relay_allowed(&mut self, allowed: bool) {
+        self.client.relay_allowed = allowed && self.tls.is_some();
     }
 
     /// Free spool bytes as last measured; below what a message needs, MAIL/DATA get `452 4.3.1`.
@@ -1150,6 +1159,8 @@ mod tests {
         Store(StoreResult),
         Etrn(EtrnResult),
         Tls,
+        /// The runtime grants or withdraws relay (VPN peer certificate checked).
+        Relay(bool),
         Spool(u64),
         /// Virtual time moves to t0 + secs; `handle_timeout` is called.
         At(u64),
@@ -1200,6 +1211,7 @@ mod tests {
                 Act::Store(r) => self.s.message_stored(r.clone(), self.now),
                 Act::Etrn(r) => self.s.etrn_result(*r, self.now),
                 Act::Tls => self.s.tls_established(tls_info(), self.now),
+                Act::Relay(r) => self.s.set_relay_allowed(*r),
                 Act::Spool(b) => self.s.set_spool_free(*b),
                 Act::At(secs) => {
                     self.now = self.t0 + Duration::from_secs(*secs);
@@ -1310,6 +1322,28 @@ mod tests {
                         &["554 5.7.1"],
                         &[],
                     ),
+                ],
+            ),
+            (
+                "relay granted after TLS (VPN peer), never before",
+                Stranger,
+                vec![
+                    (Act::Relay(true), &[], &[]),
+                    ehlo(),
+                    mail(),
+                    (send("RCPT TO:<x@other.test>\r\n"), &["554 5.7.1"], &[]),
+                    (send("ETRN other.test\r\n"), &["503 5.5.1"], &[]),
+                    (send("RSET\r\n"), &["250 2.0.0"], &[]),
+                    (send("STARTTLS\r\n"), &["220 2.0.0"], &["StartTls"]),
+                    (Act::Tls, &[], &[]),
+                    ehlo(),
+                    mail(),
+                    (send("RCPT TO:<x@other.test>\r\n"), &["554 5.7.1"], &[]),
+                    (Act::Relay(true), &[], &[]),
+                    (send("RCPT TO:<x@other.test>\r\n"), &["250 2.1.5"], &[]),
+                    (Act::Relay(false), &[], &[]),
+                    (send("RCPT TO:<y@other.test>\r\n"), &["554 5.7.1"], &[]),
+                    rcpt(),
                 ],
             ),
             (

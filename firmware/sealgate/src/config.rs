@@ -96,6 +96,26 @@ struct RawTls {
     dev_self_signed: Option<bool>,
     #[serde(default)]
     certificates: Vec<RawCertificate>,
+    #[serde(default)]
+    ca: Vec<RawCa>,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCa {
+    name: String,
+    pem: Option<String>,
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    #[serde(default)]
+    networks: Vec<String>,
+    ca: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -189,6 +209,27 @@ pub struct TlsConfig {
     /// Dev convenience: generate a self-signed certificate for a missing `default`.
     pub dev_self_signed: bool,
     pub certificates: Vec<CertificateConfig>,
+    /// CA certificates carried in the config (`[[tls.ca]]`), by name.
+    pub cas: Vec<CaConfig>,
+    /// E-mail VPN peers (`[[tls.peers]]`): their networks must present a client certificate
+    /// chaining to their CA, and may then relay.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// A CA certificate carried in the config.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    pub name: String,
+    /// DER of each certificate in the PEM (at least one).
+    pub certs: Vec<Vec<u8>>,
+}
+
+/// An e-mail VPN peer: client addresses and the CA their client certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub networks: Vec<Cidr>,
+    /// Name of a `[[tls.ca]]` entry (checked to exist).
+    pub ca: String,
 }
 
 #[derive(Debug, Clone)]
@@ -276,6 +317,19 @@ impl Config {
 
     pub fn is_forced_tls(&self, ip: IpAddr) -> bool {
         self.tls.force.iter().any(|c| c.contains(ip))
+    }
+
+    /// The first VPN peer whose networks contain `ip`.
+    pub fn peer_for(&self, ip: IpAddr) -> Option<&PeerConfig> {
+        self.tls
+            .peers
+            .iter()
+            .find(|p| p.networks.iter().any(|c| c.contains(ip)))
+    }
+
+    /// The CA carried in the config under `name`.
+    pub fn ca(&self, name: &str) -> Option<&CaConfig> {
+        self.tls.cas.iter().find(|c| c.name == name)
     }
 
     /// Parses and checks a TOML document; `origin` names it in errors.
@@ -405,6 +459,72 @@ fn host_port(key: &str, s: &str) -> Result<(String, u16), ConfigError> {
         return Ok((host.to_string(), port));
     }
     Ok((domain_name(key, host)?, port))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `[[tls.ca]]`: each entry has a valid unique name and exactly one of `pem`, `file`, holding
+/// at least one parseable CERTIFICATE block (and nothing unparseable).
+fn check_cas(raw: &[RawCa]) -> Result<Vec<CaConfig>, ConfigError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut out: Vec<CaConfig> = Vec::new();
+    for (i, c) in raw.iter().enumerate() {
+        let key = format!("tls.ca[{i}]");
+        if !valid_name(&c.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("{:?}: use letters, digits, '-' and '_'", c.name),
+            ));
+        }
+        if out.iter().any(|x| x.name == c.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("{:?} is listed twice", c.name),
+            ));
+        }
+        let (pem, pem_key) = match (&c.pem, &c.file) {
+            (Some(p), None) => (p.clone().into_bytes(), format!("{key}.pem")),
+            (None, Some(f)) => {
+                let k = format!("{key}.file");
+                let bytes = std::fs::read(f)
+                    .map_err(|e| invalid(&k, format!("cannot read {}: {e}", f.display())))?;
+                (bytes, k)
+            }
+            _ => return Err(invalid(key, "give exactly one of pem, file")),
+        };
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .map(|r| r.map(|d| d.as_ref().to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(&pem_key, format!("bad PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(invalid(&pem_key, "no CERTIFICATE block"));
+        }
+        for der in &certs {
+            let anchor = webpki_anchor_ok(der);
+            if !anchor {
+                return Err(invalid(&pem_key, "not a usable X.509 CA certificate"));
+            }
+        }
+        out.push(CaConfig {
+            name: c.name.clone(),
+            certs,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether `der` can serve as a trust anchor (parses as an X.509 certificate).
+fn webpki_anchor_ok(der: &[u8]) -> bool {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(der.to_vec()))
+        .is_ok()
 }
 
 impl RawConfig {
@@ -573,6 +693,25 @@ impl RawConfig {
                 key_file: c.key_file.clone(),
             });
         }
+        let cas = check_cas(&t.ca)?;
+        let mut peers = Vec::new();
+        for (i, p) in t.peers.iter().enumerate() {
+            let key = format!("tls.peers[{i}]");
+            if p.networks.is_empty() {
+                return Err(invalid(format!("{key}.networks"), "is empty"));
+            }
+            let networks = cidrs(&format!("{key}.networks"), &p.networks)?;
+            if !cas.iter().any(|c| c.name == p.ca) {
+                return Err(invalid(
+                    format!("{key}.ca"),
+                    format!("{:?} is not in tls.ca", p.ca),
+                ));
+            }
+            peers.push(PeerConfig {
+                networks,
+                ca: p.ca.clone(),
+            });
+        }
         let tls = TlsConfig {
             handshake_timeout: duration(
                 "tls.handshake_timeout",
@@ -588,6 +727,8 @@ impl RawConfig {
             force: cidrs("tls.force", &t.force)?,
             dev_self_signed: t.dev_self_signed.unwrap_or(false),
             certificates: Vec::new(),
+            cas,
+            peers,
         };
 
         let dns_resolvers = match &self.dns.resolver {
@@ -803,5 +944,97 @@ mod tests {
             Config::from_toml("[smtp]\nlisten = [\"127.0.0.1:25\"]\nbogus = 1", "t"),
             Err(ConfigError::Syntax { .. })
         ));
+    }
+
+    fn ca_pem() -> String {
+        rcgen::generate_simple_self_signed(vec!["ca.test".to_string()])
+            .expect("cert")
+            .cert
+            .pem()
+    }
+
+    #[test]
+    fn vpn_peers_and_cas() {
+        let pem = ca_pem();
+        let dir = std::env::temp_dir().join(format!("sealgate-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ca.pem");
+        std::fs::write(&file, &pem).unwrap();
+        let text = format!(
+            r#"
+            [smtp]
+            listen = ["127.0.0.1:25"]
+            [[tls.ca]]
+            name = "company-vpn-ca"
+            pem = """{pem}"""
+            [[tls.ca]]
+            name = "other"
+            file = "{}"
+            [[tls.peers]]
+            networks = ["198.51.100.0/24", "127.0.0.7"]
+            ca = "company-vpn-ca"
+            [[tls.peers]]
+            networks = ["10.0.0.0/8"]
+            ca = "other"
+            "#,
+            file.display()
+        );
+        let c = Config::from_toml(&text, "t").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(c.tls.cas.len(), 2);
+        assert_eq!(c.ca("company-vpn-ca").map(|a| a.certs.len()), Some(1));
+        assert_eq!(c.ca("other").map(|a| a.certs.len()), Some(1));
+        let peer = |ip: &str| c.peer_for(ip.parse().unwrap()).map(|p| p.ca.as_str());
+        assert_eq!(peer("198.51.100.9"), Some("company-vpn-ca"));
+        assert_eq!(peer("127.0.0.7"), Some("company-vpn-ca"));
+        assert_eq!(peer("10.1.2.3"), Some("other"));
+        assert_eq!(peer("127.0.0.8"), None);
+    }
+
+    #[test]
+    fn bad_vpn_configs_name_the_key() {
+        let pem = ca_pem();
+        let head = "[smtp]\nlisten = [\"127.0.0.1:25\"]\n";
+        let ca = format!("[[tls.ca]]\nname = \"vpn\"\npem = \"\"\"{pem}\"\"\"\n");
+        let cases = [
+            (
+                format!("{head}{ca}[[tls.peers]]\nnetworks = [\"10.0.0.0/8\"]\nca = \"nope\"\n"),
+                "tls.peers[0].ca",
+            ),
+            (
+                format!("{head}{ca}[[tls.peers]]\nnetworks = [\"10.0.0.1/8\"]\nca = \"vpn\"\n"),
+                "tls.peers[0].networks",
+            ),
+            (
+                format!("{head}{ca}[[tls.peers]]\nnetworks = []\nca = \"vpn\"\n"),
+                "tls.peers[0].networks",
+            ),
+            (
+                format!("{head}[[tls.ca]]\nname = \"vpn\"\npem = \"not a pem\"\n"),
+                "tls.ca[0].pem",
+            ),
+            (
+                format!(
+                    "{head}[[tls.ca]]\nname = \"vpn\"\npem = \"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----\\n\"\n"
+                ),
+                "tls.ca[0].pem",
+            ),
+            (
+                format!("{head}[[tls.ca]]\nname = \"vpn\"\nfile = \"/nonexistent/ca.pem\"\n"),
+                "tls.ca[0].file",
+            ),
+            (format!("{head}[[tls.ca]]\nname = \"vpn\"\n"), "tls.ca[0]"),
+            (
+                format!("{head}[[tls.ca]]\nname = \"bad name\"\npem = \"\"\"{pem}\"\"\"\n"),
+                "tls.ca[0].name",
+            ),
+            (format!("{head}{ca}{ca}"), "tls.ca[1].name"),
+        ];
+        for (text, key) in cases {
+            match Config::from_toml(&text, "t") {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: expected error on {key}, got {other:?}"),
+            }
+        }
     }
 }

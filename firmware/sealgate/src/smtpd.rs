@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::conn::Conn;
 use crate::delivery::Queue;
 use crate::spool::{BodySink, Spool, SpoolError, unix_now};
-use crate::tls::{ServerTls, suite_name, version_name};
+use crate::tls::{ClientCheck, ServerTls, suite_name, version_name};
 
 /// Bodies are moved from the session machine to the spool sink in chunks of at least this.
 const BODY_CHUNK: usize = 64 * 1024;
@@ -174,7 +174,7 @@ impl Smtpd {
                 tracing::warn!(client = %peer.ip(), "implicit TLS connection but no certificate installed");
                 return;
             };
-            match self.handshake(&mut conn, tls, local.ip()).await {
+            match self.handshake(&mut conn, tls, local.ip(), peer.ip()).await {
                 Ok(info) => implicit = Some(info),
                 Err(e) => {
                     tracing::info!(client = %peer.ip(), local = %local, result = %e, "TLS handshake failed");
@@ -183,10 +183,16 @@ impl Smtpd {
             }
         }
         let ip = peer.ip();
+        // A VPN peer address relays only with a verified client certificate, even when it is
+        // also in trusted_networks.
+        let verified = implicit
+            .as_ref()
+            .is_some_and(|t: &TlsInfo| t.verified_client.is_some());
         let info = ClientInfo {
             peer,
             local,
-            relay_allowed: self.config.is_trusted(ip),
+            relay_allowed: verified
+                || (self.config.is_trusted(ip) && self.config.peer_for(ip).is_none()),
             starttls_available: self.tls.is_some(),
             tls_required: self.config.is_forced_tls(ip),
             implicit_tls: implicit,
@@ -205,6 +211,11 @@ impl Smtpd {
             helo = stats.helo.as_deref().unwrap_or("-"),
             tls = tls_v,
             cipher = tls_c,
+            client_cert = stats
+                .tls
+                .as_ref()
+                .and_then(|t| t.verified_client.as_deref())
+                .unwrap_or("-"),
             messages = stats.queued.len(),
             queue_ids = %stats.queued.join(","),
             result = %result,
@@ -217,6 +228,7 @@ impl Smtpd {
         conn: &mut Conn,
         tls: &ServerTls,
         local: IpAddr,
+        client: IpAddr,
     ) -> Result<TlsInfo, String> {
         let tcp = conn.take_plain().ok_or("already TLS")?;
         let acceptor = TlsAcceptor::from(tls.for_local(local));
@@ -225,11 +237,23 @@ impl Smtpd {
             .map_err(|_| "handshake timeout".to_string())?
             .map_err(|e| e.to_string())?;
         let (_, sc) = hs.get_ref();
+        let verified_client = match tls.check_client(client, sc.peer_certificates()) {
+            ClientCheck::Verified(subject) => Some(subject),
+            ClientCheck::NotPeer => None,
+            ClientCheck::NoCertificate => {
+                tracing::info!(client = %client, "VPN peer address without a client certificate: no relay");
+                None
+            }
+            ClientCheck::Rejected(reason) => {
+                tracing::warn!(client = %client, reason = %reason, "client certificate rejected: no relay");
+                None
+            }
+        };
         let info = TlsInfo {
             version: version_name(sc.protocol_version()),
             cipher: suite_name(sc.negotiated_cipher_suite()),
             sni: sc.server_name().map(str::to_string),
-            verified_client: None,
+            verified_client,
         };
         *conn = Conn::ServerTls(Box::new(hs));
         Ok(info)
@@ -259,10 +283,14 @@ impl Smtpd {
                         let Some(tls) = &self.tls else {
                             return "STARTTLS without certificate".into();
                         };
-                        match self.handshake(conn, tls, local_ip).await {
+                        match self.handshake(conn, tls, local_ip, client_ip).await {
                             Ok(t) => {
                                 stats.tls = Some(t.clone());
+                                let peer_verified = t.verified_client.is_some();
                                 session.tls_established(t, Instant::now());
+                                if peer_verified {
+                                    session.set_relay_allowed(true);
+                                }
                             }
                             Err(e) => return format!("TLS handshake failed: {e}"),
                         }

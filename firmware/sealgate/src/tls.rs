@@ -5,6 +5,14 @@
 //! Until the sealed store lands, certificates come from PEM files named in the config or, on
 //! the dev board with `tls.dev_self_signed`, a generated self-signed ECDSA P-256 certificate
 //! under `STATE/certs/NAME.{crt,key}.pem` (key file mode 0600).
+//!
+//! E-mail VPN peers (`[[tls.peers]]`): when any are configured, every server config asks for a
+//! client certificate (optional, hinting the peers' CA names). The handshake itself accepts any
+//! client certificate whose handshake signature is valid; the chain is checked afterwards by
+//! [`ServerTls::check_client`] against the CA of the peer whose networks hold the client
+//! address, and only that CA. So an ordinary MTA that happens to present some certificate is
+//! not refused, and a certificate from one peer's CA is worth nothing from another peer's
+//! network.
 
 use std::collections::HashMap;
 use std::fs;
@@ -18,10 +26,12 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, ServerConfig, SignatureScheme};
 
+use crate::cidr::Cidr;
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +54,8 @@ pub enum TlsError {
     Generate { name: String, reason: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("tls.ca {name}: {reason}")]
+    Ca { name: String, reason: String },
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -56,6 +68,146 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub struct ServerTls {
     default: Arc<ServerConfig>,
     by_local: HashMap<IpAddr, Arc<ServerConfig>>,
+    /// `[[tls.peers]]` in config order, each with a verifier for its CA alone.
+    peers: Vec<PeerVerifier>,
+}
+
+#[derive(Debug)]
+struct PeerVerifier {
+    networks: Vec<Cidr>,
+    ca: String,
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+/// What the client certificate of a session is worth (see [`ServerTls::check_client`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCheck {
+    /// The client address is in no peer's networks: the certificate (if any) grants nothing.
+    NotPeer,
+    /// A peer address that presented no certificate.
+    NoCertificate,
+    /// A peer address whose certificate chains to that peer's CA: the subject (`CN=…, O=…`).
+    Verified(String),
+    /// A peer address whose certificate does not verify against that peer's CA.
+    Rejected(String),
+}
+
+/// Per-peer verifiers, and the verifier that offers client authentication (none without peers).
+type PeerVerifiers = (Vec<PeerVerifier>, Option<Arc<dyn ClientCertVerifier>>);
+
+/// Builds one verifier per peer from the CA named in the config, and the union of the peers'
+/// CAs for the hints sent in the CertificateRequest.
+fn peer_verifiers(config: &Config) -> Result<PeerVerifiers, TlsError> {
+    let ca_err = |name: &str, reason: String| TlsError::Ca {
+        name: name.into(),
+        reason,
+    };
+    let roots_of = |name: &str| -> Result<rustls::RootCertStore, TlsError> {
+        let ca = config
+            .ca(name)
+            .ok_or_else(|| ca_err(name, "not configured".into()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for der in &ca.certs {
+            roots
+                .add(CertificateDer::from(der.clone()))
+                .map_err(|e| ca_err(name, e.to_string()))?;
+        }
+        Ok(roots)
+    };
+    let mut peers = Vec::new();
+    let mut union = rustls::RootCertStore::empty();
+    for p in &config.tls.peers {
+        let roots = roots_of(&p.ca)?;
+        union.roots.extend(roots.roots.iter().cloned());
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| ca_err(&p.ca, e.to_string()))?;
+        peers.push(PeerVerifier {
+            networks: p.networks.clone(),
+            ca: p.ca.clone(),
+            verifier,
+        });
+    }
+    if peers.is_empty() {
+        return Ok((peers, None));
+    }
+    let hints = WebPkiClientVerifier::builder_with_provider(Arc::new(union), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| ca_err("(peers)", e.to_string()))?
+        .root_hint_subjects()
+        .to_vec();
+    let offer: Arc<dyn ClientCertVerifier> = Arc::new(OfferClientAuth {
+        hints,
+        provider: provider(),
+    });
+    Ok((peers, Some(offer)))
+}
+
+/// Asks every client for a certificate (optional), hinting the peers' CAs. Any certificate is
+/// accepted in the handshake as long as the client proves possession of its key; the chain is
+/// checked per peer after the handshake ([`ServerTls::check_client`]).
+#[derive(Debug)]
+struct OfferClientAuth {
+    hints: Vec<rustls::DistinguishedName>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for OfferClientAuth {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 impl ServerTls {
@@ -103,15 +255,19 @@ impl ServerTls {
             }
         }
         let by_name = Arc::new(by_name);
+        let (peers, offer) = peer_verifiers(config)?;
         let ticketer = rustls::crypto::ring::Ticketer::new()?;
         let build = |fallback: Arc<CertifiedKey>| -> Result<Arc<ServerConfig>, TlsError> {
-            let mut sc = ServerConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_cert_resolver(Arc::new(Resolver {
-                    by_name: by_name.clone(),
-                    fallback,
-                }));
+            let builder = ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()?;
+            let builder = match &offer {
+                Some(v) => builder.with_client_cert_verifier(v.clone()),
+                None => builder.with_no_client_auth(),
+            };
+            let mut sc = builder.with_cert_resolver(Arc::new(Resolver {
+                by_name: by_name.clone(),
+                fallback,
+            }));
             sc.ticketer = ticketer.clone();
             sc.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
             Ok(Arc::new(sc))
@@ -127,7 +283,32 @@ impl ServerTls {
         Ok(Some(ServerTls {
             default: build(default_key)?,
             by_local,
+            peers,
         }))
+    }
+
+    /// Checks the client certificate chain of a session from `ip` against the CA of the first
+    /// peer whose networks contain `ip` (and only that CA).
+    pub fn check_client(&self, ip: IpAddr, certs: Option<&[CertificateDer<'_>]>) -> ClientCheck {
+        let Some(peer) = self
+            .peers
+            .iter()
+            .find(|p| p.networks.iter().any(|c| c.contains(ip)))
+        else {
+            return ClientCheck::NotPeer;
+        };
+        let Some((end_entity, intermediates)) = certs.and_then(|c| c.split_first()) else {
+            return ClientCheck::NoCertificate;
+        };
+        match peer
+            .verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+        {
+            Ok(_) => ClientCheck::Verified(
+                subject_of(end_entity).unwrap_or_else(|| "(unparsed subject)".into()),
+            ),
+            Err(e) => ClientCheck::Rejected(format!("not valid for tls.ca {}: {e}", peer.ca)),
+        }
     }
 
     /// The configuration for a connection that arrived on `local`.
@@ -276,6 +457,83 @@ impl ServerCertVerifier for RecordOnlyVerifier {
     }
 }
 
+/// One DER TLV: (tag, content, rest). Lengths up to 4 octets.
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let (bytes, rest) = rest.split_at(n);
+        (
+            bytes
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b)),
+            rest,
+        )
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let (content, rest) = rest.split_at(len);
+    Some((tag, content, rest))
+}
+
+/// The subject of an X.509 certificate as `CN=…, O=…` (attributes in certificate order;
+/// unknown attribute types and non-string values are left out, unprintable characters become
+/// `?`). `None` when the DER does not have the expected shape.
+pub fn subject_of(cert: &[u8]) -> Option<String> {
+    let (_, certificate, _) = der_tlv(cert)?;
+    let (_, tbs, _) = der_tlv(certificate)?;
+    let mut rest = tbs;
+    // [0] version (optional), serial, signature algorithm, issuer, validity, subject
+    let (tag, _, r) = der_tlv(rest)?;
+    if tag == 0xa0 {
+        rest = r;
+    }
+    for _ in 0..4 {
+        rest = der_tlv(rest)?.2;
+    }
+    let (tag, mut name, _) = der_tlv(rest)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let mut parts = Vec::new();
+    while !name.is_empty() {
+        let (_, mut set, r) = der_tlv(name)?;
+        name = r;
+        while !set.is_empty() {
+            let (_, atv, r) = der_tlv(set)?;
+            set = r;
+            let (_, oid, r) = der_tlv(atv)?;
+            let (vtag, value, _) = der_tlv(r)?;
+            let label = match oid {
+                [0x55, 0x04, 0x03] => "CN",
+                [0x55, 0x04, 0x06] => "C",
+                [0x55, 0x04, 0x07] => "L",
+                [0x55, 0x04, 0x08] => "ST",
+                [0x55, 0x04, 0x0a] => "O",
+                [0x55, 0x04, 0x0b] => "OU",
+                _ => continue,
+            };
+            // UTF8String, PrintableString, T61String, IA5String
+            if !matches!(vtag, 0x0c | 0x13 | 0x14 | 0x16) {
+                continue;
+            }
+            let text: String = String::from_utf8_lossy(value)
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect();
+            parts.push(format!("{label}={text}"));
+        }
+    }
+    Some(parts.join(", "))
+}
+
 /// `TLSv1.3` style name of a negotiated version.
 pub fn version_name(v: Option<rustls::ProtocolVersion>) -> String {
     match v {
@@ -290,4 +548,27 @@ pub fn version_name(v: Option<rustls::ProtocolVersion>) -> String {
 pub fn suite_name(s: Option<rustls::SupportedCipherSuite>) -> String {
     s.and_then(|s| s.suite().as_str().map(str::to_string))
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_of_generated_certificate() {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["peer.test".to_string()]).expect("params");
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, "gw-b.vpn.test");
+        dn.push(rcgen::DnType::OrganizationName, "Partner\nInc");
+        params.distinguished_name = dn;
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        assert_eq!(
+            subject_of(cert.der()).as_deref(),
+            Some("CN=gw-b.vpn.test, O=Partner?Inc")
+        );
+        assert_eq!(subject_of(b"\x30\x03\x02\x01"), None);
+        assert_eq!(subject_of(b""), None);
+    }
 }
