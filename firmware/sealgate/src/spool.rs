@@ -375,7 +375,7 @@ fn parse_envelope(id: &str, head: &[u8], size: u64) -> Result<QueuedMessage, &'s
 }
 
 /// Where and why a segment stopped being readable.
-type Torn = (u64, &'static str);
+pub type Torn = (u64, &'static str);
 
 /// One record read back from a segment.
 struct Scanned {
@@ -391,18 +391,68 @@ struct Scanned {
 /// Reads a segment's records in order, stopping at the first that fails a check.
 /// Returns the records and, if the segment did not end cleanly, the reason.
 fn scan_segment(path: &Path) -> Result<(Vec<Scanned>, Option<Torn>), SpoolError> {
-    let mut f = io::BufReader::with_capacity(256 * 1024, File::open(path).map_err(io_err(path))?);
+    let f = io::BufReader::with_capacity(256 * 1024, File::open(path).map_err(io_err(path))?);
     let file_len = f.get_ref().metadata().map_err(io_err(path))?.len();
+    Ok(scan_records(f, file_len))
+}
+
+/// What a segment's bytes hold, for checks and the fuzzer: records read, messages whose
+/// envelope parses, and where and why reading stopped early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentCheck {
+    pub records: usize,
+    pub messages: usize,
+    pub torn: Option<Torn>,
+}
+
+/// Parses segment bytes the way recovery does (records, envelopes, delivery states).
+pub fn check_segment(bytes: &[u8]) -> SegmentCheck {
+    let (records, torn) = scan_records(bytes, bytes.len() as u64);
+    let mut messages = 0;
+    for r in &records {
+        match r.kind {
+            KIND_MESSAGE => {
+                if let Ok(mut m) = parse_envelope(&r.id, &r.head, r.body_len) {
+                    messages += 1;
+                    let _ = apply_state(&mut m, "SGS1\nattempts 1\n");
+                }
+            }
+            KIND_STATE => {
+                let mut m = QueuedMessage {
+                    id: r.id.clone(),
+                    mail_from: String::new(),
+                    recipients: Vec::new(),
+                    body_type: BodyType::SevenBit,
+                    smtputf8: false,
+                    arrival: 0,
+                    size: 0,
+                    attempts: 0,
+                    next_attempt: 0,
+                };
+                let _ = apply_state(&mut m, &String::from_utf8_lossy(&r.head));
+            }
+            _ => {}
+        }
+    }
+    SegmentCheck {
+        records: records.len(),
+        messages,
+        torn,
+    }
+}
+
+/// Reads records from `f` (holding `file_len` bytes) until the end or the first bad record.
+fn scan_records(mut f: impl Read, file_len: u64) -> (Vec<Scanned>, Option<Torn>) {
     let mut out = Vec::new();
     let mut off = 0u64;
     let mut payload = Vec::new();
     loop {
         if off == file_len {
-            return Ok((out, None));
+            return (out, None);
         }
         let mut hdr = [0u8; HDR];
         if file_len - off < HDR as u64 || f.read_exact(&mut hdr).is_err() {
-            return Ok((out, Some((off, "truncated record header"))));
+            return (out, Some((off, "truncated record header")));
         }
         let field = |a: usize| {
             hdr.get(a..a + 4)
@@ -412,24 +462,24 @@ fn scan_segment(path: &Path) -> Result<(Vec<Scanned>, Option<Torn>), SpoolError>
         };
         let (kind, len, crc) = (hdr[4], field(8), field(12));
         if &hdr[..4] != MAGIC || !(KIND_MESSAGE..=KIND_DONE).contains(&kind) || len > MAX_RECORD {
-            return Ok((out, Some((off, "bad record header"))));
+            return (out, Some((off, "bad record header")));
         }
         if file_len - off - (HDR as u64) < u64::from(len) {
-            return Ok((out, Some((off, "truncated record"))));
+            return (out, Some((off, "truncated record")));
         }
         payload.clear();
         payload.resize(len as usize, 0);
         if f.read_exact(&mut payload).is_err() {
-            return Ok((out, Some((off, "unreadable record"))));
+            return (out, Some((off, "unreadable record")));
         }
         let mut h = crc32fast::Hasher::new();
         h.update(&[kind]);
         h.update(&payload);
         if h.finalize() != crc {
-            return Ok((out, Some((off, "checksum mismatch"))));
+            return (out, Some((off, "checksum mismatch")));
         }
         let Some((id, head, body_at)) = split_payload(&payload) else {
-            return Ok((out, Some((off, "malformed payload"))));
+            return (out, Some((off, "malformed payload")));
         };
         let rec_len = HDR as u64 + u64::from(len);
         out.push(Scanned {
