@@ -139,7 +139,7 @@ fn peer_verifiers(config: &Config) -> Result<PeerVerifiers, TlsError> {
         .to_vec();
     let offer: Arc<dyn ClientCertVerifier> = Arc::new(OfferClientAuth {
         hints,
-        provider: provider(),
+        signatures: HandshakeSignatures(provider()),
     });
     Ok((peers, Some(offer)))
 }
@@ -150,7 +150,7 @@ fn peer_verifiers(config: &Config) -> Result<PeerVerifiers, TlsError> {
 #[derive(Debug)]
 struct OfferClientAuth {
     hints: Vec<rustls::DistinguishedName>,
-    provider: Arc<CryptoProvider>,
+    signatures: HandshakeSignatures,
 }
 
 impl ClientCertVerifier for OfferClientAuth {
@@ -181,12 +181,7 @@ impl ClientCertVerifier for OfferClientAuth {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -195,18 +190,11 @@ impl ClientCertVerifier for OfferClientAuth {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -398,7 +386,9 @@ pub fn client_config_unverified() -> Result<Arc<rustls::ClientConfig>, TlsError>
     let mut cc = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(RecordOnlyVerifier { provider }))
+        .with_custom_certificate_verifier(Arc::new(RecordOnlyVerifier {
+            signatures: HandshakeSignatures(provider),
+        }))
         .with_no_client_auth();
     cc.resumption = rustls::client::Resumption::in_memory_sessions(1024);
     Ok(Arc::new(cc))
@@ -407,7 +397,46 @@ pub fn client_config_unverified() -> Result<Arc<rustls::ClientConfig>, TlsError>
 /// Accepts any certificate (opportunistic TLS) but still checks the handshake signatures.
 #[derive(Debug)]
 struct RecordOnlyVerifier {
-    provider: Arc<CryptoProvider>,
+    signatures: HandshakeSignatures,
+}
+
+/// The handshake signature checks every verifier of ours keeps, whatever it decides about the
+/// certificate itself: the peer must prove possession of the certificate's key.
+#[derive(Debug)]
+struct HandshakeSignatures(Arc<CryptoProvider>);
+
+impl HandshakeSignatures {
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 impl ServerCertVerifier for RecordOnlyVerifier {
@@ -428,12 +457,7 @@ impl ServerCertVerifier for RecordOnlyVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -442,18 +466,11 @@ impl ServerCertVerifier for RecordOnlyVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.schemes()
     }
 }
 
