@@ -12,9 +12,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sealgate_proto::client::{ClientEvent, ClientParams, ClientSession, StartTlsMode, Transaction};
+use sealgate_proto::client::{
+    ClientError, ClientEvent, ClientParams, ClientSession, StartTlsMode, Transaction,
+};
 use sealgate_proto::dsn::{self, Action, DsnParams, RecipientStatus};
 use sealgate_proto::envelope::domain_of;
+use sealgate_proto::policy::{
+    self, AfterEhlo, Attempt, Level, PeerKey, PeerRecord, Plan, RouteFacts, Settings,
+};
 use sealgate_proto::server::EtrnResult;
 use sealgate_proto::{BodyType, Envelope, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,8 +48,18 @@ enum Outcome {
     Deferred(String),
 }
 
-/// Parked connections are keyed by peer address and whether TLS was wanted.
-type PoolKey = (SocketAddr, bool);
+/// Parked connections are keyed by peer address and the STARTTLS mode they were opened with
+/// (0 never, 1 if offered, 2 required), so a plaintext connection never serves a TLS-only
+/// route.
+type PoolKey = (SocketAddr, u8);
+
+fn mode_key(m: StartTlsMode) -> u8 {
+    match m {
+        StartTlsMode::Never => 0,
+        StartTlsMode::IfOffered => 1,
+        StartTlsMode::Required => 2,
+    }
+}
 
 #[derive(Debug, Default)]
 struct QueueState {
@@ -454,7 +469,8 @@ impl Queue {
         addr: SocketAddr,
         idx: &[usize],
     ) -> Result<Vec<(usize, Outcome)>, String> {
-        let want_tls = route.tls != TlsLevel::None;
+        let attempt = self.tls_plan(route, host, addr)?;
+        let want_tls = mode_key(attempt.starttls());
         let pooled = self.pool.lock().ok().and_then(|mut p| {
             let v = p.get_mut(&(addr, want_tls))?;
             while let Some((t, c)) = v.pop() {
@@ -475,7 +491,7 @@ impl Queue {
                 Err(e) => tracing::debug!(peer = %addr, error = %e, "reused connection failed"),
             }
         }
-        let conn = self.connect(route, host, addr).await?;
+        let conn = self.connect(&attempt, host, addr).await?;
         self.transact(conn, msg, body, host, addr, want_tls, idx)
             .await
     }
@@ -489,7 +505,7 @@ impl Queue {
         body: &[u8],
         host: &str,
         addr: SocketAddr,
-        want_tls: bool,
+        want_tls: u8,
         idx: &[usize],
     ) -> Result<Vec<(usize, Outcome)>, String> {
         let rcpts: Vec<String> = idx
@@ -592,9 +608,36 @@ impl Queue {
         }
     }
 
+    /// The outbound TLS policy for this hop: the route's level, raised to `encrypt` for
+    /// addresses on the forced list (`tls.force`). The peer memory of the policy engine (fallback,
+    /// downgrade protection) is not persisted yet, so every attempt starts from a blank record.
+    fn tls_plan(&self, route: &Route, host: &str, addr: SocketAddr) -> Result<Attempt, String> {
+        let level = match route.tls {
+            TlsLevel::None => Level::None,
+            TlsLevel::May => Level::May,
+            TlsLevel::Encrypt => Level::Encrypt,
+            TlsLevel::Verify => Level::Verify,
+            TlsLevel::Fingerprint => Level::Fingerprint,
+        };
+        let facts = RouteFacts::new(level, self.config.is_forced_tls(addr.ip()));
+        let key = PeerKey::new(addr.ip(), host);
+        match policy::plan(
+            &facts,
+            &key,
+            &PeerRecord::default(),
+            unix_now(),
+            &Settings::default(),
+        )
+        .action
+        {
+            Plan::Connect(a) => Ok(a),
+            Plan::Defer(d) => Err(d.to_string()),
+        }
+    }
+
     async fn connect(
         &self,
-        route: &Route,
+        attempt: &Attempt,
         host: &str,
         addr: SocketAddr,
     ) -> Result<ClientConn, String> {
@@ -603,11 +646,7 @@ impl Queue {
             .map_err(|_| format!("4.4.1 connect to {addr} timed out"))?
             .map_err(|e| format!("4.4.1 connect to {addr}: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let starttls = match route.tls {
-            TlsLevel::None => StartTlsMode::Never,
-            TlsLevel::May => StartTlsMode::IfOffered,
-            _ => StartTlsMode::Required,
-        };
+        let starttls = attempt.starttls();
         let params = ClientParams {
             helo: self.config.hostname.clone(),
             starttls,
@@ -626,6 +665,14 @@ impl Queue {
             {
                 ClientEvent::Ready(_) => return Ok(conn),
                 ClientEvent::StartTls => continue,
+                ClientEvent::Failed(ClientError::TlsNotOffered) => {
+                    // Say why TLS was required (route level or forced list), for the queue
+                    // entry and the DSN.
+                    return Err(match attempt.after_ehlo(false, unix_now()).action {
+                        AfterEhlo::Defer(d) => d.to_string(),
+                        _ => format!("4.7.4 {addr}: the server did not offer STARTTLS"),
+                    });
+                }
                 ClientEvent::Failed(e) => return Err(format!("4.4.2 {addr}: {e}")),
                 other => return Err(format!("4.4.2 {addr}: unexpected {other:?}")),
             }
