@@ -297,13 +297,17 @@ class Gateway:
 
         return wait_until(find, timeout, f"a message with {marker!r} in {self.name}'s {sub}")
 
-    def queue_files(self) -> list[str]:
-        """Queue ids of the messages still queued, as `sealgate queue list` reports them."""
+    def queue_list(self) -> dict[str, dict]:
+        """Queued messages by id, as `sealgate queue list --json` reports them."""
         if not (self.state / "queue").is_dir():
-            return []
+            return {}
         out = subprocess.run([str(BIN), "--state", str(self.state), "queue", "list", "--json"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
-        return sorted(m["id"] for m in json.loads(out))
+        return {m["id"]: m for m in json.loads(out)}
+
+    def queue_files(self) -> list[str]:
+        """Queue ids of the messages still queued."""
+        return sorted(self.queue_list())
 
     def wait_queue_empty(self, timeout: float = 30.0) -> None:
         wait_until(lambda: not self.queue_files(), timeout, f"{self.name}'s queue to empty")

@@ -9,9 +9,7 @@ Layout (all on 127.0.0.0/8):
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 import time
 
 import pytest
@@ -19,7 +17,6 @@ import pytest
 from clients import marker
 from dnsstub import DnsStub
 from harness import (
-    BIN,
     Raw,
     free_port,
     header_block,
@@ -77,14 +74,6 @@ def submit(gw, rcpts: list[str], tag: str, frm: str = "alice@a.test") -> tuple[s
     assert rep.code == 250, rep
     r.expect("QUIT", 221)
     return queue_id(rep.text), mark, data
-
-
-def queue_json(gw) -> list[dict]:
-    if not (gw.state / "queue").is_dir():
-        return []
-    out = subprocess.run([str(BIN), "--state", str(gw.state), "queue", "list", "--json"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    return json.loads(out)
 
 
 def dsns(gw) -> list[bytes]:
@@ -257,7 +246,8 @@ def test_dns_down_defers(gateways):
     assert "result=Deferred(" in line, line
     assert re.search(r"(?i)dns", line), line
     assert "4.4.3" in line, line
-    (m,) = wait_until(lambda: [m for m in queue_json(a) if m["id"] == qid and m["attempts"] >= 1],
+    (m,) = wait_until(lambda: [m for m in a.queue_list().values()
+                                   if m["id"] == qid and m["attempts"] >= 1],
                       20, "the message's state after the first attempt")
     (r,) = m["recipients"]
     assert r["address"] == "user@mx.test" and r["status"] == "pending", m
@@ -306,7 +296,8 @@ def test_servfail_defers_without_implicit_mx(gateways, dns):
     assert "result=Deferred(" in line and "4.4.3" in line, line
     assert not re.search(rf"queue_id={re.escape(qid)} peer=", a.log()), "connected to a next hop"
     assert not stub.asked("mx.test", "A"), "implicit MX applied after SERVFAIL"
-    (m,) = wait_until(lambda: [m for m in queue_json(a) if m["id"] == qid and m["attempts"] >= 1],
+    (m,) = wait_until(lambda: [m for m in a.queue_list().values()
+                                   if m["id"] == qid and m["attempts"] >= 1],
                       20, "the message's state after the first attempt")
     assert m["recipients"][0]["status"] == "pending", m
     assert dsns(a) == [] and b.messages() == {}

@@ -4,8 +4,6 @@ import re
 import smtplib
 import time
 
-import pytest
-
 from clients import marker, verifying_ctx
 from harness import (
     Raw,

@@ -1,18 +1,9 @@
 """Outbound TLS policy as far as it is wired: the forced list and `encrypt` never go plaintext."""
 
-import json
-import subprocess
-
 import pytest
 
 from clients import marker
-from harness import BIN, Raw, message, queue_id, send_raw_message, wait_until
-
-
-def queued(gw) -> dict:
-    out = subprocess.run([str(BIN), "--state", str(gw.state), "queue", "list", "--json"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    return {m["id"]: m for m in json.loads(out)}
+from harness import Raw, message, queue_id, send_raw_message, wait_until
 
 
 def plaintext_sink(gateways):
@@ -40,7 +31,7 @@ def test_required_tls_is_never_downgraded(gateways, case):
     r.expect("QUIT", 221)
 
     a.wait_log(rf"delivery queue_id={qid} rcpt=bob@b.test result=Deferred")
-    entry = queued(a)[qid]
+    entry = a.queue_list()[qid]
     detail = entry["recipients"][0]["detail"]
     assert entry["recipients"][0]["status"] == "pending"
     assert "did not offer STARTTLS" in detail, detail
