@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from clients import marker
+from pki import der_of, make_ca, make_leaf, make_self_signed
 from harness import (
     Raw,
     _table,
@@ -23,56 +24,6 @@ from harness import (
     queue_id,
     send_raw_message,
 )
-
-
-# --- certificates ----------------------------------------------------------------------------
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def make_ca(d: Path, name: str) -> Path:
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "30", "-subj", f"/CN={name}",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=d,
-    )
-    return d / f"{name}.pem"
-
-
-def make_leaf(d: Path, ca: str, name: str, cn: str, usage: str = "clientAuth") -> tuple[Path, Path]:
-    """A certificate for `cn` signed by CA `ca`; returns (cert, key) paths."""
-    _openssl(
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}/O=Sealgate Test",
-        cwd=d,
-    )
-    (d / f"{name}.ext").write_text(
-        f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\nsubjectAltName=DNS:{cn}\n"
-    )
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-        "-CAcreateserial", "-out", f"{name}.pem", "-days", "30", "-extfile", f"{name}.ext",
-        cwd=d,
-    )
-    return d / f"{name}.pem", d / f"{name}.key"
-
-
-def make_self_signed(d: Path, name: str, cn: str) -> tuple[Path, Path]:
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "30", "-subj", f"/CN={cn}",
-        "-addext", f"subjectAltName=DNS:{cn}",
-        cwd=d,
-    )
-    return d / f"{name}.pem", d / f"{name}.key"
-
-
-def der_of(pem: Path) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(pem.read_text())
 
 
 @pytest.fixture
