@@ -91,6 +91,9 @@ struct RawTls {
     handshake_timeout: Option<String>,
     broken_tls_ttl: Option<String>,
     downgrade: Option<String>,
+    downgrade_window: Option<String>,
+    max_peers: Option<usize>,
+    system_roots: Option<PathBuf>,
     #[serde(default)]
     force: Vec<String>,
     dev_self_signed: Option<bool>,
@@ -147,6 +150,7 @@ struct RawRoute {
     maildir: Option<PathBuf>,
     tls: Option<String>,
     ca: Option<String>,
+    fingerprints: Option<Vec<String>>,
     client_certificate: Option<String>,
 }
 
@@ -194,17 +198,21 @@ pub struct QueueConfig {
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Downgrade {
-    Refuse,
-    Allow,
-}
+/// `tls.downgrade`: the policy engine's own type.
+pub use sealgate_proto::policy::Downgrade;
 
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
     pub handshake_timeout: Duration,
     pub broken_tls_ttl: Duration,
     pub downgrade: Downgrade,
+    /// How long after its last TLS success a `may` peer stays under downgrade protection.
+    pub downgrade_window: Duration,
+    /// Bound of the persisted peer table (least recently seen peers are evicted).
+    pub max_peers: usize,
+    /// PEM bundle of trust anchors for `verify` routes without a `ca` (read at start-up, and
+    /// only if such a route exists).
+    pub system_roots: PathBuf,
     pub force: Vec<Cidr>,
     /// Dev convenience: generate a self-signed certificate for a missing `default`.
     pub dev_self_signed: bool,
@@ -242,15 +250,8 @@ pub struct CertificateConfig {
     pub key_file: Option<PathBuf>,
 }
 
-/// Outbound TLS level of a route (Postfix's names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsLevel {
-    None,
-    May,
-    Encrypt,
-    Verify,
-    Fingerprint,
-}
+/// Outbound TLS level of a route (Postfix's names): the policy engine's own type.
+pub use sealgate_proto::policy::Level as TlsLevel;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainMatch {
@@ -277,7 +278,11 @@ pub struct Route {
     pub domain: DomainMatch,
     pub destination: Destination,
     pub tls: TlsLevel,
+    /// `verify`: name of the `[[tls.ca]]` the peer must chain to (else `tls.system_roots`).
     pub ca: Option<String>,
+    /// `fingerprint`: SHA-256 of the peer's certificate or SPKI (hex, normalised lower case).
+    pub fingerprints: Vec<String>,
+    /// Name of a `[[tls.certificates]]` entry presented as client certificate.
     pub client_certificate: Option<String>,
 }
 
@@ -313,6 +318,15 @@ impl Config {
 
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
         self.smtp.trusted_networks.iter().any(|c| c.contains(ip))
+    }
+
+    /// The policy engine's settings from `[tls]`.
+    pub fn policy_settings(&self) -> sealgate_proto::policy::Settings {
+        sealgate_proto::policy::Settings {
+            broken_tls_ttl: self.tls.broken_tls_ttl.as_secs(),
+            downgrade_window: self.tls.downgrade_window.as_secs(),
+            downgrade: self.tls.downgrade,
+        }
     }
 
     pub fn is_forced_tls(&self, ip: IpAddr) -> bool {
@@ -419,6 +433,32 @@ fn socket_addrs(key: &str, v: &[String]) -> Result<Vec<SocketAddr>, ConfigError>
         .map(|s| {
             s.parse()
                 .map_err(|_| invalid(key, format!("{s:?} is not an IP:port address")))
+        })
+        .collect()
+}
+
+/// Pinned SHA-256 fingerprints: 64 hex digits each (`:` and whitespace allowed), stored as lower
+/// case hex; at most 64 of them.
+fn fingerprints(key: &str, v: Option<&[String]>) -> Result<Vec<String>, ConfigError> {
+    let v = v.unwrap_or(&[]);
+    if v.len() > 64 {
+        return Err(invalid(key, "at most 64 fingerprints"));
+    }
+    v.iter()
+        .map(|f| {
+            let hex: String = f
+                .chars()
+                .filter(|c| *c != ':' && !c.is_whitespace())
+                .map(|c| c.to_ascii_lowercase())
+                .collect();
+            if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Ok(hex)
+            } else {
+                Err(invalid(
+                    key,
+                    format!("{f:?} is not a SHA-256 fingerprint (64 hex digits)"),
+                ))
+            }
         })
         .collect()
 }
@@ -724,6 +764,19 @@ impl RawConfig {
                 Duration::from_secs(3 * 86_400),
             )?,
             downgrade,
+            downgrade_window: duration(
+                "tls.downgrade_window",
+                t.downgrade_window.as_ref(),
+                Duration::from_secs(30 * 86_400),
+            )?,
+            max_peers: match t.max_peers.unwrap_or(10_000) {
+                n @ 1..=1_000_000 => n,
+                _ => return Err(invalid("tls.max_peers", "must be 1 to 1000000")),
+            },
+            system_roots: t
+                .system_roots
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt")),
             force: cidrs("tls.force", &t.force)?,
             dev_self_signed: t.dev_self_signed.unwrap_or(false),
             certificates: Vec::new(),
@@ -743,6 +796,7 @@ impl RawConfig {
                 .collect::<Result<Vec<_>, _>>()?,
         };
 
+        let tls_cas = &tls.cas;
         let mut routes = Vec::new();
         for (i, r) in self.route.iter().enumerate() {
             let key = format!("route[{i}]");
@@ -801,12 +855,40 @@ impl RawConfig {
                     ));
                 }
             };
-            if matches!(tls, TlsLevel::Verify | TlsLevel::Fingerprint) {
-                // Fail closed: these need certificate checks the TLS policy engine adds later;
-                // silently running them as `encrypt` would weaken what the admin asked for.
+            if let Some(ca) = &r.ca {
+                if tls != TlsLevel::Verify {
+                    return Err(invalid(format!("{key}.ca"), "only with tls = \"verify\""));
+                }
+                if !tls_cas.iter().any(|c: &CaConfig| &c.name == ca) {
+                    return Err(invalid(
+                        format!("{key}.ca"),
+                        format!("{ca:?} is not in tls.ca"),
+                    ));
+                }
+            }
+            let fingerprints =
+                fingerprints(&format!("{key}.fingerprints"), r.fingerprints.as_deref())?;
+            match (tls, fingerprints.is_empty()) {
+                (TlsLevel::Fingerprint, true) => {
+                    return Err(invalid(
+                        format!("{key}.fingerprints"),
+                        "tls = \"fingerprint\" needs at least one pinned SHA-256 fingerprint",
+                    ));
+                }
+                (TlsLevel::Fingerprint, false) | (_, true) => {}
+                (_, false) => {
+                    return Err(invalid(
+                        format!("{key}.fingerprints"),
+                        "only with tls = \"fingerprint\"",
+                    ));
+                }
+            }
+            if matches!(destination, Destination::Maildir(_))
+                && (r.tls.is_some() || r.client_certificate.is_some())
+            {
                 return Err(invalid(
                     format!("{key}.tls"),
-                    "verify and fingerprint are not supported by this firmware yet",
+                    "a maildir route has no TLS settings",
                 ));
             }
             if let Some(cc) = &r.client_certificate
@@ -824,6 +906,7 @@ impl RawConfig {
                 destination,
                 tls,
                 ca: r.ca.clone(),
+                fingerprints,
                 client_certificate: r.client_certificate.clone(),
             });
         }

@@ -10,9 +10,11 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::delivery::Queue;
+use crate::peers::PeerStore;
 use crate::smtpd::Smtpd;
 use crate::spool::Spool;
-use crate::tls::{ServerTls, client_config_unverified};
+use crate::tls::ServerTls;
+use crate::tls_client::ClientTls;
 
 /// How long SIGTERM waits for open SMTP sessions before the process exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -61,11 +63,19 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
     let (spool, recovered) = Spool::open(&state_dir.join("queue"), config.queue.min_free_bytes)?;
     let spool = Arc::new(spool);
     tracing::info!(messages = recovered.len(), "queue recovered");
+    let client_tls = Arc::new(ClientTls::load(&config, tls.as_deref())?);
+    let peers = Arc::new(PeerStore::open(
+        &state_dir,
+        config.tls.max_peers,
+        config.policy_settings(),
+    ));
+    tokio::spawn(peers.clone().run());
     let queue = Queue::new(
         config.clone(),
         spool.clone(),
         recovered,
-        client_config_unverified()?,
+        client_tls,
+        peers.clone(),
         state_dir.clone(),
     );
     tokio::spawn(queue.clone().run());
@@ -137,6 +147,12 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
             sessions = smtpd.active_sessions(),
             "sessions still open after the grace period; closing them"
         );
+    }
+    let store = peers.clone();
+    match tokio::task::spawn_blocking(move || store.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot write the peer table at shutdown"),
+        Err(e) => tracing::error!(error = %e, "peer table writer failed at shutdown"),
     }
     Ok(())
 }

@@ -12,13 +12,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sealgate_proto::client::{
-    ClientError, ClientEvent, ClientParams, ClientSession, StartTlsMode, Transaction,
-};
+use rustls::pki_types::CertificateDer;
+use sealgate_proto::client::{ClientError, ClientEvent, ClientParams, ClientSession, Transaction};
 use sealgate_proto::dsn::{self, Action, DsnParams, RecipientStatus};
 use sealgate_proto::envelope::domain_of;
 use sealgate_proto::policy::{
-    self, AfterEhlo, Attempt, Level, PeerKey, PeerRecord, Plan, RouteFacts, Settings,
+    AfterEhlo, AfterFailure, AfterHandshake, Attempt, Handshake, HandshakeFailure, Level, PeerKey,
+    Plan, RouteFacts,
 };
 use sealgate_proto::server::EtrnResult;
 use sealgate_proto::{BodyType, Envelope, Reply};
@@ -27,12 +27,14 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsConnector;
 
-use crate::config::{Config, Destination, Route, TlsLevel};
+use crate::config::{Config, Destination, Route};
 use crate::conn::Conn;
 use crate::dns::{Dns, DnsFailure};
 use crate::maildir::Maildirs;
+use crate::peers::PeerStore;
 use crate::spool::{QueuedMessage, RcptStatus, Spool, unix_now};
-use crate::tls::{suite_name, version_name};
+use crate::tls::{subject_of, suite_name, version_name};
+use crate::tls_client::{CertCheck, ClientTls};
 
 /// Idle connections kept per next hop, and for how long.
 const POOL_PER_HOP: usize = 8;
@@ -48,18 +50,8 @@ enum Outcome {
     Deferred(String),
 }
 
-/// Parked connections are keyed by peer address and the STARTTLS mode they were opened with
-/// (0 never, 1 if offered, 2 required), so a plaintext connection never serves a TLS-only
-/// route.
-type PoolKey = (SocketAddr, u8);
-
-fn mode_key(m: StartTlsMode) -> u8 {
-    match m {
-        StartTlsMode::Never => 0,
-        StartTlsMode::IfOffered => 1,
-        StartTlsMode::Required => 2,
-    }
-}
+/// A parked connection's key: the address and [`pool_tag`].
+type PoolKey = (SocketAddr, String);
 
 #[derive(Debug, Default)]
 struct QueueState {
@@ -77,7 +69,8 @@ pub struct Queue {
     wake: Notify,
     dns: Option<Dns>,
     pool: Mutex<HashMap<PoolKey, Vec<(Instant, ClientConn)>>>,
-    tls_client: Arc<rustls::ClientConfig>,
+    tls: Arc<ClientTls>,
+    peers: Arc<PeerStore>,
     slots: Arc<Semaphore>,
     /// Relative Maildir paths are taken from here.
     state_dir: PathBuf,
@@ -89,7 +82,8 @@ impl Queue {
         config: Arc<Config>,
         spool: Arc<Spool>,
         recovered: Vec<QueuedMessage>,
-        tls_client: Arc<rustls::ClientConfig>,
+        tls: Arc<ClientTls>,
+        peers: Arc<PeerStore>,
         state_dir: PathBuf,
     ) -> Arc<Queue> {
         let dns = match Dns::new(&config.dns_resolvers) {
@@ -112,7 +106,8 @@ impl Queue {
             wake: Notify::new(),
             dns,
             pool: Mutex::new(HashMap::new()),
-            tls_client,
+            tls,
+            peers,
             state_dir,
             maildirs: Maildirs::default(),
         })
@@ -469,10 +464,22 @@ impl Queue {
         addr: SocketAddr,
         idx: &[usize],
     ) -> Result<Vec<(usize, Outcome)>, String> {
-        let attempt = self.tls_plan(route, host, addr)?;
-        let want_tls = mode_key(attempt.starttls());
+        let key = PeerKey::new(addr.ip(), host);
+        let facts = RouteFacts {
+            level: route.tls,
+            forced: self.config.is_forced_tls(addr.ip()),
+            pins: route.fingerprints.clone(),
+        };
+        let attempt = match self.peers.plan(&facts, &key, unix_now()).action {
+            Plan::Connect(a) => a,
+            Plan::Defer(d) => {
+                tracing::info!(queue_id = %msg.id, peer = %addr, host, policy = %d, "delivery deferred by the TLS policy");
+                return Err(d.to_string());
+            }
+        };
+        let tag = pool_tag(route, &attempt);
         let pooled = self.pool.lock().ok().and_then(|mut p| {
-            let v = p.get_mut(&(addr, want_tls))?;
+            let v = p.get_mut(&(addr, tag.clone()))?;
             while let Some((t, c)) = v.pop() {
                 if t.elapsed() < POOL_IDLE {
                     return Some(c);
@@ -483,17 +490,13 @@ impl Queue {
         if let Some(conn) = pooled {
             // A parked connection may have been closed by the server meanwhile; `Err` means
             // nothing was sent, so a fresh connection is safe.
-            match self
-                .transact(conn, msg, body, host, addr, want_tls, idx)
-                .await
-            {
+            match self.transact(conn, msg, body, host, addr, &tag, idx).await {
                 Ok(v) => return Ok(v),
                 Err(e) => tracing::debug!(peer = %addr, error = %e, "reused connection failed"),
             }
         }
-        let conn = self.connect(&attempt, host, addr).await?;
-        self.transact(conn, msg, body, host, addr, want_tls, idx)
-            .await
+        let conn = self.connect(route, attempt, host, addr).await?;
+        self.transact(conn, msg, body, host, addr, &tag, idx).await
     }
 
     /// Runs one transaction on a ready connection and parks it afterwards.
@@ -505,7 +508,7 @@ impl Queue {
         body: &[u8],
         host: &str,
         addr: SocketAddr,
-        want_tls: u8,
+        tag: &str,
         idx: &[usize],
     ) -> Result<Vec<(usize, Outcome)>, String> {
         let rcpts: Vec<String> = idx
@@ -521,20 +524,15 @@ impl Queue {
         };
         if let Err(e) = conn.session.send_transaction(tx, Instant::now()) {
             let o = match e {
-                sealgate_proto::client::ClientError::TooLarge(_) => {
-                    Outcome::Failed(format!("552 5.3.4 {e}"))
-                }
-                sealgate_proto::client::ClientError::NoSmtpUtf8 => {
-                    Outcome::Failed(format!("550 5.6.7 {e}"))
-                }
+                ClientError::TooLarge(_) => Outcome::Failed(format!("552 5.3.4 {e}")),
+                ClientError::NoSmtpUtf8 => Outcome::Failed(format!("550 5.6.7 {e}")),
                 other => Outcome::Deferred(format!("4.4.2 {other}")),
             };
             return Ok(idx.iter().map(|&i| (i, o.clone())).collect());
         }
         let mut sent = false;
         loop {
-            let failure: String = match conn.next_event(&self.config, &self.tls_client, host).await
-            {
+            let failure: String = match conn.next_event().await {
                 Ok(ClientEvent::SendBody) => {
                     conn.session.send_body(body, Instant::now());
                     sent = true;
@@ -555,34 +553,34 @@ impl Queue {
                             (i, o)
                         })
                         .collect();
-                    let (tls, cipher) = conn
-                        .tls
-                        .clone()
-                        .unwrap_or_else(|| ("none".into(), "none".into()));
+                    let tls = conn.tls.as_ref();
                     tracing::info!(
                         queue_id = %msg.id,
                         peer = %addr,
                         host,
-                        tls = %tls,
-                        cipher = %cipher,
+                        tls = %tls.map_or("none", |t| t.version.as_str()),
+                        cipher = %tls.map_or("none", |t| t.cipher.as_str()),
+                        level = %conn.level,
+                        cert = %tls.map_or("-", |t| t.check.name()),
+                        peer_cert = %tls.map_or("-", |t| t.fingerprint.as_str()),
                         rcpts = idx.len(),
                         accepted = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Delivered(_))).count(),
                         result = %data.as_ref().or(mail.as_ref()).map(Reply::one_line).unwrap_or_else(|| "no recipient accepted".into()),
                         "delivery attempt"
                     );
                     // Reuse: the session is Ready again; park it.
-                    if let Ok(ClientEvent::Ready(_)) =
-                        conn.next_event(&self.config, &self.tls_client, host).await
+                    if let Ok(ClientEvent::Ready(_)) = conn.next_event().await
                         && let Ok(mut p) = self.pool.lock()
                     {
-                        let v = p.entry((addr, want_tls)).or_default();
+                        let v = p.entry((addr, tag.to_string())).or_default();
                         if v.len() < POOL_PER_HOP {
                             v.push((Instant::now(), conn));
                         }
                     }
                     return Ok(outcomes);
                 }
-                Ok(ClientEvent::Ready(_)) | Ok(ClientEvent::StartTls) => continue,
+                Ok(ClientEvent::Ready(_)) => continue,
+                Ok(ClientEvent::StartTls) => "unexpected STARTTLS state".into(),
                 Ok(ClientEvent::Failed(e)) => e.to_string(),
                 Ok(ClientEvent::Closed) => "connection closed".into(),
                 Err(e) => e,
@@ -608,75 +606,155 @@ impl Queue {
         }
     }
 
-    /// The outbound TLS policy for this hop: the route's level, raised to `encrypt` for
-    /// addresses on the forced list (`tls.force`). The peer memory of the policy engine (fallback,
-    /// downgrade protection) is not persisted yet, so every attempt starts from a blank record.
-    fn tls_plan(&self, route: &Route, host: &str, addr: SocketAddr) -> Result<Attempt, String> {
-        let level = match route.tls {
-            TlsLevel::None => Level::None,
-            TlsLevel::May => Level::May,
-            TlsLevel::Encrypt => Level::Encrypt,
-            TlsLevel::Verify => Level::Verify,
-            TlsLevel::Fingerprint => Level::Fingerprint,
-        };
-        let facts = RouteFacts::new(level, self.config.is_forced_tls(addr.ip()));
-        let key = PeerKey::new(addr.ip(), host);
-        match policy::plan(
-            &facts,
-            &key,
-            &PeerRecord::default(),
-            unix_now(),
-            &Settings::default(),
-        )
-        .action
-        {
-            Plan::Connect(a) => Ok(a),
-            Plan::Defer(d) => Err(d.to_string()),
-        }
-    }
-
+    /// Opens a session to `addr` as the policy engine says, and consults it at each step: after
+    /// EHLO (STARTTLS offered or not), after a failed handshake (one plaintext reconnect for
+    /// `may`, else defer) and after a completed one (the certificate as the level demands).
+    /// Every step's effects go to the peer table. `Ok` is a session ready for mail.
     async fn connect(
         &self,
-        attempt: &Attempt,
+        route: &Route,
+        mut attempt: Attempt,
         host: &str,
         addr: SocketAddr,
     ) -> Result<ClientConn, String> {
-        let tcp = tokio::time::timeout(self.config.queue.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| format!("4.4.1 connect to {addr} timed out"))?
-            .map_err(|e| format!("4.4.1 connect to {addr}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let starttls = attempt.starttls();
-        let params = ClientParams {
-            helo: self.config.hostname.clone(),
-            starttls,
-            ..Default::default()
-        };
-        let mut conn = ClientConn {
-            conn: Conn::Plain(tcp),
-            session: ClientSession::new(params, Instant::now()),
-            buf: vec![0; 8192],
-            tls: None,
-        };
+        let key = attempt.peer().clone();
+        let mut reconnected = false;
         loop {
-            match conn
-                .next_event(&self.config, &self.tls_client, host)
-                .await?
-            {
-                ClientEvent::Ready(_) => return Ok(conn),
-                ClientEvent::StartTls => continue,
+            let mut conn = self.open(addr, &attempt).await?;
+            let event = conn
+                .next_event()
+                .await
+                .map_err(|e| format!("4.4.2 {addr}: {e}"))?;
+            let now = unix_now();
+            match event {
+                ClientEvent::StartTls => {
+                    let d = attempt.after_ehlo(true, now);
+                    self.peers.apply(&key, now, &d);
+                    let config = self.tls.config(route.client_certificate.as_deref());
+                    let timeout = self.config.tls.handshake_timeout;
+                    match conn.handshake(config, host, timeout).await {
+                        Ok(done) => {
+                            let (cert, detail) = self.tls.facts(
+                                attempt.level(),
+                                route.ca.as_deref(),
+                                host,
+                                &done.chain,
+                            );
+                            let hs = Handshake {
+                                version: done.version.clone(),
+                                cipher: done.cipher.clone(),
+                                cert,
+                            };
+                            let now = unix_now();
+                            let d = attempt.after_handshake(&hs, now);
+                            self.peers.apply(&key, now, &d);
+                            if let AfterHandshake::Defer(d) = d.action {
+                                let detail = detail.map(|x| format!(" [{x}]")).unwrap_or_default();
+                                tracing::warn!(peer = %addr, host, policy = %d, detail = %detail, "TLS peer rejected");
+                                return Err(format!("{d}{detail}"));
+                            }
+                            tracing::debug!(
+                                peer = %addr,
+                                host,
+                                tls = %done.version,
+                                resumed = done.resumed,
+                                subject = %done.chain.first().and_then(|c| subject_of(c)).unwrap_or_default(),
+                                policy = attempt.reason(),
+                                "TLS established"
+                            );
+                            conn.tls = Some(TlsInfo {
+                                version: done.version,
+                                cipher: done.cipher,
+                                fingerprint: hs.cert.fingerprint_sha256,
+                                check: CertCheck::of(attempt.level()),
+                            });
+                            conn.session.tls_established(Instant::now());
+                            return match conn.next_event().await {
+                                Ok(ClientEvent::Ready(_)) => Ok(conn),
+                                Ok(ClientEvent::Failed(e)) => Err(format!("4.4.2 {addr}: {e}")),
+                                Ok(other) => Err(format!("4.4.2 {addr}: unexpected {other:?}")),
+                                Err(e) => Err(format!("4.4.2 {addr}: {e}")),
+                            };
+                        }
+                        Err(failure) => {
+                            let now = unix_now();
+                            let d = attempt.after_handshake_failure(&failure, now);
+                            self.peers.apply(&key, now, &d);
+                            match d.action {
+                                AfterFailure::ReconnectPlaintext {
+                                    reason,
+                                    attempt: plain,
+                                } if !reconnected => {
+                                    tracing::warn!(peer = %addr, host, policy = %reason, "TLS fallback");
+                                    attempt = plain;
+                                    reconnected = true;
+                                    continue;
+                                }
+                                AfterFailure::ReconnectPlaintext { reason, .. } => {
+                                    return Err(format!("4.7.5 {addr}: {reason}"));
+                                }
+                                AfterFailure::Defer(d) => {
+                                    tracing::warn!(peer = %addr, host, policy = %d, "TLS handshake failed");
+                                    return Err(d.to_string());
+                                }
+                            }
+                        }
+                    }
+                }
+                ClientEvent::Ready(caps) => {
+                    let d = attempt.after_ehlo(caps.starttls, now);
+                    self.peers.apply(&key, now, &d);
+                    return match d.action {
+                        AfterEhlo::Plaintext(reason) => {
+                            tracing::info!(peer = %addr, host, policy = %reason, "plaintext session");
+                            Ok(conn)
+                        }
+                        AfterEhlo::Defer(d) => Err(d.to_string()),
+                        AfterEhlo::UseTls => Err(format!(
+                            "4.4.2 {addr}: the session went on without the STARTTLS the policy asked for"
+                        )),
+                    };
+                }
                 ClientEvent::Failed(ClientError::TlsNotOffered) => {
-                    // Say why TLS was required (route level or forced list), for the queue
-                    // entry and the DSN.
-                    return Err(match attempt.after_ehlo(false, unix_now()).action {
-                        AfterEhlo::Defer(d) => d.to_string(),
+                    let d = attempt.after_ehlo(false, now);
+                    self.peers.apply(&key, now, &d);
+                    return Err(match d.action {
+                        AfterEhlo::Defer(d) => {
+                            tracing::warn!(peer = %addr, host, policy = %d, "STARTTLS missing");
+                            d.to_string()
+                        }
                         _ => format!("4.7.4 {addr}: the server did not offer STARTTLS"),
                     });
+                }
+                ClientEvent::Failed(e @ ClientError::ResponseInjection) => {
+                    tracing::warn!(peer = %addr, host, error = %e, "STARTTLS response injection; session aborted");
+                    return Err(format!("4.7.0 {addr}: {e}"));
                 }
                 ClientEvent::Failed(e) => return Err(format!("4.4.2 {addr}: {e}")),
                 other => return Err(format!("4.4.2 {addr}: unexpected {other:?}")),
             }
         }
+    }
+
+    /// A TCP connection and a fresh session machine in the attempt's STARTTLS mode.
+    async fn open(&self, addr: SocketAddr, attempt: &Attempt) -> Result<ClientConn, String> {
+        let tcp = tokio::time::timeout(self.config.queue.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("4.4.1 connect to {addr} timed out"))?
+            .map_err(|e| format!("4.4.1 connect to {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let params = ClientParams {
+            helo: self.config.hostname.clone(),
+            starttls: attempt.starttls(),
+            ..Default::default()
+        };
+        Ok(ClientConn {
+            conn: Conn::Plain(tcp),
+            session: ClientSession::new(params, Instant::now()),
+            buf: vec![0; 8192],
+            tls: None,
+            level: attempt.level(),
+        })
     }
 
     async fn deliver_maildir(
@@ -743,24 +821,39 @@ struct ClientConn {
     conn: Conn,
     session: ClientSession,
     buf: Vec<u8>,
-    tls: Option<(String, String)>,
+    tls: Option<TlsInfo>,
+    /// The effective TLS level it was opened under.
+    level: Level,
+}
+
+/// The TLS session of a connection, for logs.
+#[derive(Debug)]
+struct TlsInfo {
+    version: String,
+    cipher: String,
+    /// SHA-256 of the peer's certificate, hex.
+    fingerprint: String,
+    check: CertCheck,
+}
+
+/// A completed client handshake.
+struct Handshaken {
+    version: String,
+    cipher: String,
+    chain: Vec<CertificateDer<'static>>,
+    resumed: bool,
 }
 
 impl ClientConn {
     fn tls_desc(&self) -> String {
         match &self.tls {
-            Some((v, c)) => format!("{v} {c}"),
+            Some(t) => format!("{} {}", t.version, t.cipher),
             None => "plaintext".into(),
         }
     }
 
-    /// Drives I/O until the machine has an event; performs STARTTLS handshakes itself.
-    async fn next_event(
-        &mut self,
-        config: &Config,
-        tls: &Arc<rustls::ClientConfig>,
-        host: &str,
-    ) -> Result<ClientEvent, String> {
+    /// Drives I/O until the machine has an event.
+    async fn next_event(&mut self) -> Result<ClientEvent, String> {
         loop {
             let out = self.session.take_output();
             if !out.is_empty() {
@@ -768,9 +861,6 @@ impl ClientConn {
                 self.conn.flush().await.map_err(|e| e.to_string())?;
             }
             if let Some(ev) = self.session.poll_event() {
-                if ev == ClientEvent::StartTls {
-                    self.starttls(config, tls, host).await?;
-                }
                 return Ok(ev);
             }
             let read = match self.session.deadline() {
@@ -796,32 +886,50 @@ impl ClientConn {
         }
     }
 
-    async fn starttls(
+    /// The TLS handshake after the server's `220` to STARTTLS, bounded by `timeout`.
+    async fn handshake(
         &mut self,
-        config: &Config,
-        tls: &Arc<rustls::ClientConfig>,
+        config: Arc<rustls::ClientConfig>,
         host: &str,
-    ) -> Result<(), String> {
-        let tcp = self
-            .conn
-            .take_plain()
-            .ok_or("STARTTLS on a TLS connection")?;
+        timeout: Duration,
+    ) -> Result<Handshaken, HandshakeFailure> {
+        let tcp = self.conn.take_plain().ok_or_else(|| {
+            HandshakeFailure::Failed("STARTTLS on a connection that is not plaintext".into())
+        })?;
         let name = rustls::pki_types::ServerName::try_from(host.to_string())
-            .map_err(|e| format!("bad server name {host}: {e}"))?;
-        let connector = TlsConnector::from(tls.clone());
-        let s = tokio::time::timeout(config.tls.handshake_timeout, connector.connect(name, tcp))
+            .map_err(|e| HandshakeFailure::Failed(format!("bad server name {host}: {e}")))?;
+        let s = tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, tcp))
             .await
-            .map_err(|_| "TLS handshake timed out".to_string())?
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            .map_err(|_| HandshakeFailure::Timeout)?
+            .map_err(|e| HandshakeFailure::Failed(e.to_string()))?;
         let (_, cc) = s.get_ref();
-        self.tls = Some((
-            version_name(cc.protocol_version()),
-            suite_name(cc.negotiated_cipher_suite()),
-        ));
+        let done = Handshaken {
+            version: version_name(cc.protocol_version()),
+            cipher: suite_name(cc.negotiated_cipher_suite()),
+            chain: cc
+                .peer_certificates()
+                .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+                .unwrap_or_default(),
+            resumed: cc.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        };
         self.conn = Conn::ClientTls(Box::new(s));
-        self.session.tls_established(Instant::now());
-        Ok(())
+        Ok(done)
     }
+}
+
+/// Parked connections are keyed by address and everything their TLS state was judged under:
+/// peer name, STARTTLS mode, level, CA, pins and client certificate — so a plaintext or
+/// unverified connection never serves a route that asks for more.
+fn pool_tag(route: &Route, attempt: &Attempt) -> String {
+    format!(
+        "{}|{:?}|{}|{:?}|{:?}|{:?}",
+        attempt.peer().name,
+        attempt.starttls(),
+        attempt.level(),
+        route.ca,
+        route.fingerprints,
+        route.client_certificate,
+    )
 }
 
 #[cfg(test)]

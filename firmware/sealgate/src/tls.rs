@@ -22,10 +22,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -56,6 +56,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("tls.ca {name}: {reason}")]
     Ca { name: String, reason: String },
+    #[error("client certificate {name}: {reason}")]
+    ClientCertificate { name: String, reason: String },
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -70,6 +72,8 @@ pub struct ServerTls {
     by_local: HashMap<IpAddr, Arc<ServerConfig>>,
     /// `[[tls.peers]]` in config order, each with a verifier for its CA alone.
     peers: Vec<PeerVerifier>,
+    /// Every loaded certificate by name (routes present them as client certificates).
+    keys: HashMap<String, Arc<CertifiedKey>>,
 }
 
 #[derive(Debug)]
@@ -272,6 +276,7 @@ impl ServerTls {
             default: build(default_key)?,
             by_local,
             peers,
+            keys,
         }))
     }
 
@@ -297,6 +302,11 @@ impl ServerTls {
             ),
             Err(e) => ClientCheck::Rejected(format!("not valid for tls.ca {}: {e}", peer.ca)),
         }
+    }
+
+    /// The certificate and key loaded under `name` (`[[tls.certificates]]`).
+    pub fn certified_key(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.keys.get(name).cloned()
     }
 
     /// The configuration for a connection that arrived on `local`.
@@ -378,35 +388,13 @@ fn generate_self_signed(name: &str, host: &str, cert: &Path, key: &Path) -> Resu
     Ok(())
 }
 
-/// The delivery client's TLS configuration for levels that do not check the certificate
-/// (`may`, `encrypt`): the handshake is still authenticated by the peer's key, the identity is
-/// only recorded. Per-peer session resumption via rustls' client session cache.
-pub fn client_config_unverified() -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let provider = provider();
-    let mut cc = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(RecordOnlyVerifier {
-            signatures: HandshakeSignatures(provider),
-        }))
-        .with_no_client_auth();
-    cc.resumption = rustls::client::Resumption::in_memory_sessions(1024);
-    Ok(Arc::new(cc))
-}
-
-/// Accepts any certificate (opportunistic TLS) but still checks the handshake signatures.
-#[derive(Debug)]
-struct RecordOnlyVerifier {
-    signatures: HandshakeSignatures,
-}
-
 /// The handshake signature checks every verifier of ours keeps, whatever it decides about the
 /// certificate itself: the peer must prove possession of the certificate's key.
 #[derive(Debug)]
-struct HandshakeSignatures(Arc<CryptoProvider>);
+pub(crate) struct HandshakeSignatures(pub(crate) Arc<CryptoProvider>);
 
 impl HandshakeSignatures {
-    fn tls12(
+    pub(crate) fn tls12(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
@@ -420,7 +408,7 @@ impl HandshakeSignatures {
         )
     }
 
-    fn tls13(
+    pub(crate) fn tls13(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
@@ -434,48 +422,13 @@ impl HandshakeSignatures {
         )
     }
 
-    fn schemes(&self) -> Vec<SignatureScheme> {
+    pub(crate) fn schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
-impl ServerCertVerifier for RecordOnlyVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.signatures.schemes()
-    }
-}
-
 /// One DER TLV: (tag, content, rest). Lengths up to 4 octets.
-fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(crate) fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
     let (&first, rest) = rest.split_first()?;
     let (len, rest) = if first < 0x80 {

@@ -1,0 +1,567 @@
+//! The peer table (F-PEERS) on disk and in the running daemon: `STATE/peers.json`, replaced
+//! atomically (temp file, `fsync`, `rename`, directory `fsync`), written at most once a second
+//! after a change and at shutdown; admin resets arrive as request files in
+//! `STATE/peers-reset/`, so `sealctl peers reset` works whether the daemon runs or not.
+//!
+//! The file format is JSON with a format number (`{"format": 1, "peers": [...]}`), the same
+//! shape `sealctl peers list --json` prints; it is the box's memory of which peers did TLS, so
+//! a file that does not parse is moved aside (`peers.json.bad`, logged loudly) rather than
+//! trusted or silently overwritten.
+//!
+//! Architecture invariant: only the holder of the state directory's lock writes `peers.json`
+//! (the daemon, or `sealctl` while no daemon runs); everyone else asks by reset request.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sealgate_proto::policy::{
+    self, Counts, Decision, PeerKey, PeerMatch, PeerRecord, PeerTable, Plan, RouteFacts, Settings,
+    TlsSuccess,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::spool::unix_now;
+
+/// The table's file in the state directory.
+pub const FILE: &str = "peers.json";
+/// Directory of pending admin reset requests.
+pub const RESET_DIR: &str = "peers-reset";
+/// The file format written here.
+pub const FORMAT: u32 = 1;
+/// Largest table file read (10 000 peers take about 4 MiB).
+const MAX_FILE: u64 = 64 << 20;
+/// Largest reset request, and most requests taken per round.
+const MAX_REQUEST: u64 = 1024;
+const MAX_REQUESTS: usize = 256;
+/// How often the daemon applies resets, expires marks and writes a changed table.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeersError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path}: not a peer table: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("{path}: cannot write: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+/// The file: format number and records in key order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFile {
+    pub format: u32,
+    pub peers: Vec<PeerEntry>,
+}
+
+/// One peer as stored and as `sealctl peers list --json` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    pub ip: IpAddr,
+    pub name: String,
+    pub starttls_offered: Option<bool>,
+    pub last_tls: Option<TlsEntry>,
+    pub tls_broken_until: Option<u64>,
+    pub downgrade_flagged: Option<FlagEntry>,
+    pub counts: CountsEntry,
+    pub last_seen: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsEntry {
+    pub at: u64,
+    pub version: String,
+    pub cipher: String,
+    pub fingerprint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagEntry {
+    pub at: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountsEntry {
+    pub tls: u64,
+    pub plaintext: u64,
+    pub failures: u64,
+    pub deferred: u64,
+}
+
+impl PeerEntry {
+    pub fn of(key: &PeerKey, r: &PeerRecord) -> Self {
+        PeerEntry {
+            ip: key.ip,
+            name: key.name.clone(),
+            starttls_offered: r.starttls_offered,
+            last_tls: r.last_tls.as_ref().map(|t| TlsEntry {
+                at: t.at,
+                version: t.version.clone(),
+                cipher: t.cipher.clone(),
+                fingerprint: t.fingerprint.clone(),
+            }),
+            tls_broken_until: r.tls_broken_until,
+            downgrade_flagged: r.downgrade_flagged.as_ref().map(|(at, reason)| FlagEntry {
+                at: *at,
+                reason: reason.clone(),
+            }),
+            counts: CountsEntry {
+                tls: r.counts.tls,
+                plaintext: r.counts.plaintext,
+                failures: r.counts.failures,
+                deferred: r.counts.deferred,
+            },
+            last_seen: r.last_seen,
+        }
+    }
+
+    pub fn into_record(self) -> (PeerKey, PeerRecord) {
+        let record = PeerRecord {
+            starttls_offered: self.starttls_offered,
+            last_tls: self.last_tls.map(|t| TlsSuccess {
+                at: t.at,
+                version: t.version,
+                cipher: t.cipher,
+                fingerprint: t.fingerprint,
+            }),
+            tls_broken_until: self.tls_broken_until,
+            downgrade_flagged: self.downgrade_flagged.map(|f| (f.at, f.reason)),
+            counts: Counts {
+                tls: self.counts.tls,
+                plaintext: self.counts.plaintext,
+                failures: self.counts.failures,
+                deferred: self.counts.deferred,
+            },
+            last_seen: self.last_seen,
+        };
+        (PeerKey::new(self.ip, self.name), record)
+    }
+}
+
+/// The table as its file.
+pub fn to_file(table: &PeerTable) -> PeerFile {
+    PeerFile {
+        format: FORMAT,
+        peers: table.iter().map(|(k, r)| PeerEntry::of(k, r)).collect(),
+    }
+}
+
+/// Reads `STATE/peers.json` into a table of at most `max` peers; no file is an empty table.
+pub fn load(state_dir: &Path, max: usize) -> Result<PeerTable, PeersError> {
+    let path = state_dir.join(FILE);
+    let mut table = PeerTable::new(max);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(table),
+        Err(source) => return Err(PeersError::Read { path, source }),
+    };
+    let mut text = Vec::new();
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut text)
+        .map_err(|source| PeersError::Read {
+            path: path.clone(),
+            source,
+        })?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(PeersError::Parse {
+            path,
+            reason: format!("larger than {MAX_FILE} bytes"),
+        });
+    }
+    let parsed: PeerFile = serde_json::from_slice(&text).map_err(|e| PeersError::Parse {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if parsed.format != FORMAT {
+        return Err(PeersError::Parse {
+            path,
+            reason: format!("format {} (this firmware reads {FORMAT})", parsed.format),
+        });
+    }
+    for entry in parsed.peers {
+        let (key, record) = entry.into_record();
+        table.insert(key, record);
+    }
+    Ok(table)
+}
+
+/// Replaces `STATE/peers.json` atomically with `table`.
+pub fn save(state_dir: &Path, table: &PeerTable) -> Result<(), PeersError> {
+    let path = state_dir.join(FILE);
+    let tmp = state_dir.join(format!("{FILE}.tmp"));
+    let werr = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| PeersError::Write { path: p, source }
+    };
+    let text = serde_json::to_vec_pretty(&to_file(table))
+        .map_err(|e| io::Error::other(e.to_string()))
+        .map_err(werr(&path))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(werr(&tmp))?;
+    f.write_all(&text).map_err(werr(&tmp))?;
+    f.sync_all().map_err(werr(&tmp))?;
+    drop(f);
+    fs::rename(&tmp, &path).map_err(werr(&path))?;
+    File::open(state_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(werr(state_dir))
+}
+
+/// Asks for an admin reset of `peer` (an IP or a host name): a request file, created under a
+/// temporary name and renamed, so a reader never sees half of one.
+pub fn request_reset(state_dir: &Path, peer: &str) -> Result<PathBuf, PeersError> {
+    let dir = state_dir.join(RESET_DIR);
+    let werr = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| PeersError::Write { path: p, source }
+    };
+    fs::create_dir_all(&dir).map_err(werr(&dir))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let name = format!("{nanos}-{}.req", std::process::id());
+    let tmp = dir.join(format!(".{name}"));
+    let path = dir.join(&name);
+    let mut f = File::create(&tmp).map_err(werr(&tmp))?;
+    f.write_all(peer.trim().as_bytes()).map_err(werr(&tmp))?;
+    f.sync_all().map_err(werr(&tmp))?;
+    fs::rename(&tmp, &path).map_err(werr(&path))?;
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(werr(&dir))?;
+    Ok(path)
+}
+
+/// Pending reset requests, oldest first (at most [`MAX_REQUESTS`]); unreadable or oversized
+/// ones are returned with an empty peer so that they are removed too.
+pub fn pending_resets(state_dir: &Path) -> Vec<(PathBuf, String)> {
+    let Ok(rd) = fs::read_dir(state_dir.join(RESET_DIR)) else {
+        return Vec::new();
+    };
+    let mut names: Vec<PathBuf> = rd
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".req") && !n.starts_with('.'))
+        })
+        .collect();
+    names.sort();
+    names.truncate(MAX_REQUESTS);
+    names
+        .into_iter()
+        .map(|p| {
+            let peer = File::open(&p)
+                .and_then(|f| {
+                    let mut s = String::new();
+                    f.take(MAX_REQUEST).read_to_string(&mut s)?;
+                    Ok(s)
+                })
+                .unwrap_or_default();
+            (p, peer.trim().to_string())
+        })
+        .collect()
+}
+
+/// Applies reset requests to `table`; returns (request files to remove, peers reset).
+pub fn apply_resets(table: &mut PeerTable, requests: &[(PathBuf, String)]) -> usize {
+    let mut n = 0;
+    for (path, peer) in requests {
+        if peer.is_empty() {
+            tracing::warn!(request = %path.display(), "ignoring an empty or unreadable peer reset request");
+            continue;
+        }
+        let matched = table.reset(&PeerMatch::parse(peer));
+        tracing::info!(peer = %peer, matched, "peer reset by the admin");
+        n += matched;
+    }
+    n
+}
+
+/// The peer table of the running daemon: the policy engine's decisions are applied here and
+/// written out by [`PeerStore::run`].
+#[derive(Debug)]
+pub struct PeerStore {
+    state_dir: PathBuf,
+    settings: Settings,
+    table: Mutex<PeerTable>,
+    dirty: AtomicBool,
+}
+
+impl PeerStore {
+    /// Loads the table; a file that does not parse is moved aside and the table starts empty.
+    pub fn open(state_dir: &Path, max: usize, settings: Settings) -> PeerStore {
+        let table = match load(state_dir, max) {
+            Ok(t) => t,
+            Err(e) => {
+                let bad = state_dir.join(format!("{FILE}.bad"));
+                let moved = fs::rename(state_dir.join(FILE), &bad).is_ok();
+                tracing::error!(
+                    error = %e,
+                    moved_to = %bad.display(),
+                    moved,
+                    "the peer table is unreadable: starting with an empty one (TLS history, \
+                     broken marks and downgrade flags are lost)"
+                );
+                PeerTable::new(max)
+            }
+        };
+        tracing::info!(peers = table.len(), "peer table loaded");
+        PeerStore {
+            state_dir: state_dir.to_path_buf(),
+            settings,
+            table: Mutex::new(table),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Plans a connection to `key` from its record, recording the plan's effects.
+    pub fn plan(&self, route: &RouteFacts, key: &PeerKey, now: u64) -> Decision<Plan> {
+        let Ok(mut table) = self.table.lock() else {
+            // A poisoned table: plan as for a peer never seen, which never goes below what
+            // the route asks for.
+            return policy::plan(route, key, &PeerRecord::new(), now, &self.settings);
+        };
+        let decision = policy::plan(route, key, table.record(key), now, &self.settings);
+        if !decision.effects.is_empty() {
+            table.apply(key, now, &decision);
+            self.dirty.store(true, Ordering::Release);
+        }
+        decision
+    }
+
+    /// Records a decision's effects for `key`.
+    pub fn apply<A>(&self, key: &PeerKey, now: u64, decision: &Decision<A>) {
+        if let Ok(mut table) = self.table.lock() {
+            table.apply(key, now, decision);
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// A copy of one record (tests, logs).
+    pub fn record(&self, key: &PeerKey) -> Option<PeerRecord> {
+        self.table.lock().ok().and_then(|t| t.get(key).cloned())
+    }
+
+    /// Applies pending resets, expires marks, and writes the table if anything changed.
+    pub fn flush(&self) -> Result<(), PeersError> {
+        let requests = pending_resets(&self.state_dir);
+        let snapshot = {
+            let Ok(mut table) = self.table.lock() else {
+                return Ok(());
+            };
+            if !requests.is_empty() {
+                apply_resets(&mut table, &requests);
+                self.dirty.store(true, Ordering::Release);
+            }
+            if table.expire(unix_now(), &self.settings) > 0 {
+                self.dirty.store(true, Ordering::Release);
+            }
+            if !self.dirty.swap(false, Ordering::AcqRel) {
+                return Ok(());
+            }
+            table.clone()
+        };
+        if let Err(e) = save(&self.state_dir, &snapshot) {
+            self.dirty.store(true, Ordering::Release);
+            return Err(e);
+        }
+        // Requests go only after the table that applied them is on disk: a crash in between
+        // applies them again, which is harmless.
+        for (path, _) in requests {
+            let _ = fs::remove_file(path);
+        }
+        Ok(())
+    }
+
+    /// Flushes every second, forever.
+    pub async fn run(self: Arc<Self>) {
+        let mut t = tokio::time::interval(FLUSH_EVERY);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            t.tick().await;
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot write the peer table"),
+                Err(e) => tracing::error!(error = %e, "peer table writer failed"),
+            }
+        }
+    }
+}
+
+/// The table for people: one line per peer.
+pub fn render(file: &PeerFile, now: u64) -> String {
+    let when = |t: u64| {
+        if t == 0 {
+            "-".to_string()
+        } else if t <= now {
+            format!("{}s ago", now - t)
+        } else {
+            format!("in {}s", t - now)
+        }
+    };
+    let mut out = format!(
+        "{:<40} {:<8} {:<22} {:<14} {:<10} {:>5} {:>5} {:>5} {:>5}  {}\n",
+        "PEER",
+        "STARTTLS",
+        "LAST TLS",
+        "BROKEN UNTIL",
+        "SEEN",
+        "TLS",
+        "PLAIN",
+        "FAIL",
+        "DEFER",
+        "DOWNGRADE FLAG"
+    );
+    for p in &file.peers {
+        let key = PeerKey::new(p.ip, p.name.clone());
+        let offered = match p.starttls_offered {
+            None => "-",
+            Some(true) => "yes",
+            Some(false) => "no",
+        };
+        let last_tls = p
+            .last_tls
+            .as_ref()
+            .map(|t| format!("{} {}", t.version, when(t.at)))
+            .unwrap_or_else(|| "-".into());
+        let broken = p
+            .tls_broken_until
+            .filter(|u| *u > now)
+            .map(when)
+            .unwrap_or_else(|| "-".into());
+        let flag = p
+            .downgrade_flagged
+            .as_ref()
+            .map(|f| format!("{} ({})", when(f.at), f.reason))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<40} {:<8} {:<22} {:<14} {:<10} {:>5} {:>5} {:>5} {:>5}  {}\n",
+            key.to_string(),
+            offered,
+            last_tls,
+            broken,
+            when(p.last_seen),
+            p.counts.tls,
+            p.counts.plaintext,
+            p.counts.failures,
+            p.counts.deferred,
+            flag
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sealgate-peers-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn sample() -> PeerTable {
+        let mut t = PeerTable::new(10);
+        let k = PeerKey::new("127.0.0.2".parse().unwrap(), "mx.b.test");
+        t.update(&k, 100, |r| {
+            r.tls_succeeded(TlsSuccess {
+                at: 90,
+                version: "TLSv1.3".into(),
+                cipher: "TLS13_AES_128_GCM_SHA256".into(),
+                fingerprint: Some("ab".repeat(32)),
+            });
+            r.flag_downgrade(95, "did not offer STARTTLS".into());
+        });
+        let k2 = PeerKey::new("127.0.0.3".parse().unwrap(), "127.0.0.3");
+        t.update(&k2, 120, |r| r.mark_broken(4_000_000_000));
+        t
+    }
+
+    #[test]
+    fn save_and_load_round_trip() {
+        let d = tmpdir("rt");
+        assert!(load(&d, 10).unwrap().is_empty());
+        let t = sample();
+        save(&d, &t).unwrap();
+        let back = load(&d, 10).unwrap();
+        assert_eq!(to_file(&back), to_file(&t));
+        assert!(!d.join(format!("{FILE}.tmp")).exists());
+        let text = render(&to_file(&back), 130);
+        assert!(text.contains("mx.b.test [127.0.0.2]"), "{text}");
+        assert!(text.contains("did not offer STARTTLS"), "{text}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        let d = tmpdir("bad");
+        let cases: [(&[u8], &str); 3] = [
+            (b"{not json", "not a peer table"),
+            (b"{\"format\": 9, \"peers\": []}", "format 9"),
+            (
+                b"{\"format\": 1, \"peers\": [{\"ip\": \"x\"}]}",
+                "not a peer table",
+            ),
+        ];
+        for (text, want) in cases {
+            fs::write(d.join(FILE), text).unwrap();
+            let e = load(&d, 10).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains(FILE), "{e}");
+        }
+        // the daemon moves such a file aside and starts empty
+        let store = PeerStore::open(&d, 10, Settings::default());
+        assert!(
+            store
+                .record(&PeerKey::new("127.0.0.2".parse().unwrap(), "x"))
+                .is_none()
+        );
+        assert!(d.join(format!("{FILE}.bad")).exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn reset_requests_are_applied_saved_and_removed() {
+        let d = tmpdir("reset");
+        save(&d, &sample()).unwrap();
+        let store = PeerStore::open(&d, 10, Settings::default());
+        request_reset(&d, "127.0.0.2").unwrap();
+        request_reset(&d, "nobody.test").unwrap();
+        assert_eq!(pending_resets(&d).len(), 2);
+        store.flush().unwrap();
+        assert!(pending_resets(&d).is_empty());
+        let t = load(&d, 10).unwrap();
+        let k = PeerKey::new("127.0.0.2".parse().unwrap(), "mx.b.test");
+        let r = t.get(&k).unwrap();
+        assert_eq!(r.downgrade_flagged, None);
+        assert_eq!(r.last_tls, None);
+        // the other peer is untouched
+        let k2 = PeerKey::new("127.0.0.3".parse().unwrap(), "127.0.0.3");
+        assert_eq!(t.get(&k2).unwrap().tls_broken_until, Some(4_000_000_000));
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
