@@ -1,8 +1,9 @@
-//! sealctl: Sealgate's host CLI (benchmarks now; config signing, keys and
-//! images later). `main` only parses arguments and runs the subcommand.
+//! sealctl: Sealgate's host CLI (benchmarks and a box's peer table now; config signing, keys
+//! and images later). `main` only parses arguments and runs the subcommand.
 
 mod client;
 mod message;
+mod peers;
 mod reply;
 mod sink;
 mod stats;
@@ -33,6 +34,9 @@ enum Command {
     /// Benchmarks: an SMTP load generator and a reference sink
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The peer table of a box's state directory: list, reset
+    #[command(subcommand)]
+    Peers(peers::PeersCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +176,10 @@ fn recipients(to: &str, count: u64) -> Vec<String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cli = match cli.command {
+        Command::Peers(cmd) => return peers::run(cmd),
+        other => Cli { command: other },
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -185,6 +193,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Bench(BenchCommand::Smtp(args)) => runtime.block_on(bench_smtp(args)),
         Command::Bench(BenchCommand::Sink(args)) => runtime.block_on(bench_sink(args)),
+        Command::Peers(cmd) => peers::run(cmd),
     }
 }
 
