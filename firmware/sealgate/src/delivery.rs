@@ -295,7 +295,8 @@ impl Queue {
                         .clone()
                         .unwrap_or_else(|| "no attempt succeeded".into());
                     r.status = RcptStatus::Failed(format!(
-                        "4.4.7 gave up after {} attempts over the maximum queue time; last error: {why}",
+                        "{} gave up after {} attempts over the maximum queue time; last error: {why}",
+                        expiry_status(&why),
                         msg.attempts
                     ));
                 }
@@ -805,6 +806,16 @@ fn reply_outcome(r: &Reply, peer: &str) -> Outcome {
     }
 }
 
+/// The permanent status of a recipient given up at `max_queue_time`: the last transient error's
+/// class made permanent (`4.7.4` TLS required but not offered → `5.7.4`), so the DSN says what
+/// kept the message, else `5.4.7` (delivery time expired).
+fn expiry_status(last_error: &str) -> String {
+    match status_of(last_error).and_then(|s| s.strip_prefix("4.")) {
+        Some(rest) => format!("5.{rest}"),
+        None => "5.4.7".into(),
+    }
+}
+
 /// The enhanced status code inside a stored reason text (`550 5.1.1 …` → `5.1.1`).
 fn status_of(text: &str) -> Option<&str> {
     text.split_whitespace().take(2).find(|w| {
@@ -935,6 +946,20 @@ fn pool_tag(route: &Route, attempt: &Attempt) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expiry_keeps_the_class_of_the_last_error() {
+        let cases = [
+            ("4.7.4 TLS required by policy for 127.0.0.3", "5.7.4"),
+            ("4.7.5 TLS with 127.0.0.3 rejected", "5.7.5"),
+            ("451 4.3.0 try later (from x)", "5.3.0"),
+            ("connection refused", "5.4.7"),
+            ("no attempt succeeded", "5.4.7"),
+        ];
+        for (last, want) in cases {
+            assert_eq!(expiry_status(last), want, "{last}");
+        }
+    }
 
     #[test]
     fn status_codes_in_reasons() {
