@@ -564,6 +564,8 @@ impl Queue {
                         level = %conn.level,
                         cert = %tls.map_or("-", |t| t.check.name()),
                         peer_cert = %tls.map_or("-", |t| t.fingerprint.as_str()),
+                        subject = ?tls.map_or("-", |t| t.subject.as_str()),
+                        resumed = tls.is_some_and(|t| t.resumed),
                         rcpts = idx.len(),
                         accepted = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Delivered(_))).count(),
                         result = %data.as_ref().or(mail.as_ref()).map(Reply::one_line).unwrap_or_else(|| "no recipient accepted".into()),
@@ -654,20 +656,18 @@ impl Queue {
                                 tracing::warn!(peer = %addr, host, policy = %d, detail = %detail, "TLS peer rejected");
                                 return Err(format!("{d}{detail}"));
                             }
-                            tracing::debug!(
-                                peer = %addr,
-                                host,
-                                tls = %done.version,
-                                resumed = done.resumed,
-                                subject = %done.chain.first().and_then(|c| subject_of(c)).unwrap_or_default(),
-                                policy = attempt.reason(),
-                                "TLS established"
-                            );
+                            tracing::debug!(peer = %addr, host, policy = attempt.reason(), "TLS established");
                             conn.tls = Some(TlsInfo {
+                                subject: done
+                                    .chain
+                                    .first()
+                                    .and_then(|c| subject_of(c))
+                                    .unwrap_or_default(),
                                 version: done.version,
                                 cipher: done.cipher,
                                 fingerprint: hs.cert.fingerprint_sha256,
                                 check: CertCheck::of(attempt.level()),
+                                resumed: done.resumed,
                             });
                             conn.session.tls_established(Instant::now());
                             return match conn.next_event().await {
@@ -844,7 +844,10 @@ struct TlsInfo {
     cipher: String,
     /// SHA-256 of the peer's certificate, hex.
     fingerprint: String,
+    /// Its subject, `CN=…, O=…`.
+    subject: String,
     check: CertCheck,
+    resumed: bool,
 }
 
 /// A completed client handshake.
