@@ -440,7 +440,11 @@ impl ClientSession {
         self.caps = Some(caps);
         match self.params.starttls {
             _ if self.tls => self.ready(),
-            StartTlsMode::Required if !offered => self.fail(ClientError::TlsNotOffered),
+            StartTlsMode::Required if !offered => {
+                // Say goodbye politely; the caller defers without waiting for the reply.
+                self.command("QUIT", now);
+                self.fail(ClientError::TlsNotOffered);
+            }
             StartTlsMode::Required | StartTlsMode::IfOffered if offered => {
                 self.command("STARTTLS", now);
                 self.state = State::StartTls;
@@ -740,6 +744,7 @@ mod tests {
                     C("HELO gw.test\r\n"),
                     S("250 mx.test\r\n"),
                     fail(ClientError::TlsNotOffered),
+                    C("QUIT\r\n"),
                 ],
                 true,
             ),
@@ -777,6 +782,7 @@ mod tests {
                     vec![
                         S("250-mx.test\r\n250 PIPELINING\r\n"),
                         fail(ClientError::TlsNotOffered),
+                        C("QUIT\r\n"),
                     ],
                 ),
                 true,

@@ -992,7 +992,7 @@ mod tests {
         TlsSuccess {
             at,
             version: "TLSv1.3".into(),
-            cipher: "TLS13_AES_256_GCM_SHA384".into(),
+            cipher: "TLS_AES_256_GCM_SHA384".into(),
             fingerprint: Some("aabbcc01".into()),
         }
     }
@@ -1086,7 +1086,7 @@ mod tests {
             Obs::Cert(c) => {
                 let hs = Handshake {
                     version: "TLSv1.3".into(),
-                    cipher: "TLS13_AES_256_GCM_SHA384".into(),
+                    cipher: "TLS_AES_256_GCM_SHA384".into(),
                     cert: c.clone(),
                 };
                 let d = a.after_handshake(&hs, NOW);

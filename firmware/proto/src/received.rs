@@ -187,7 +187,7 @@ mod tests {
             client_ip: IpAddr::from([127, 0, 0, 1]),
             by: "gw.example",
             protocol: "ESMTPS",
-            tls: Some(("TLSv1.3", "TLS13_AES_256_GCM_SHA384")),
+            tls: Some(("TLSv1.3", "TLS_AES_256_GCM_SHA384")),
             queue_id: "01ABC",
             for_rcpt: rcpt,
             unix_time: 1_795_714_606,
@@ -206,7 +206,7 @@ mod tests {
             (
                 fields("client.example", Some("u@example.test")),
                 "Received: from client.example ([127.0.0.1])\r\n\
-                 \tby gw.example (Sealgate) with ESMTPS (TLSv1.3 TLS13_AES_256_GCM_SHA384)\r\n\
+                 \tby gw.example (Sealgate) with ESMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384)\r\n\
                  \tid 01ABC\r\n\
                  \tfor <u@example.test>; Thu, 26 Nov 2026 17:36:46 +0000\r\n",
             ),
@@ -219,13 +219,13 @@ mod tests {
             (
                 fields("evil\r\nX-Injected: 1 (a) \\ ;é", None),
                 "Received: from evilX-Injected:1_a____ ([127.0.0.1])\r\n\
-                 \tby gw.example (Sealgate) with ESMTPS (TLSv1.3 TLS13_AES_256_GCM_SHA384)\r\n\
+                 \tby gw.example (Sealgate) with ESMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384)\r\n\
                  \tid 01ABC; Thu, 26 Nov 2026 17:36:46 +0000\r\n",
             ),
             (
                 fields("", None),
                 "Received: from unknown ([127.0.0.1])\r\n\
-                 \tby gw.example (Sealgate) with ESMTPS (TLSv1.3 TLS13_AES_256_GCM_SHA384)\r\n\
+                 \tby gw.example (Sealgate) with ESMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384)\r\n\
                  \tid 01ABC; Thu, 26 Nov 2026 17:36:46 +0000\r\n",
             ),
         ];

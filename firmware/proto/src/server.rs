@@ -105,7 +105,7 @@ pub struct ServerParams {
 pub struct TlsInfo {
     /// e.g. `TLSv1.3`
     pub version: String,
-    /// e.g. `TLS13_AES_256_GCM_SHA384`
+    /// e.g. `TLS_AES_256_GCM_SHA384`
     pub cipher: String,
     pub sni: Option<String>,
     /// Subject of a client certificate that verified against a pinned CA, if any.
@@ -1146,7 +1146,7 @@ mod tests {
     fn tls_info() -> TlsInfo {
         TlsInfo {
             version: "TLSv1.3".to_owned(),
-            cipher: "TLS13_AES_256_GCM_SHA384".to_owned(),
+            cipher: "TLS_AES_256_GCM_SHA384".to_owned(),
             sni: None,
             verified_client: None,
         }

@@ -515,8 +515,14 @@ pub fn version_name(v: Option<rustls::ProtocolVersion>) -> String {
 }
 
 /// Name of a negotiated cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
+/// The IANA name of a negotiated suite (`TLS_AES_256_GCM_SHA384`,
+/// `TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384`), as other MTAs log it.
 pub fn suite_name(s: Option<rustls::SupportedCipherSuite>) -> String {
-    s.and_then(|s| s.suite().as_str().map(str::to_string))
+    s.and_then(|s| s.suite().as_str())
+        .map(|n| match n.strip_prefix("TLS13_") {
+            Some(rest) => format!("TLS_{rest}"),
+            None => n.to_string(),
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
