@@ -5,6 +5,12 @@
 //! them (connect, greeting, EHLO, optional TLS, MAIL/RCPT/DATA per message,
 //! QUIT) and repeats until all messages are claimed. Every network operation
 //! has its own timeout; no error stops the run, it only counts.
+//!
+//! With TLS, every connection of the run shares one rustls client config
+//! and so one session store: once a session's handshake completed and the
+//! server's tickets (or TLS 1.2 session id) arrived, later sessions resume.
+//! Each handshake is recorded with its kind (full or resumed, as rustls
+//! reports it) and duration.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,7 +32,7 @@ use tokio_rustls::client::TlsStream;
 use crate::message::{MessageFactory, dot_stuff_into};
 use crate::reply::{MAX_REPLY_LINE, Reply, ReplyError, ReplyParser};
 use crate::stats::{ErrorKind, Handshake, Report, RunInfo, Stats};
-use crate::tls::{TlsSetupError, dangerous_bench_client_config};
+use crate::tls::{ClientResumption, TlsSetupError, dangerous_bench_client_config};
 
 /// How the client secures the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +71,9 @@ pub struct BenchConfig {
     pub size: usize,
     /// TLS mode.
     pub mode: TlsMode,
+    /// Whether TLS sessions are resumed (through one session store shared
+    /// by all connections, sized for `conns`).
+    pub resume: bool,
     /// Envelope sender and From address.
     pub from: String,
     /// Envelope recipients (and To addresses).
@@ -168,6 +177,8 @@ struct Ctx {
     server_name: ServerName<'static>,
     tls: Option<TlsConnector>,
     factory: MessageFactory,
+    /// Start of the run; handshake start times are offsets from it.
+    epoch: Instant,
     /// Messages not yet claimed by a worker.
     unclaimed: AtomicU64,
     /// Next message sequence number.
@@ -193,7 +204,13 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, BenchError> {
     let tls = match cfg.mode {
         TlsMode::Plain => None,
         TlsMode::StartTls | TlsMode::Implicit => {
-            let config: Arc<ClientConfig> = dangerous_bench_client_config()?;
+            let resumption = if cfg.resume {
+                ClientResumption::InMemory(usize::try_from(cfg.conns).unwrap_or(usize::MAX))
+            } else {
+                ClientResumption::Disabled
+            };
+            // One config for the whole run: its session store is shared.
+            let config: Arc<ClientConfig> = dangerous_bench_client_config(resumption)?;
             Some(TlsConnector::from(config))
         }
     };
@@ -206,6 +223,7 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, BenchError> {
         size: cfg.size,
         per_session: cfg.per_session,
         rcpts: cfg.rcpts.len() as u64,
+        resumption: tls.is_some() && cfg.resume,
     };
     let sessions = cfg.msgs.div_ceil(cfg.per_session);
     let workers = cfg.conns.min(sessions);
@@ -217,9 +235,10 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, BenchError> {
         server_name,
         tls,
         factory,
+        epoch: Instant::now(),
     });
 
-    let start = Instant::now();
+    let start = ctx.epoch;
     let mut set = JoinSet::new();
     for _ in 0..workers {
         set.spawn(worker(Arc::clone(&ctx)));
@@ -316,12 +335,17 @@ async fn session(
     }
 }
 
+/// The TLS handshake on `tcp`. Records its kind and its duration, from the
+/// start of the handshake (the ClientHello is the first thing written) until
+/// the client side is complete (for TLS 1.3: the server's Finished verified
+/// and the client's Finished written).
 async fn handshake(
     ctx: &Ctx,
     connector: &TlsConnector,
     tcp: TcpStream,
     stats: &mut Stats,
 ) -> Result<TlsStream<TcpStream>, SessionError> {
+    let started = Instant::now();
     let tls = timeout(
         ctx.cfg.timeout,
         connector.connect(ctx.server_name.clone(), tcp),
@@ -329,13 +353,18 @@ async fn handshake(
     .await
     .map_err(|_| SessionError::Timeout("TLS handshake"))?
     .map_err(SessionError::Tls)?;
-    match tls.get_ref().1.handshake_kind() {
-        Some(HandshakeKind::Full) => stats.handshake(Handshake::Full),
+    let duration = started.elapsed();
+    let kind = match tls.get_ref().1.handshake_kind() {
+        Some(HandshakeKind::Full) => Some(Handshake::Full),
         Some(HandshakeKind::FullWithHelloRetryRequest) => {
-            stats.handshake(Handshake::FullWithHelloRetryRequest)
+            Some(Handshake::FullWithHelloRetryRequest)
         }
-        Some(HandshakeKind::Resumed) => stats.handshake(Handshake::Resumed),
-        None => {}
+        Some(HandshakeKind::Resumed) => Some(Handshake::Resumed),
+        // Not reached: the handshake is complete here.
+        None => None,
+    };
+    if let Some(kind) = kind {
+        stats.handshake(kind, started.duration_since(ctx.epoch), duration);
     }
     Ok(tls)
 }
