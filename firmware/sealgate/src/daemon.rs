@@ -79,7 +79,7 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         state_dir.clone(),
     );
     tokio::spawn(queue.clone().run());
-    let smtpd = Smtpd::new(config.clone(), tls.clone(), spool, queue);
+    let smtpd = Smtpd::new(config.clone(), tls.clone(), spool, queue, peers.clone());
 
     let mut ready = Vec::new();
     let mut listeners = Vec::new();
@@ -149,7 +149,7 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         );
     }
     let store = peers.clone();
-    match tokio::task::spawn_blocking(move || store.flush()).await {
+    match tokio::task::spawn_blocking(move || store.flush_all()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "cannot write the peer table at shutdown"),
         Err(e) => tracing::error!(error = %e, "peer table writer failed at shutdown"),

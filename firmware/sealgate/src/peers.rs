@@ -11,6 +11,7 @@
 //! Architecture invariant: only the holder of the state directory's lock writes `peers.json`
 //! (the daemon, or `sealctl` while no daemon runs); everyone else asks by reset request.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
@@ -41,6 +42,8 @@ const MAX_REQUEST: u64 = 1024;
 const MAX_REQUESTS: usize = 256;
 /// How often the daemon applies resets, expires marks and writes a changed table.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How often inbound statistics alone cause a write.
+const CLIENTS_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeersError {
@@ -57,7 +60,48 @@ pub enum PeersError {
 #[serde(deny_unknown_fields)]
 pub struct PeerFile {
     pub format: u32,
+    /// Outbound peers (the policy engine's memory).
     pub peers: Vec<PeerEntry>,
+    /// Inbound clients, by address (what they did last; no policy state).
+    #[serde(default)]
+    pub clients: Vec<ClientEntry>,
+}
+
+/// One inbound client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    pub ip: IpAddr,
+    /// Its last EHLO/HELO name.
+    pub helo: Option<String>,
+    /// Its last TLS session; `fingerprint` is its client certificate's SHA-256, if any.
+    pub last_tls: Option<TlsEntry>,
+    /// The subject of its client certificate when that verified against its VPN peer CA.
+    pub vpn_peer: Option<String>,
+    pub counts: ClientCounts,
+    pub last_seen: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCounts {
+    /// Sessions that used TLS.
+    pub tls: u64,
+    /// Sessions that stayed plaintext.
+    pub plaintext: u64,
+    /// Messages accepted.
+    pub messages: u64,
+}
+
+/// What an inbound session's TLS was, for [`PeerStore::client_seen`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTlsSeen<'a> {
+    pub version: &'a str,
+    pub cipher: &'a str,
+    /// SHA-256 of the client certificate.
+    pub client_cert: Option<&'a str>,
+    /// Subject of a client certificate verified against the peer's CA.
+    pub verified_subject: Option<&'a str>,
 }
 
 /// One peer as stored and as `sealctl peers list --json` prints it.
@@ -149,21 +193,101 @@ impl PeerEntry {
     }
 }
 
-/// The table as its file.
-pub fn to_file(table: &PeerTable) -> PeerFile {
+/// The tables as their file.
+pub fn to_file(table: &PeerTable, clients: &Clients) -> PeerFile {
     PeerFile {
         format: FORMAT,
         peers: table.iter().map(|(k, r)| PeerEntry::of(k, r)).collect(),
+        clients: clients.map.values().cloned().collect(),
     }
 }
 
-/// Reads `STATE/peers.json` into a table of at most `max` peers; no file is an empty table.
+/// Inbound clients by address, at most `max` (the least recently seen is evicted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Clients {
+    max: usize,
+    map: BTreeMap<IpAddr, ClientEntry>,
+}
+
+impl Clients {
+    pub fn new(max: usize) -> Self {
+        Clients {
+            max: max.max(1),
+            map: BTreeMap::new(),
+        }
+    }
+
+    pub fn get(&self, ip: &IpAddr) -> Option<&ClientEntry> {
+        self.map.get(ip)
+    }
+
+    fn insert(&mut self, e: ClientEntry) {
+        if !self.map.contains_key(&e.ip) {
+            while self.map.len() >= self.max {
+                let oldest = self.map.values().min_by_key(|c| c.last_seen).map(|c| c.ip);
+                match oldest {
+                    Some(ip) => self.map.remove(&ip),
+                    None => break,
+                };
+            }
+        }
+        self.map.insert(e.ip, e);
+    }
+
+    /// Records one finished session of `ip`.
+    pub fn seen(
+        &mut self,
+        ip: IpAddr,
+        helo: Option<&str>,
+        tls: Option<ClientTlsSeen<'_>>,
+        messages: usize,
+        now: u64,
+    ) {
+        let mut e = self.map.get(&ip).cloned().unwrap_or(ClientEntry {
+            ip,
+            helo: None,
+            last_tls: None,
+            vpn_peer: None,
+            counts: ClientCounts::default(),
+            last_seen: now,
+        });
+        if let Some(h) = helo {
+            // Bounded: an EHLO argument is at most a command line anyway.
+            e.helo = Some(h.chars().take(255).collect());
+        }
+        match tls {
+            Some(t) => {
+                e.counts.tls += 1;
+                e.last_tls = Some(TlsEntry {
+                    at: now,
+                    version: t.version.to_string(),
+                    cipher: t.cipher.to_string(),
+                    fingerprint: t.client_cert.map(str::to_string),
+                });
+                e.vpn_peer = t.verified_subject.map(str::to_string);
+            }
+            None => e.counts.plaintext += 1,
+        }
+        e.counts.messages += messages as u64;
+        e.last_seen = now;
+        self.insert(e);
+    }
+}
+
+/// Reads `STATE/peers.json` into a table of at most `max` peers (and as many clients); no file
+/// is an empty table.
 pub fn load(state_dir: &Path, max: usize) -> Result<PeerTable, PeersError> {
+    load_all(state_dir, max).map(|(t, _)| t)
+}
+
+/// [`load`], with the inbound clients.
+pub fn load_all(state_dir: &Path, max: usize) -> Result<(PeerTable, Clients), PeersError> {
     let path = state_dir.join(FILE);
     let mut table = PeerTable::new(max);
+    let mut clients = Clients::new(max);
     let file = match File::open(&path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(table),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((table, clients)),
         Err(source) => return Err(PeersError::Read { path, source }),
     };
     let mut text = Vec::new();
@@ -193,18 +317,21 @@ pub fn load(state_dir: &Path, max: usize) -> Result<PeerTable, PeersError> {
         let (key, record) = entry.into_record();
         table.insert(key, record);
     }
-    Ok(table)
+    for c in parsed.clients {
+        clients.insert(c);
+    }
+    Ok((table, clients))
 }
 
-/// Replaces `STATE/peers.json` atomically with `table`.
-pub fn save(state_dir: &Path, table: &PeerTable) -> Result<(), PeersError> {
+/// Replaces `STATE/peers.json` atomically with the tables.
+pub fn save(state_dir: &Path, table: &PeerTable, clients: &Clients) -> Result<(), PeersError> {
     let path = state_dir.join(FILE);
     let tmp = state_dir.join(format!("{FILE}.tmp"));
     let werr = |p: &Path| {
         let p = p.to_path_buf();
         move |source| PeersError::Write { path: p, source }
     };
-    let text = serde_json::to_vec_pretty(&to_file(table))
+    let text = serde_json::to_vec_pretty(&to_file(table, clients))
         .map_err(|e| io::Error::other(e.to_string()))
         .map_err(werr(&path))?;
     let mut f = OpenOptions::new()
@@ -302,13 +429,19 @@ pub struct PeerStore {
     state_dir: PathBuf,
     settings: Settings,
     table: Mutex<PeerTable>,
+    clients: Mutex<Clients>,
+    /// Policy state changed: written within a second.
     dirty: AtomicBool,
+    /// Only inbound statistics changed: written every [`CLIENTS_EVERY`] at most (a busy
+    /// gateway sees new sessions every second; they are not worth a write each).
+    clients_dirty: AtomicBool,
+    clients_saved: Mutex<std::time::Instant>,
 }
 
 impl PeerStore {
     /// Loads the table; a file that does not parse is moved aside and the table starts empty.
     pub fn open(state_dir: &Path, max: usize, settings: Settings) -> PeerStore {
-        let table = match load(state_dir, max) {
+        let (table, clients) = match load_all(state_dir, max) {
             Ok(t) => t,
             Err(e) => {
                 let bad = state_dir.join(format!("{FILE}.bad"));
@@ -320,15 +453,37 @@ impl PeerStore {
                     "the peer table is unreadable: starting with an empty one (TLS history, \
                      broken marks and downgrade flags are lost)"
                 );
-                PeerTable::new(max)
+                (PeerTable::new(max), Clients::new(max))
             }
         };
-        tracing::info!(peers = table.len(), "peer table loaded");
+        tracing::info!(
+            peers = table.len(),
+            clients = clients.map.len(),
+            "peer table loaded"
+        );
         PeerStore {
             state_dir: state_dir.to_path_buf(),
             settings,
             table: Mutex::new(table),
+            clients: Mutex::new(clients),
             dirty: AtomicBool::new(false),
+            clients_dirty: AtomicBool::new(false),
+            clients_saved: Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// Records a finished inbound session.
+    pub fn client_seen(
+        &self,
+        ip: IpAddr,
+        helo: Option<&str>,
+        tls: Option<ClientTlsSeen<'_>>,
+        messages: usize,
+        now: u64,
+    ) {
+        if let Ok(mut c) = self.clients.lock() {
+            c.seen(ip, helo, tls, messages, now);
+            self.clients_dirty.store(true, Ordering::Release);
         }
     }
 
@@ -364,8 +519,32 @@ impl PeerStore {
         self.table.lock().ok().and_then(|t| t.get(key).cloned())
     }
 
-    /// Applies pending resets, expires marks, and writes the table if anything changed.
+    /// Applies pending resets, expires marks, and writes the table if its policy state changed
+    /// (or inbound statistics did, [`CLIENTS_EVERY`] after the last write).
     pub fn flush(&self) -> Result<(), PeersError> {
+        self.flush_if(false)
+    }
+
+    /// [`PeerStore::flush`], writing whatever changed (shutdown).
+    pub fn flush_all(&self) -> Result<(), PeersError> {
+        self.flush_if(true)
+    }
+
+    fn flush_if(&self, all: bool) -> Result<(), PeersError> {
+        let clients_due = self.clients_dirty.load(Ordering::Acquire)
+            && (all
+                || self
+                    .clients_saved
+                    .lock()
+                    .map(|t| t.elapsed() >= CLIENTS_EVERY)
+                    .unwrap_or(true));
+        if clients_due {
+            self.clients_dirty.store(false, Ordering::Release);
+            self.dirty.store(true, Ordering::Release);
+            if let Ok(mut t) = self.clients_saved.lock() {
+                *t = std::time::Instant::now();
+            }
+        }
         let requests = pending_resets(&self.state_dir);
         let snapshot = {
             let Ok(mut table) = self.table.lock() else {
@@ -381,9 +560,10 @@ impl PeerStore {
             if !self.dirty.swap(false, Ordering::AcqRel) {
                 return Ok(());
             }
-            table.clone()
+            let clients = self.clients.lock().map(|c| c.clone()).unwrap_or_default();
+            (table.clone(), clients)
         };
-        if let Err(e) = save(&self.state_dir, &snapshot) {
+        if let Err(e) = save(&self.state_dir, &snapshot.0, &snapshot.1) {
             self.dirty.store(true, Ordering::Release);
             return Err(e);
         }
@@ -471,6 +651,30 @@ pub fn render(file: &PeerFile, now: u64) -> String {
             flag
         ));
     }
+    if !file.clients.is_empty() {
+        out.push_str(&format!(
+            "\n{:<40} {:<30} {:<22} {:>5} {:>5} {:>6} {:<10}  {}\n",
+            "INBOUND CLIENT", "HELO", "LAST TLS", "TLS", "PLAIN", "MSGS", "SEEN", "VPN PEER"
+        ));
+        for c in &file.clients {
+            let last_tls = c
+                .last_tls
+                .as_ref()
+                .map(|t| format!("{} {}", t.version, when(t.at)))
+                .unwrap_or_else(|| "-".into());
+            out.push_str(&format!(
+                "{:<40} {:<30} {:<22} {:>5} {:>5} {:>6} {:<10}  {}\n",
+                c.ip.to_string(),
+                c.helo.as_deref().unwrap_or("-"),
+                last_tls,
+                c.counts.tls,
+                c.counts.plaintext,
+                c.counts.messages,
+                when(c.last_seen),
+                c.vpn_peer.as_deref().unwrap_or("-"),
+            ));
+        }
+    }
     out
 }
 
@@ -507,11 +711,28 @@ mod tests {
         let d = tmpdir("rt");
         assert!(load(&d, 10).unwrap().is_empty());
         let t = sample();
-        save(&d, &t).unwrap();
-        let back = load(&d, 10).unwrap();
-        assert_eq!(to_file(&back), to_file(&t));
+        let mut c = Clients::new(10);
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        c.seen(ip, Some("mx.c.test"), None, 0, 100);
+        let tls = ClientTlsSeen {
+            version: "TLSv1.3",
+            cipher: "TLS_AES_128_GCM_SHA256",
+            client_cert: Some("cd"),
+            verified_subject: Some("CN=gw-c.vpn.test"),
+        };
+        c.seen(ip, Some("mx.c.test"), Some(tls), 2, 110);
+        let e = c.get(&ip).unwrap();
+        assert_eq!(
+            (e.counts.tls, e.counts.plaintext, e.counts.messages),
+            (1, 1, 2)
+        );
+        assert_eq!(e.vpn_peer.as_deref(), Some("CN=gw-c.vpn.test"));
+        save(&d, &t, &c).unwrap();
+        let (back, back_c) = load_all(&d, 10).unwrap();
+        assert_eq!(to_file(&back, &back_c), to_file(&t, &c));
         assert!(!d.join(format!("{FILE}.tmp")).exists());
-        let text = render(&to_file(&back), 130);
+        let text = render(&to_file(&back, &back_c), 130);
+        assert!(text.contains("CN=gw-c.vpn.test"), "{text}");
         assert!(text.contains("mx.b.test [127.0.0.2]"), "{text}");
         assert!(text.contains("did not offer STARTTLS"), "{text}");
         fs::remove_dir_all(&d).unwrap();
@@ -547,7 +768,7 @@ mod tests {
     #[test]
     fn reset_requests_are_applied_saved_and_removed() {
         let d = tmpdir("reset");
-        save(&d, &sample()).unwrap();
+        save(&d, &sample(), &Clients::new(10)).unwrap();
         let store = PeerStore::open(&d, 10, Settings::default());
         request_reset(&d, "127.0.0.2").unwrap();
         request_reset(&d, "nobody.test").unwrap();

@@ -20,8 +20,10 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Config;
 use crate::conn::Conn;
 use crate::delivery::Queue;
+use crate::peers::{ClientTlsSeen, PeerStore};
 use crate::spool::{BodySink, Spool, SpoolError, unix_now};
 use crate::tls::{ClientCheck, ServerTls, suite_name, version_name};
+use crate::tls_client::sha256_hex;
 
 /// Bodies are moved from the session machine to the spool sink in chunks of at least this.
 const BODY_CHUNK: usize = 64 * 1024;
@@ -35,6 +37,8 @@ pub struct Smtpd {
     pub tls: Option<Arc<ServerTls>>,
     pub spool: Arc<Spool>,
     pub queue: Arc<Queue>,
+    /// Inbound clients are recorded in the peer table too.
+    pub peers: Arc<PeerStore>,
     sessions: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     spool_free: AtomicU64,
@@ -66,6 +70,7 @@ impl Smtpd {
         tls: Option<Arc<ServerTls>>,
         spool: Arc<Spool>,
         queue: Arc<Queue>,
+        peers: Arc<PeerStore>,
     ) -> Arc<Smtpd> {
         let s = &config.smtp;
         let params = Arc::new(ServerParams {
@@ -90,6 +95,7 @@ impl Smtpd {
             tls,
             spool,
             queue,
+            peers,
             config,
         })
     }
@@ -169,13 +175,17 @@ impl Smtpd {
         };
         let mut conn = Conn::Plain(stream);
         let mut implicit = None;
+        let mut implicit_cert = None;
         if implicit_tls {
             let Some(tls) = &self.tls else {
                 tracing::warn!(client = %peer.ip(), "implicit TLS connection but no certificate installed");
                 return;
             };
             match self.handshake(&mut conn, tls, local.ip(), peer.ip()).await {
-                Ok(info) => implicit = Some(info),
+                Ok((info, cert)) => {
+                    implicit = Some(info);
+                    implicit_cert = cert;
+                }
                 Err(e) => {
                     tracing::info!(client = %peer.ip(), local = %local, result = %e, "TLS handshake failed");
                     return;
@@ -197,7 +207,10 @@ impl Smtpd {
             tls_required: self.config.is_forced_tls(ip),
             implicit_tls: implicit,
         };
-        let mut stats = SessionStats::default();
+        let mut stats = SessionStats {
+            client_cert: implicit_cert,
+            ..Default::default()
+        };
         let result = self.run_session(&mut conn, info, &mut stats).await;
         let _ = conn.shutdown().await;
         let (tls_v, tls_c) = stats
@@ -221,6 +234,18 @@ impl Smtpd {
             result = %result,
             "session"
         );
+        self.peers.client_seen(
+            ip,
+            stats.helo.as_deref(),
+            stats.tls.as_ref().map(|t| ClientTlsSeen {
+                version: &t.version,
+                cipher: &t.cipher,
+                client_cert: stats.client_cert.as_deref(),
+                verified_subject: t.verified_client.as_deref(),
+            }),
+            stats.queued.len(),
+            unix_now(),
+        );
     }
 
     async fn handshake(
@@ -229,7 +254,7 @@ impl Smtpd {
         tls: &ServerTls,
         local: IpAddr,
         client: IpAddr,
-    ) -> Result<TlsInfo, String> {
+    ) -> Result<(TlsInfo, Option<String>), String> {
         let tcp = conn.take_plain().ok_or("already TLS")?;
         let acceptor = TlsAcceptor::from(tls.for_local(local));
         let hs = tokio::time::timeout(self.config.tls.handshake_timeout, acceptor.accept(tcp))
@@ -237,6 +262,10 @@ impl Smtpd {
             .map_err(|_| "handshake timeout".to_string())?
             .map_err(|e| e.to_string())?;
         let (_, sc) = hs.get_ref();
+        let client_cert = sc
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| sha256_hex(c));
         let verified_client = match tls.check_client(client, sc.peer_certificates()) {
             ClientCheck::Verified(subject) => Some(subject),
             ClientCheck::NotPeer => None,
@@ -256,7 +285,7 @@ impl Smtpd {
             verified_client,
         };
         *conn = Conn::ServerTls(Box::new(hs));
-        Ok(info)
+        Ok((info, client_cert))
     }
 
     async fn run_session(
@@ -284,8 +313,9 @@ impl Smtpd {
                             return "STARTTLS without certificate".into();
                         };
                         match self.handshake(conn, tls, local_ip, client_ip).await {
-                            Ok(t) => {
+                            Ok((t, cert)) => {
                                 stats.tls = Some(t.clone());
+                                stats.client_cert = cert;
                                 let peer_verified = t.verified_client.is_some();
                                 session.tls_established(t, Instant::now());
                                 if peer_verified {
@@ -419,6 +449,8 @@ impl Smtpd {
 struct SessionStats {
     helo: Option<String>,
     tls: Option<TlsInfo>,
+    /// SHA-256 of the client certificate, if one was presented.
+    client_cert: Option<String>,
     queued: Vec<String>,
 }
 

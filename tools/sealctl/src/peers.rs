@@ -84,8 +84,8 @@ fn state_dir(p: &Path) -> Result<&Path, Error> {
 }
 
 fn list(a: &ListArgs) -> Result<ExitCode, Error> {
-    let table = peers::load(state_dir(&a.state)?, MAX_PEERS)?;
-    let file = peers::to_file(&table);
+    let (table, clients) = peers::load_all(state_dir(&a.state)?, MAX_PEERS)?;
+    let file = peers::to_file(&table, &clients);
     if a.json {
         match serde_json::to_string_pretty(&file) {
             Ok(s) => println!("{s}"),
@@ -106,11 +106,11 @@ fn reset(a: &ResetArgs) -> Result<ExitCode, Error> {
     match DevBoard::open(dir) {
         Ok(_board) => {
             // No daemon: apply it (and any requests left over) under the lock ourselves.
-            let mut table = peers::load(dir, MAX_PEERS)?;
+            let (mut table, clients) = peers::load_all(dir, MAX_PEERS)?;
             let pending = peers::pending_resets(dir);
             peers::apply_resets(&mut table, &pending);
             let n = table.reset(&which);
-            peers::save(dir, &table)?;
+            peers::save(dir, &table, &clients)?;
             for (p, _) in pending {
                 let _ = std::fs::remove_file(p);
             }
