@@ -283,11 +283,11 @@ pub fn load(state_dir: &Path, max: usize) -> Result<PeerTable, PeersError> {
 /// [`load`], with the inbound clients.
 pub fn load_all(state_dir: &Path, max: usize) -> Result<(PeerTable, Clients), PeersError> {
     let path = state_dir.join(FILE);
-    let mut table = PeerTable::new(max);
-    let mut clients = Clients::new(max);
     let file = match File::open(&path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((table, clients)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok((PeerTable::new(max), Clients::new(max)));
+        }
         Err(source) => return Err(PeersError::Read { path, source }),
     };
     let mut text = Vec::new();
@@ -303,16 +303,20 @@ pub fn load_all(state_dir: &Path, max: usize) -> Result<(PeerTable, Clients), Pe
             reason: format!("larger than {MAX_FILE} bytes"),
         });
     }
-    let parsed: PeerFile = serde_json::from_slice(&text).map_err(|e| PeersError::Parse {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    parse(&text, max).map_err(|reason| PeersError::Parse { path, reason })
+}
+
+/// The tables from a file's bytes (at most `max` peers and as many clients), or why not.
+pub fn parse(text: &[u8], max: usize) -> Result<(PeerTable, Clients), String> {
+    let parsed: PeerFile = serde_json::from_slice(text).map_err(|e| e.to_string())?;
     if parsed.format != FORMAT {
-        return Err(PeersError::Parse {
-            path,
-            reason: format!("format {} (this firmware reads {FORMAT})", parsed.format),
-        });
+        return Err(format!(
+            "format {} (this firmware reads {FORMAT})",
+            parsed.format
+        ));
     }
+    let mut table = PeerTable::new(max);
+    let mut clients = Clients::new(max);
     for entry in parsed.peers {
         let (key, record) = entry.into_record();
         table.insert(key, record);
