@@ -10,11 +10,11 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::delivery::Queue;
+use crate::live::{Live, Snapshot};
 use crate::peers::PeerStore;
 use crate::smtpd::Smtpd;
 use crate::spool::Spool;
 use crate::tls::ServerTls;
-use crate::tls_client::ClientTls;
 
 /// How long SIGTERM waits for open SMTP sessions before the process exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -54,16 +54,16 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         config = %origin,
         "running on an unsigned TOML config (dev board only)"
     );
-    let config = Arc::new(config);
     let state_dir = board.state_dir().to_path_buf();
-    let tls = ServerTls::load(&config, &state_dir)?.map(Arc::new);
-    if tls.is_none() {
+    let server_tls = ServerTls::load(&config, &state_dir)?;
+    if server_tls.is_none() {
         tracing::warn!("no certificate installed: STARTTLS is not offered, implicit TLS is off");
     }
+    let live = Arc::new(Live::new(Snapshot::build(config, server_tls)?));
+    let config = live.get().config.clone();
     let (spool, recovered) = Spool::open(&state_dir.join("queue"), config.queue.min_free_bytes)?;
     let spool = Arc::new(spool);
     tracing::info!(messages = recovered.len(), "queue recovered");
-    let client_tls = Arc::new(ClientTls::load(&config, tls.as_deref())?);
     let peers = Arc::new(PeerStore::open(
         &state_dir,
         config.tls.max_peers,
@@ -71,15 +71,14 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
     ));
     tokio::spawn(peers.clone().run());
     let queue = Queue::new(
-        config.clone(),
+        live.clone(),
         spool.clone(),
         recovered,
-        client_tls,
         peers.clone(),
         state_dir.clone(),
     );
     tokio::spawn(queue.clone().run());
-    let smtpd = Smtpd::new(config.clone(), tls.clone(), spool, queue, peers.clone());
+    let smtpd = Smtpd::new(live.clone(), spool, queue, peers.clone());
 
     let mut ready = Vec::new();
     let mut listeners = Vec::new();
@@ -88,7 +87,7 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         (&config.smtp.implicit_tls, true),
     ] {
         for addr in addrs {
-            if implicit && tls.is_none() {
+            if implicit && live.get().server_tls.is_none() {
                 continue;
             }
             let listener = TcpListener::bind(addr)
@@ -123,7 +122,11 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         state_dir.display()
     );
     if let Some(smtp) = config.smtp.listen.first() {
-        let tls_flag = if tls.is_some() { " -tls" } else { "" };
+        let tls_flag = if live.get().server_tls.is_some() {
+            " -tls"
+        } else {
+            ""
+        };
         let domain = config
             .smtp
             .local_domains
@@ -133,6 +136,11 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         println!(
             "try: swaks --server {smtp}{tls_flag} --from you@{domain} --to postmaster@{domain}"
         );
+    }
+    if let ConfigSource::File(path) = &source {
+        let (live, peers, path, state_dir) =
+            (live.clone(), peers.clone(), path.clone(), state_dir.clone());
+        tokio::spawn(async move { reload_on_hangup(live, peers, path, state_dir).await });
     }
     wait_for_shutdown().await;
     // Stop accepting; give running sessions a grace period to finish their transactions.
@@ -155,6 +163,66 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         Err(e) => tracing::error!(error = %e, "peer table writer failed at shutdown"),
     }
     Ok(())
+}
+
+/// Why a new configuration was not applied (the running one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// Builds everything a checked config needs (certificates, CAs) and only then makes it current;
+/// on any error nothing changes.
+pub fn apply(
+    live: &Live,
+    peers: &PeerStore,
+    config: Config,
+    state_dir: &Path,
+) -> Result<(), ApplyError> {
+    let old = live.get();
+    let server_tls = ServerTls::load(&config, state_dir)?;
+    let snapshot = Snapshot::build(config, server_tls)?;
+    let new = &snapshot.config;
+    if new.smtp.listen != old.config.smtp.listen
+        || new.smtp.implicit_tls != old.config.smtp.implicit_tls
+        || new.smtp.max_connections != old.config.smtp.max_connections
+        || new.queue.max_deliveries != old.config.queue.max_deliveries
+        || new.dns_resolvers != old.config.dns_resolvers
+    {
+        tracing::warn!(
+            "listeners, max_connections, max_deliveries and dns.resolver change at the next \
+             restart; everything else applies now"
+        );
+    }
+    peers.set_settings(new.policy_settings());
+    live.set(snapshot);
+    Ok(())
+}
+
+/// SIGHUP: re-read the TOML config file and apply it (dev board).
+async fn reload_on_hangup(live: Arc<Live>, peers: Arc<PeerStore>, path: PathBuf, state: PathBuf) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let (live, peers, path, state) = (live.clone(), peers.clone(), path.clone(), state.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let config = Config::load(&path)?;
+            apply(&live, &peers, config, &state)
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => tracing::info!("configuration reloaded and applied (SIGHUP)"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "configuration NOT applied; the running one stays")
+            }
+            Err(e) => tracing::error!(error = %e, "configuration reload failed"),
+        }
+    }
 }
 
 async fn wait_for_shutdown() {

@@ -30,11 +30,12 @@ use tokio_rustls::TlsConnector;
 use crate::config::{Config, Destination, Route};
 use crate::conn::Conn;
 use crate::dns::{Dns, DnsFailure};
+use crate::live::{Live, Snapshot};
 use crate::maildir::Maildirs;
 use crate::peers::PeerStore;
 use crate::spool::{QueuedMessage, RcptStatus, Spool, unix_now};
 use crate::tls::{subject_of, suite_name, version_name};
-use crate::tls_client::{CertCheck, ClientTls};
+use crate::tls_client::CertCheck;
 
 /// Idle connections kept per next hop, and for how long.
 const POOL_PER_HOP: usize = 8;
@@ -63,13 +64,13 @@ struct QueueState {
 /// The delivery side of the queue.
 #[derive(Debug)]
 pub struct Queue {
-    config: Arc<Config>,
+    /// The configuration in force; an attempt reads it as it goes.
+    live: Arc<Live>,
     spool: Arc<Spool>,
     state: Mutex<QueueState>,
     wake: Notify,
     dns: Option<Dns>,
     pool: Mutex<HashMap<PoolKey, Vec<(Instant, ClientConn)>>>,
-    tls: Arc<ClientTls>,
     peers: Arc<PeerStore>,
     slots: Arc<Semaphore>,
     /// Relative Maildir paths are taken from here.
@@ -79,13 +80,13 @@ pub struct Queue {
 
 impl Queue {
     pub fn new(
-        config: Arc<Config>,
+        live: Arc<Live>,
         spool: Arc<Spool>,
         recovered: Vec<QueuedMessage>,
-        tls: Arc<ClientTls>,
         peers: Arc<PeerStore>,
         state_dir: PathBuf,
     ) -> Arc<Queue> {
+        let config = live.get().config.clone();
         let dns = match Dns::new(&config.dns_resolvers) {
             Ok(d) => Some(d),
             Err(e) => {
@@ -100,13 +101,12 @@ impl Queue {
         }
         Arc::new(Queue {
             slots: Arc::new(Semaphore::new(config.queue.max_deliveries)),
-            config,
+            live,
             spool,
             state: Mutex::new(st),
             wake: Notify::new(),
             dns,
             pool: Mutex::new(HashMap::new()),
-            tls,
             peers,
             state_dir,
             maildirs: Maildirs::default(),
@@ -224,14 +224,12 @@ impl Queue {
             }
         };
         // Group pending recipients by route.
+        let config = self.live.get().config.clone();
         let mut groups: Vec<(Option<Route>, String, Vec<usize>)> = Vec::new();
         for (i, r) in msg.pending() {
             // A recipient without a domain matches no route (not even `*`): never relayed.
             let domain = domain_of(&r.address);
-            let route = domain
-                .as_deref()
-                .and_then(|d| self.config.route_for(d))
-                .cloned();
+            let route = domain.as_deref().and_then(|d| config.route_for(d)).cloned();
             let domain = domain.unwrap_or_default();
             let key = match &route {
                 Some(Route {
@@ -286,7 +284,8 @@ impl Queue {
     /// `body` is `None` when the message could not be read (then it is only retried).
     async fn reschedule(&self, mut msg: QueuedMessage, body: Option<&[u8]>) {
         let now = unix_now();
-        let expired = now >= msg.arrival + self.config.queue.max_queue_time.as_secs();
+        let config = self.live.get().config.clone();
+        let expired = now >= msg.arrival + config.queue.max_queue_time.as_secs();
         if expired && body.is_some() {
             for r in msg.recipients.iter_mut() {
                 if r.status == RcptStatus::Pending {
@@ -317,7 +316,7 @@ impl Queue {
             tracing::info!(queue_id = %msg.id, attempts = msg.attempts, "done");
             return;
         }
-        let sched = &self.config.queue.retry_schedule;
+        let sched = &config.queue.retry_schedule;
         let step = sched
             .get((msg.attempts.max(1) - 1) as usize)
             .or(sched.last())
@@ -363,9 +362,10 @@ impl Queue {
             return Ok(());
         }
         let sink = self.spool.begin(Vec::new());
-        let message_id = format!("{}.dsn@{}", sink.id(), self.config.hostname);
+        let config = self.live.get().config.clone();
+        let message_id = format!("{}.dsn@{}", sink.id(), config.hostname);
         let bytes = dsn::build(&DsnParams {
-            reporting_mta: &self.config.hostname,
+            reporting_mta: &config.hostname,
             to: &msg.mail_from,
             queue_id: &msg.id,
             arrival_time: msg.arrival,
@@ -465,10 +465,11 @@ impl Queue {
         addr: SocketAddr,
         idx: &[usize],
     ) -> Result<Vec<(usize, Outcome)>, String> {
+        let snap = self.live.get();
         let key = PeerKey::new(addr.ip(), host);
         let facts = RouteFacts {
             level: route.tls,
-            forced: self.config.is_forced_tls(addr.ip()),
+            forced: snap.config.is_forced_tls(addr.ip()),
             pins: route.fingerprints.clone(),
         };
         let attempt = match self.peers.plan(&facts, &key, unix_now()).action {
@@ -496,7 +497,7 @@ impl Queue {
                 Err(e) => tracing::debug!(peer = %addr, error = %e, "reused connection failed"),
             }
         }
-        let conn = self.connect(route, attempt, host, addr).await?;
+        let conn = self.connect(&snap, route, attempt, host, addr).await?;
         self.transact(conn, msg, body, host, addr, &tag, idx).await
     }
 
@@ -615,6 +616,7 @@ impl Queue {
     /// Every step's effects go to the peer table. `Ok` is a session ready for mail.
     async fn connect(
         &self,
+        snap: &Snapshot,
         route: &Route,
         mut attempt: Attempt,
         host: &str,
@@ -623,7 +625,7 @@ impl Queue {
         let key = attempt.peer().clone();
         let mut reconnected = false;
         loop {
-            let mut conn = self.open(addr, &attempt).await?;
+            let mut conn = self.open(&snap.config, addr, &attempt).await?;
             let event = conn
                 .next_event()
                 .await
@@ -633,11 +635,11 @@ impl Queue {
                 ClientEvent::StartTls => {
                     let d = attempt.after_ehlo(true, now);
                     self.peers.apply(&key, now, &d);
-                    let config = self.tls.config(route.client_certificate.as_deref());
-                    let timeout = self.config.tls.handshake_timeout;
+                    let config = snap.client_tls.config(route.client_certificate.as_deref());
+                    let timeout = snap.config.tls.handshake_timeout;
                     match conn.handshake(config, host, timeout).await {
                         Ok(done) => {
-                            let (cert, detail) = self.tls.facts(
+                            let (cert, detail) = snap.client_tls.facts(
                                 attempt.level(),
                                 route.ca.as_deref(),
                                 host,
@@ -738,14 +740,19 @@ impl Queue {
     }
 
     /// A TCP connection and a fresh session machine in the attempt's STARTTLS mode.
-    async fn open(&self, addr: SocketAddr, attempt: &Attempt) -> Result<ClientConn, String> {
-        let tcp = tokio::time::timeout(self.config.queue.connect_timeout, TcpStream::connect(addr))
+    async fn open(
+        &self,
+        config: &Config,
+        addr: SocketAddr,
+        attempt: &Attempt,
+    ) -> Result<ClientConn, String> {
+        let tcp = tokio::time::timeout(config.queue.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| format!("4.4.1 connect to {addr} timed out"))?
             .map_err(|e| format!("4.4.1 connect to {addr}: {e}"))?;
         let _ = tcp.set_nodelay(true);
         let params = ClientParams {
-            helo: self.config.hostname.clone(),
+            helo: config.hostname.clone(),
             starttls: attempt.starttls(),
             ..Default::default()
         };
@@ -770,6 +777,7 @@ impl Queue {
         } else {
             self.state_dir.join(dir)
         };
+        let hostname = self.live.get().config.hostname.clone();
         let mut out = Vec::new();
         for &i in idx {
             let Some(r) = msg.recipients.get(i) else {
@@ -781,7 +789,7 @@ impl Queue {
             )
             .into_bytes();
             data.extend_from_slice(body);
-            let name = format!("{}.{}_{}.{}", unix_now(), msg.id, i, self.config.hostname);
+            let name = format!("{}.{}_{}.{}", unix_now(), msg.id, i, hostname);
             let o = match self.maildirs.deliver(&dir, name, data).await {
                 Ok(()) => {
                     Outcome::Delivered(format!("250 2.0.0 delivered to Maildir {}", dir.display()))

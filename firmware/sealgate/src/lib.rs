@@ -7,6 +7,7 @@ pub mod conn;
 pub mod daemon;
 pub mod delivery;
 pub mod dns;
+pub mod live;
 pub mod maildir;
 pub mod peers;
 pub mod queue_list;

@@ -431,7 +431,7 @@ pub fn apply_resets(table: &mut PeerTable, requests: &[(PathBuf, String)]) -> us
 #[derive(Debug)]
 pub struct PeerStore {
     state_dir: PathBuf,
-    settings: Settings,
+    settings: Mutex<Settings>,
     table: Mutex<PeerTable>,
     clients: Mutex<Clients>,
     /// Policy state changed: written within a second.
@@ -467,7 +467,7 @@ impl PeerStore {
         );
         PeerStore {
             state_dir: state_dir.to_path_buf(),
-            settings,
+            settings: Mutex::new(settings),
             table: Mutex::new(table),
             clients: Mutex::new(clients),
             dirty: AtomicBool::new(false),
@@ -491,18 +491,27 @@ impl PeerStore {
         }
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
+    /// The policy settings in force.
+    pub fn settings(&self) -> Settings {
+        self.settings.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// New policy settings (a new config was applied).
+    pub fn set_settings(&self, settings: Settings) {
+        if let Ok(mut s) = self.settings.lock() {
+            *s = settings;
+        }
     }
 
     /// Plans a connection to `key` from its record, recording the plan's effects.
     pub fn plan(&self, route: &RouteFacts, key: &PeerKey, now: u64) -> Decision<Plan> {
+        let settings = self.settings();
         let Ok(mut table) = self.table.lock() else {
             // A poisoned table: plan as for a peer never seen, which never goes below what
             // the route asks for.
-            return policy::plan(route, key, &PeerRecord::new(), now, &self.settings);
+            return policy::plan(route, key, &PeerRecord::new(), now, &settings);
         };
-        let decision = policy::plan(route, key, table.record(key), now, &self.settings);
+        let decision = policy::plan(route, key, table.record(key), now, &settings);
         if !decision.effects.is_empty() {
             table.apply(key, now, &decision);
             self.dirty.store(true, Ordering::Release);
@@ -558,7 +567,7 @@ impl PeerStore {
                 apply_resets(&mut table, &requests);
                 self.dirty.store(true, Ordering::Release);
             }
-            if table.expire(unix_now(), &self.settings) > 0 {
+            if table.expire(unix_now(), &self.settings()) > 0 {
                 self.dirty.store(true, Ordering::Release);
             }
             if !self.dirty.swap(false, Ordering::AcqRel) {

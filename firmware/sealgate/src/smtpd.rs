@@ -9,17 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use sealgate_proto::received::{ReceivedFields, received_header};
-use sealgate_proto::server::{
-    ClientInfo, Event, ServerParams, ServerSession, StoreResult, TlsInfo,
-};
+use sealgate_proto::server::{ClientInfo, Event, ServerSession, StoreResult, TlsInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::Config;
 use crate::conn::Conn;
 use crate::delivery::Queue;
+use crate::live::{Live, Snapshot};
 use crate::peers::{ClientTlsSeen, PeerStore};
 use crate::spool::{BodySink, Spool, SpoolError, unix_now};
 use crate::tls::{ClientCheck, ServerTls, suite_name, version_name};
@@ -32,9 +30,10 @@ const READ_BUF: usize = 16 * 1024;
 /// Everything a session needs, shared by all listeners.
 #[derive(Debug)]
 pub struct Smtpd {
-    pub config: Arc<Config>,
-    pub params: Arc<ServerParams>,
-    pub tls: Option<Arc<ServerTls>>,
+    /// The configuration in force; each session keeps the snapshot it started with.
+    pub live: Arc<Live>,
+    /// `smtp.max_connections` at start (the semaphore's size).
+    max_connections: usize,
     pub spool: Arc<Spool>,
     pub queue: Arc<Queue>,
     /// Inbound clients are recorded in the peer table too.
@@ -66,50 +65,36 @@ impl Drop for IpSlot<'_> {
 
 impl Smtpd {
     pub fn new(
-        config: Arc<Config>,
-        tls: Option<Arc<ServerTls>>,
+        live: Arc<Live>,
         spool: Arc<Spool>,
         queue: Arc<Queue>,
         peers: Arc<PeerStore>,
     ) -> Arc<Smtpd> {
-        let s = &config.smtp;
-        let params = Arc::new(ServerParams {
-            hostname: config.hostname.clone(),
-            limits: sealgate_proto::server::ServerLimits {
-                max_message_bytes: s.max_message_bytes,
-                max_recipients: s.max_recipients,
-                max_errors: s.max_errors,
-                command_timeout: s.command_timeout,
-                data_timeout: s.data_timeout,
-                ..Default::default()
-            },
-            local_domains: s.local_domains.clone(),
-        });
+        let max_connections = live.get().config.smtp.max_connections;
         let free = spool.free_bytes();
         Arc::new(Smtpd {
-            sessions: Arc::new(Semaphore::new(s.max_connections)),
+            sessions: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
             per_ip: Mutex::new(HashMap::new()),
             spool_free: AtomicU64::new(free),
             shutdown: watch::Sender::new(false),
-            params,
-            tls,
+            live,
             spool,
             queue,
             peers,
-            config,
         })
     }
 
     /// Sessions open right now.
     pub fn active_sessions(&self) -> usize {
-        self.config.smtp.max_connections - self.sessions.available_permits()
+        self.max_connections - self.sessions.available_permits()
     }
 
     /// Closes idle sessions at once and waits until every session has ended, at most `grace`;
     /// `true` if they all did.
     pub async fn drain(&self, grace: std::time::Duration) -> bool {
         self.shutdown.send_replace(true);
-        let all = u32::try_from(self.config.smtp.max_connections).unwrap_or(u32::MAX);
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
         tokio::time::timeout(grace, self.sessions.acquire_many(all))
             .await
             .is_ok_and(|r| r.is_ok())
@@ -132,7 +117,7 @@ impl Smtpd {
             .lock()
             .map_err(|_| "421 4.3.0 Internal error\r\n")?;
         let n = m.entry(ip).or_insert(0);
-        if *n >= self.config.smtp.max_connections_per_ip {
+        if *n >= self.live.get().config.smtp.max_connections_per_ip {
             return Err("421 4.7.0 Too many connections from your address\r\n");
         }
         *n += 1;
@@ -159,6 +144,7 @@ impl Smtpd {
     }
 
     async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, implicit_tls: bool) {
+        let snap = self.live.get();
         let local = match stream.local_addr() {
             Ok(a) => a,
             Err(_) => return,
@@ -177,11 +163,15 @@ impl Smtpd {
         let mut implicit = None;
         let mut implicit_cert = None;
         if implicit_tls {
-            let Some(tls) = &self.tls else {
+            let Some(tls) = &snap.server_tls else {
                 tracing::warn!(client = %peer.ip(), "implicit TLS connection but no certificate installed");
                 return;
             };
-            match self.handshake(&mut conn, tls, local.ip(), peer.ip()).await {
+            let timeout = snap.config.tls.handshake_timeout;
+            match self
+                .handshake(&mut conn, tls, timeout, local.ip(), peer.ip())
+                .await
+            {
                 Ok((info, cert)) => {
                     implicit = Some(info);
                     implicit_cert = cert;
@@ -202,16 +192,16 @@ impl Smtpd {
             peer,
             local,
             relay_allowed: verified
-                || (self.config.is_trusted(ip) && self.config.peer_for(ip).is_none()),
-            starttls_available: self.tls.is_some(),
-            tls_required: self.config.is_forced_tls(ip),
+                || (snap.config.is_trusted(ip) && snap.config.peer_for(ip).is_none()),
+            starttls_available: snap.server_tls.is_some(),
+            tls_required: snap.config.is_forced_tls(ip),
             implicit_tls: implicit,
         };
         let mut stats = SessionStats {
             client_cert: implicit_cert,
             ..Default::default()
         };
-        let result = self.run_session(&mut conn, info, &mut stats).await;
+        let result = self.run_session(&snap, &mut conn, info, &mut stats).await;
         let _ = conn.shutdown().await;
         let (tls_v, tls_c) = stats
             .tls
@@ -252,12 +242,13 @@ impl Smtpd {
         &self,
         conn: &mut Conn,
         tls: &ServerTls,
+        timeout: std::time::Duration,
         local: IpAddr,
         client: IpAddr,
     ) -> Result<(TlsInfo, Option<String>), String> {
         let tcp = conn.take_plain().ok_or("already TLS")?;
         let acceptor = TlsAcceptor::from(tls.for_local(local));
-        let hs = tokio::time::timeout(self.config.tls.handshake_timeout, acceptor.accept(tcp))
+        let hs = tokio::time::timeout(timeout, acceptor.accept(tcp))
             .await
             .map_err(|_| "handshake timeout".to_string())?
             .map_err(|e| e.to_string())?;
@@ -290,6 +281,7 @@ impl Smtpd {
 
     async fn run_session(
         &self,
+        snap: &Snapshot,
         conn: &mut Conn,
         info: ClientInfo,
         stats: &mut SessionStats,
@@ -297,7 +289,7 @@ impl Smtpd {
         let local_ip = info.local.ip();
         let client_ip = info.peer.ip();
         stats.tls = info.implicit_tls.clone();
-        let mut session = ServerSession::new(self.params.clone(), info, Instant::now());
+        let mut session = ServerSession::new(snap.params.clone(), info, Instant::now());
         session.set_spool_free(self.spool_free.load(Ordering::Relaxed));
         let mut buf = vec![0u8; READ_BUF];
         let mut sink: Option<BodySink> = None;
@@ -309,10 +301,14 @@ impl Smtpd {
                         if let Err(e) = flush(conn, &mut session).await {
                             return format!("write error: {e}");
                         }
-                        let Some(tls) = &self.tls else {
+                        let Some(tls) = &snap.server_tls else {
                             return "STARTTLS without certificate".into();
                         };
-                        match self.handshake(conn, tls, local_ip, client_ip).await {
+                        let timeout = snap.config.tls.handshake_timeout;
+                        match self
+                            .handshake(conn, tls, timeout, local_ip, client_ip)
+                            .await
+                        {
                             Ok((t, cert)) => {
                                 stats.tls = Some(t.clone());
                                 stats.client_cert = cert;
@@ -334,7 +330,7 @@ impl Smtpd {
                         let header = received_header(&ReceivedFields {
                             helo: session.helo().unwrap_or("unknown"),
                             client_ip,
-                            by: &self.config.hostname,
+                            by: &snap.config.hostname,
                             protocol: session.protocol(),
                             tls,
                             queue_id: id_sink.id(),
