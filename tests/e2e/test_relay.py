@@ -326,3 +326,21 @@ def test_quoted_local_part_relayed_intact(gateways):
     assert "result=Delivered" in line, line
     got = b.wait_message_with(mark.encode())
     assert b'Delivered-To: "john smith"@b.test\r\n' in got
+
+
+def test_outbound_connections_leave_from_bind_address(gateways):
+    """`queue.bind_address`: the next hop sees the configured source address (what its
+    forced-TLS and VPN peer lists match), not whatever the kernel picks."""
+    b = gateways.simple("b", ip="127.0.0.2", hostname="gw-b.test", local_domains=["b.test"],
+                        trusted_networks=[])
+    a = gateways.simple("a", ip="127.0.0.1", hostname="gw-a.test", local_domains=["a.test"],
+                        routes=relay_routes("%s:%d" % b.addr),
+                        queue={"bind_address": "127.0.0.6"})
+    mark = marker("bind")
+    r = Raw(a.addr)
+    r.expect("EHLO client.test", 250)
+    rep = send_raw_message(r, "alice@a.test", ["user@b.test"], message(mark, "alice@a.test", "user@b.test"))
+    assert rep.code == 250, rep
+    got = b.wait_message_with(mark.encode())
+    b_rec = received_headers(got)[0]
+    assert "from gw-a.test ([127.0.0.6])" in b_rec, b_rec

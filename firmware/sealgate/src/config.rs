@@ -83,6 +83,7 @@ struct RawQueue {
     min_free_bytes: Option<u64>,
     max_deliveries: Option<usize>,
     connect_timeout: Option<String>,
+    bind_address: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -196,6 +197,9 @@ pub struct QueueConfig {
     /// Concurrent delivery attempts.
     pub max_deliveries: usize,
     pub connect_timeout: Duration,
+    /// Source address of outbound SMTP connections (Postfix's `smtp_bind_address`); `None`
+    /// lets the kernel choose.
+    pub bind_address: Option<IpAddr>,
 }
 
 /// `tls.downgrade`: the policy engine's own type.
@@ -669,6 +673,15 @@ impl RawConfig {
                 q.connect_timeout.as_ref(),
                 Duration::from_secs(30),
             )?,
+            bind_address: q
+                .bind_address
+                .as_deref()
+                .map(|a| {
+                    a.parse::<IpAddr>().map_err(|_| {
+                        invalid("queue.bind_address", format!("{a:?} is not an IP address"))
+                    })
+                })
+                .transpose()?,
         };
 
         let t = &self.tls;

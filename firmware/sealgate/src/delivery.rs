@@ -746,7 +746,7 @@ impl Queue {
         addr: SocketAddr,
         attempt: &Attempt,
     ) -> Result<ClientConn, String> {
-        let tcp = tokio::time::timeout(config.queue.connect_timeout, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(config.queue.connect_timeout, tcp_connect(config, addr))
             .await
             .map_err(|_| format!("4.4.1 connect to {addr} timed out"))?
             .map_err(|e| format!("4.4.1 connect to {addr}: {e}"))?;
@@ -800,6 +800,21 @@ impl Queue {
         }
         out
     }
+}
+
+/// A TCP connection to `addr`, from `queue.bind_address` when one is configured (of the same
+/// address family; otherwise the kernel chooses).
+async fn tcp_connect(config: &Config, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Some(ip) = config.queue.bind_address
+        && ip.is_ipv4() == addr.is_ipv4()
+    {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(addr).await
 }
 
 /// Maps a reply to an outcome, naming the peer for logs and DSNs.
