@@ -1,6 +1,7 @@
 //! The Sealgate gateway daemon: the runtime layer that owns tokio, sockets, rustls I/O and
 //! files, around the I/O-free protocol machines of `sealgate-proto`.
 
+pub mod blob;
 pub mod cidr;
 pub mod config;
 pub mod conn;

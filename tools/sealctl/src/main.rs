@@ -2,6 +2,7 @@
 //! and images later). `main` only parses arguments and runs the subcommand.
 
 mod client;
+mod hq;
 mod message;
 mod peers;
 mod reply;
@@ -37,6 +38,15 @@ enum Command {
     /// The peer table of a box's state directory: list, reset
     #[command(subcommand)]
     Peers(peers::PeersCommand),
+    /// Generate an HQ config-signing key pair (Ed25519): PREFIX.key and PREFIX.pub
+    ///
+    /// Exit status: 0 written, 1 a file exists already (never overwritten) or cannot be
+    /// written, 2 usage.
+    #[command(verbatim_doc_comment)]
+    Keygen(hq::KeygenArgs),
+    /// Signed config blobs: sign a site TOML, verify and show a blob
+    #[command(subcommand)]
+    Config(hq::ConfigCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,6 +208,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let cli = match cli.command {
         Command::Peers(cmd) => return peers::run(cmd),
+        Command::Keygen(args) => return hq::keygen(args),
+        Command::Config(cmd) => return hq::config(cmd),
         other => Cli { command: other },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -214,6 +226,8 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Smtp(args)) => runtime.block_on(bench_smtp(args)),
         Command::Bench(BenchCommand::Sink(args)) => runtime.block_on(bench_sink(args)),
         Command::Peers(cmd) => peers::run(cmd),
+        Command::Keygen(args) => hq::keygen(args),
+        Command::Config(cmd) => hq::config(cmd),
     }
 }
 

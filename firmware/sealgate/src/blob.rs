@@ -1,0 +1,1468 @@
+//! The signed config blob (F-CONFIG): the wire format HQ's `sealctl config sign` writes and the
+//! box checks before it applies a config, the key rotation it may carry, and the Ed25519 key
+//! files (PEM) HQ signs with.
+//!
+//! # Wire format (format 1)
+//!
+//! ```text
+//! offset  size      field
+//! 0       8         magic  b"SEALCFG\0"
+//! 8       2         format u16 big-endian (= 1)
+//! 10      4         body_len u32 big-endian (<= 1 MiB)
+//! 14      body_len  body = postcard(Body { header: Header, config: String /* TOML text */ })
+//! 14+len  64        Ed25519 signature
+//! ```
+//!
+//! The signature covers `b"sealgate config blob v1\0" || every byte before the signature`
+//! (magic, format, length and body): the domain prefix keeps a config signature from ever
+//! being valid as any other kind of message signed with the same key.
+//!
+//! # Checks, in the box's order (each stops at the first failure with its own error)
+//!
+//! 1. [`decode`]: format only — magic, format version, length bounds, no trailing bytes, the
+//!    body decodes and fills exactly `body_len`, header fields well formed.
+//! 2. [`Blob::verify_signature`]: the header's key id must be trusted (else
+//!    [`BlobError::UnknownKey`], whatever the signature), then Ed25519 over the message above.
+//! 3. [`Blob::check`]: device → sequence (greater applies; equal and byte-identical to the
+//!    stored blob is [`Verdict::NoOp`]; equal but different, or lower, is refused) → time
+//!    window → minimum firmware version.
+//! 4. The daemon: `Config::from_toml` semantic checks → apply → only then store the sequence,
+//!    the blob and [`Blob::trust_after`] (key rotation).
+//!
+//! Key ids are the lower-case hex of the first 8 bytes of SHA-256 of the 32-byte public key
+//! ([`key_id`], [`key_id_hex`]). Key files: public keys are PEM `PUBLIC KEY`
+//! (SubjectPublicKeyInfo of Ed25519), private keys PEM `PRIVATE KEY` (PKCS#8), mode 0600.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use ring::digest;
+use ring::rand::SystemRandom;
+use ring::signature::{ED25519, KeyPair, UnparsedPublicKey};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::SubjectPublicKeyInfoDer;
+use rustls_pki_types::pem::{self, PemObject};
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
+
+pub use ring::signature::Ed25519KeyPair;
+
+/// First bytes of every blob.
+pub const MAGIC: &[u8; 8] = b"SEALCFG\0";
+/// The format version this build writes and reads.
+pub const FORMAT: u16 = 1;
+/// Largest body (postcard header + TOML).
+pub const MAX_BODY: usize = 1 << 20;
+/// Bytes before the body: magic, format, body length.
+pub const PREFIX_LEN: usize = 8 + 2 + 4;
+/// Bytes of the Ed25519 signature at the end.
+pub const SIGNATURE_LEN: usize = 64;
+/// Largest blob: prefix, largest body, signature.
+pub const MAX_BLOB: usize = PREFIX_LEN + MAX_BODY + SIGNATURE_LEN;
+/// The signature's domain separation prefix.
+pub const DOMAIN: &[u8] = b"sealgate config blob v1\0";
+/// Most keys one blob may add, and most it may retire.
+pub const MAX_KEY_CHANGES: usize = 16;
+/// Longest device serial in a header.
+pub const MAX_SERIAL: usize = 128;
+/// Longest minimum firmware version string.
+pub const MAX_VERSION: usize = 64;
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo; the 32-byte key follows.
+pub const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// The signed header of a config blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Id of the key that signed the blob ([`key_id`] of its public key).
+    pub key_id: [u8; 8],
+    /// The serial of the one box this blob is for; `None` = any box.
+    pub device: Option<String>,
+    /// Monotonic: a box applies only a sequence greater than the one it stored.
+    pub sequence: u64,
+    /// Unix seconds (UTC) before which the box refuses the blob; 0 = no lower bound.
+    pub not_before: u64,
+    /// Unix seconds (UTC) after which the box refuses the blob; `None` = no end.
+    pub not_after: Option<u64>,
+    /// Lowest firmware version (numeric, dotted: `0.2.0`) that may apply it; `""` = any.
+    pub min_firmware: String,
+    /// Config-signing public keys the box trusts from now on.
+    pub add_keys: Vec<[u8; 32]>,
+    /// Ids of config-signing keys the box stops trusting (applied after `add_keys`).
+    pub retire_keys: Vec<[u8; 8]>,
+}
+
+/// What the box learns from the blob's check: apply it, or it is the blob already applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A newer config: run the semantic checks and apply it.
+    Apply,
+    /// Same sequence and the very bytes already applied: nothing to do.
+    NoOp,
+}
+
+/// What [`Blob::check`] compares the blob against.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// This box's serial.
+    pub serial: &'a str,
+    /// Sequence of the last applied blob (`counter/config_seq`); `None` = none applied yet.
+    pub stored_sequence: Option<u64>,
+    /// The bytes of the last applied blob (`config/current`).
+    pub stored_blob: Option<&'a [u8]>,
+    /// Unix seconds now.
+    pub now: u64,
+    /// This firmware's version (`env!("CARGO_PKG_VERSION")`).
+    pub firmware: &'a str,
+}
+
+/// Why a blob was refused. Each message starts with the check that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlobError {
+    #[error("format: truncated: the data ends before the blob does")]
+    Truncated,
+    #[error("format: not a Sealgate config blob (bad magic)")]
+    BadMagic,
+    #[error("format: unsupported format version {0} (this build reads version {FORMAT})")]
+    UnsupportedFormat(u16),
+    #[error("format: body larger than {MAX_BODY} bytes")]
+    TooLarge,
+    #[error("format: {0} trailing bytes after the signature")]
+    TrailingBytes(usize),
+    #[error("format: the length field says {declared} body bytes but the body ends after {used}")]
+    LengthMismatch { declared: usize, used: usize },
+    #[error("format: malformed body: {0}")]
+    Malformed(String),
+    #[error("signature: signed by key {0}, which is not trusted")]
+    UnknownKey(String),
+    #[error("signature: does not verify (altered, or not signed by the key it names)")]
+    BadSignature,
+    #[error("device: the blob is for device {blob}, this device is {this}")]
+    WrongDevice { blob: String, this: String },
+    #[error("sequence: the blob's sequence {blob} is lower than the stored {stored} (replayed)")]
+    Replayed { blob: u64, stored: u64 },
+    #[error(
+        "sequence: the blob has the stored sequence {0} but different content (a new config \
+         needs a higher sequence)"
+    )]
+    SameSequenceDifferentContent(u64),
+    #[error("time window: not valid before {}, now is {}", format_utc(*.not_before), format_utc(*.now))]
+    NotYetValid { not_before: u64, now: u64 },
+    #[error("time window: expired at {}, now is {}", format_utc(*.not_after), format_utc(*.now))]
+    Expired { not_after: u64, now: u64 },
+    #[error("firmware: the blob needs firmware {need} or later, this is {have}")]
+    NeedsFirmware { need: String, have: String },
+    #[error("key rotation: the blob would retire the last trusted config-signing key")]
+    LastKeyRetired,
+}
+
+/// A decoded blob: its bytes and what they say. Decoding checked the format only; see
+/// [`Blob::verify_signature`] and [`Blob::check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    bytes: Vec<u8>,
+    header: Header,
+    config: String,
+}
+
+#[derive(Serialize)]
+struct BodyRef<'a> {
+    header: &'a Header,
+    config: &'a str,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    header: Header,
+    config: String,
+}
+
+/// Signs `header` and `config_toml` into a blob. The header is taken as given: its `key_id`
+/// should be [`key_id_of`]`(key)` (or the box refuses the blob as signed by another key).
+/// A body over [`MAX_BODY`] yields a blob [`decode`] refuses (`TooLarge`); callers that take
+/// outside input decode their result.
+pub fn sign(header: Header, config_toml: &str, key: &Ed25519KeyPair) -> Vec<u8> {
+    let body = BodyRef {
+        header: &header,
+        config: config_toml,
+    };
+    // Serializing plain structs of integers, strings and byte arrays into a Vec cannot fail.
+    let body = postcard::to_stdvec(&body).unwrap_or_default();
+    let body_len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(PREFIX_LEN + body.len() + SIGNATURE_LEN);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT.to_be_bytes());
+    out.extend_from_slice(&body_len.to_be_bytes());
+    out.extend_from_slice(&body);
+    let signature = key.sign(&signed_message(&out));
+    out.extend_from_slice(signature.as_ref());
+    out
+}
+
+fn signed_message(signed_part: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(DOMAIN.len() + signed_part.len());
+    msg.extend_from_slice(DOMAIN);
+    msg.extend_from_slice(signed_part);
+    msg
+}
+
+/// Checks the format of `bytes` and decodes the header and config text. Checks nothing a key
+/// or the box's state is needed for.
+pub fn decode(bytes: &[u8]) -> Result<Blob, BlobError> {
+    let magic_len = bytes.len().min(MAGIC.len());
+    if bytes[..magic_len] != MAGIC[..magic_len] {
+        return Err(BlobError::BadMagic);
+    }
+    let Some(format) = bytes.get(8..10) else {
+        return Err(BlobError::Truncated);
+    };
+    let format = u16::from_be_bytes([format[0], format[1]]);
+    if format != FORMAT {
+        return Err(BlobError::UnsupportedFormat(format));
+    }
+    let Some(len) = bytes.get(10..PREFIX_LEN) else {
+        return Err(BlobError::Truncated);
+    };
+    let declared = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if declared > MAX_BODY {
+        return Err(BlobError::TooLarge);
+    }
+    let total = PREFIX_LEN + declared + SIGNATURE_LEN;
+    if bytes.len() < total {
+        return Err(BlobError::Truncated);
+    }
+    if bytes.len() > total {
+        return Err(BlobError::TrailingBytes(bytes.len() - total));
+    }
+    let body = &bytes[PREFIX_LEN..PREFIX_LEN + declared];
+    let (body, rest) = postcard::take_from_bytes::<Body>(body)
+        .map_err(|e| BlobError::Malformed(format!("body does not decode: {e}")))?;
+    if !rest.is_empty() {
+        return Err(BlobError::LengthMismatch {
+            declared,
+            used: declared - rest.len(),
+        });
+    }
+    check_header(&body.header).map_err(BlobError::Malformed)?;
+    Ok(Blob {
+        bytes: bytes.to_vec(),
+        header: body.header,
+        config: body.config,
+    })
+}
+
+/// Well-formedness of header fields (not their meaning for this box).
+fn check_header(h: &Header) -> Result<(), String> {
+    if let Some(device) = &h.device
+        && (device.is_empty()
+            || device.len() > MAX_SERIAL
+            || device.chars().any(|c| c.is_control() || c.is_whitespace()))
+    {
+        return Err(format!(
+            "device serial {device:?}: must be 1 to {MAX_SERIAL} bytes without spaces or controls"
+        ));
+    }
+    if let Some(not_after) = h.not_after
+        && not_after < h.not_before
+    {
+        return Err(format!(
+            "not_after {} is before not_before {}",
+            format_utc(not_after),
+            format_utc(h.not_before)
+        ));
+    }
+    if !h.min_firmware.is_empty() && parse_version(&h.min_firmware).is_none() {
+        return Err(format!(
+            "min_firmware {:?}: not a dotted numeric version like 0.2.0",
+            h.min_firmware
+        ));
+    }
+    if h.add_keys.len() > MAX_KEY_CHANGES || h.retire_keys.len() > MAX_KEY_CHANGES {
+        return Err(format!(
+            "{} keys added and {} retired: at most {MAX_KEY_CHANGES} each",
+            h.add_keys.len(),
+            h.retire_keys.len()
+        ));
+    }
+    for added in &h.add_keys {
+        let id = key_id(added);
+        if h.retire_keys.contains(&id) {
+            return Err(format!("key {} is both added and retired", key_id_hex(&id)));
+        }
+    }
+    Ok(())
+}
+
+impl Blob {
+    /// The signed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The config, as the TOML text HQ wrote.
+    pub fn config_toml(&self) -> &str {
+        &self.config
+    }
+
+    /// The blob's bytes as decoded (what the box stores as `config/current`).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Length of the body (postcard header + config).
+    pub fn body_len(&self) -> usize {
+        self.bytes.len() - PREFIX_LEN - SIGNATURE_LEN
+    }
+
+    /// The signature: the key named in the header must be in `trusted` (key id → public key),
+    /// else `UnknownKey` whatever the signature; then Ed25519 over the domain-separated message.
+    pub fn verify_signature(&self, trusted: &BTreeMap<[u8; 8], [u8; 32]>) -> Result<(), BlobError> {
+        let Some(public) = trusted.get(&self.header.key_id) else {
+            return Err(BlobError::UnknownKey(key_id_hex(&self.header.key_id)));
+        };
+        let split = self.bytes.len() - SIGNATURE_LEN;
+        let (signed, signature) = self.bytes.split_at(split);
+        UnparsedPublicKey::new(&ED25519, public)
+            .verify(&signed_message(signed), signature)
+            .map_err(|_| BlobError::BadSignature)
+    }
+
+    /// The device check alone: a blob for another serial is refused (one for any device is
+    /// not).
+    pub fn check_device(&self, serial: &str) -> Result<(), BlobError> {
+        match &self.header.device {
+            Some(device) if device != serial => Err(BlobError::WrongDevice {
+                blob: device.clone(),
+                this: serial.to_owned(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The box's checks after the signature, in order: device → sequence → time window →
+    /// firmware version. Equal sequence and the identical bytes already applied is
+    /// [`Verdict::NoOp`] (the later checks are not made: nothing changes).
+    pub fn check(&self, ctx: &Context) -> Result<Verdict, BlobError> {
+        self.check_device(ctx.serial)?;
+        let h = &self.header;
+        if let Some(stored) = ctx.stored_sequence {
+            if h.sequence < stored {
+                return Err(BlobError::Replayed {
+                    blob: h.sequence,
+                    stored,
+                });
+            }
+            if h.sequence == stored {
+                return if ctx.stored_blob == Some(self.bytes.as_slice()) {
+                    Ok(Verdict::NoOp)
+                } else {
+                    Err(BlobError::SameSequenceDifferentContent(stored))
+                };
+            }
+        }
+        if ctx.now < h.not_before {
+            return Err(BlobError::NotYetValid {
+                not_before: h.not_before,
+                now: ctx.now,
+            });
+        }
+        if let Some(not_after) = h.not_after
+            && ctx.now > not_after
+        {
+            return Err(BlobError::Expired {
+                not_after,
+                now: ctx.now,
+            });
+        }
+        if !firmware_suffices(&h.min_firmware, ctx.firmware) {
+            return Err(BlobError::NeedsFirmware {
+                need: h.min_firmware.clone(),
+                have: ctx.firmware.to_owned(),
+            });
+        }
+        Ok(Verdict::Apply)
+    }
+
+    /// The trusted config-signing keys once this blob is applied: `trusted` plus `add_keys`,
+    /// minus `retire_keys` (ids not trusted are ignored). At least one key must remain.
+    pub fn trust_after(
+        &self,
+        trusted: &BTreeMap<[u8; 8], [u8; 32]>,
+    ) -> Result<BTreeMap<[u8; 8], [u8; 32]>, BlobError> {
+        let mut after = trusted.clone();
+        for key in &self.header.add_keys {
+            after.insert(key_id(key), *key);
+        }
+        for id in &self.header.retire_keys {
+            after.remove(id);
+        }
+        if after.is_empty() {
+            return Err(BlobError::LastKeyRetired);
+        }
+        Ok(after)
+    }
+}
+
+/// A dotted numeric version (`1`, `0.2`, `0.2.10`) as its components without trailing zeros,
+/// so that `0.2` and `0.2.0` compare equal. `None` if not of that form.
+pub fn parse_version(s: &str) -> Option<Vec<u64>> {
+    if s.len() > MAX_VERSION {
+        return None;
+    }
+    let mut parts = s
+        .split('.')
+        .map(|p| {
+            if p.is_empty() || p.len() > 18 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                None
+            } else {
+                p.parse::<u64>().ok()
+            }
+        })
+        .collect::<Option<Vec<u64>>>()?;
+    while parts.last() == Some(&0) {
+        parts.pop();
+    }
+    Some(parts)
+}
+
+/// Whether firmware `have` (a crate version; a `-pre` or `+build` suffix is ignored) is at
+/// least `need` (`""` = any). An unreadable `have` never suffices.
+pub fn firmware_suffices(need: &str, have: &str) -> bool {
+    if need.is_empty() {
+        return true;
+    }
+    let have = have.split(['-', '+']).next().unwrap_or("");
+    match (parse_version(need), parse_version(have)) {
+        (Some(need), Some(have)) => have >= need,
+        _ => false,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys and key ids.
+
+/// The key id of a public key: the first 8 bytes of its SHA-256.
+pub fn key_id(public_key: &[u8; 32]) -> [u8; 8] {
+    let d = digest::digest(&digest::SHA256, public_key);
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&d.as_ref()[..8]);
+    id
+}
+
+/// A key id in its written form: 16 lower-case hex digits.
+pub fn key_id_hex(id: &[u8; 8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses a written key id (16 hex digits, either case).
+pub fn parse_key_id(s: &str) -> Option<[u8; 8]> {
+    if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut id = [0u8; 8];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
+/// The 32-byte public key of a key pair.
+pub fn public_key_of(key: &Ed25519KeyPair) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(key.public_key().as_ref());
+    out
+}
+
+/// The key id of a key pair's public key.
+pub fn key_id_of(key: &Ed25519KeyPair) -> [u8; 8] {
+    key_id(&public_key_of(key))
+}
+
+/// An error reading or writing a key file; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path}: cannot write: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("{path}: already exists; refusing to overwrite it")]
+    Exists { path: PathBuf },
+    #[error("{path}: no PEM \"{label}\" block: {reason}")]
+    NotPem {
+        path: PathBuf,
+        label: &'static str,
+        reason: String,
+    },
+    #[error(
+        "{path}: not an Ed25519 public key (a {len}-byte SubjectPublicKeyInfo; Ed25519's is 44 \
+         bytes)"
+    )]
+    NotEd25519Public { path: PathBuf, len: usize },
+    #[error("{path}: not a usable Ed25519 private key (PKCS#8): {reason}")]
+    BadPrivateKey { path: PathBuf, reason: String },
+    #[error(
+        "{path}: private key file is accessible to group or others (mode {mode:o}); chmod 600 it"
+    )]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error("generating a key: the system random source failed")]
+    Random,
+}
+
+/// Largest key file read.
+const MAX_KEY_FILE: u64 = 64 * 1024;
+
+fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
+    let read_err = |source| KeyFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(read_err)?;
+    let mut data = Zeroizing::new(Vec::new());
+    file.take(MAX_KEY_FILE)
+        .read_to_end(&mut data)
+        .map_err(read_err)?;
+    Ok(data)
+}
+
+fn pem_reason(e: pem::Error) -> String {
+    match e {
+        pem::Error::NoItemsFound => "none found".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// Parses a PEM `PUBLIC KEY` (Ed25519 SubjectPublicKeyInfo); `path` names the source in errors.
+pub fn parse_public_key_pem(pem: &[u8], path: &Path) -> Result<[u8; 32], KeyFileError> {
+    let spki = SubjectPublicKeyInfoDer::from_pem_slice(pem).map_err(|e| KeyFileError::NotPem {
+        path: path.to_path_buf(),
+        label: "PUBLIC KEY",
+        reason: pem_reason(e),
+    })?;
+    let der: &[u8] = spki.as_ref();
+    match der.strip_prefix(&ED25519_SPKI_PREFIX[..]) {
+        Some(key) if key.len() == 32 => {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(key);
+            Ok(out)
+        }
+        _ => Err(KeyFileError::NotEd25519Public {
+            path: path.to_path_buf(),
+            len: der.len(),
+        }),
+    }
+}
+
+/// Reads an Ed25519 public key file (PEM `PUBLIC KEY`).
+pub fn read_public_key(path: &Path) -> Result<[u8; 32], KeyFileError> {
+    let data = read_key_file(path)?;
+    parse_public_key_pem(&data, path)
+}
+
+/// Parses a PEM `PRIVATE KEY` (Ed25519 PKCS#8, v1 or v2); `path` names the source in errors.
+pub fn parse_private_key_pem(pem: &[u8], path: &Path) -> Result<Ed25519KeyPair, KeyFileError> {
+    let mut der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|e| KeyFileError::NotPem {
+        path: path.to_path_buf(),
+        label: "PRIVATE KEY",
+        reason: pem_reason(e),
+    })?;
+    let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_pkcs8_der()).map_err(|e| {
+        KeyFileError::BadPrivateKey {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    });
+    der.zeroize();
+    key
+}
+
+/// Reads an Ed25519 private key file (PEM `PRIVATE KEY`); refuses one that group or others may
+/// access.
+/// (The mode is judged after parsing, so that a wrong kind of file is reported as such.)
+pub fn read_private_key(path: &Path) -> Result<Ed25519KeyPair, KeyFileError> {
+    let data = read_key_file(path)?;
+    let key = parse_private_key_pem(&data, path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(|source| KeyFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mode = meta.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyFileError::Permissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    Ok(key)
+}
+
+/// A new Ed25519 key as PKCS#8 DER (v2, as ring generates it).
+pub fn generate_key() -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
+    let doc =
+        Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyFileError::Random)?;
+    Ok(Zeroizing::new(doc.as_ref().to_vec()))
+}
+
+/// The PEM `PUBLIC KEY` text of an Ed25519 public key.
+pub fn public_key_pem(public_key: &[u8; 32]) -> String {
+    let mut der = ED25519_SPKI_PREFIX.to_vec();
+    der.extend_from_slice(public_key);
+    pem_encode("PUBLIC KEY", &der)
+}
+
+/// The PEM `PRIVATE KEY` text of a PKCS#8 DER key.
+pub fn private_key_pem(pkcs8_der: &[u8]) -> Zeroizing<String> {
+    Zeroizing::new(pem_encode("PRIVATE KEY", pkcs8_der))
+}
+
+/// Writes a new file with `mode` (never replacing one), synced to disk.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyFileError> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options.open(path).map_err(|source| {
+        if source.kind() == io::ErrorKind::AlreadyExists {
+            KeyFileError::Exists {
+                path: path.to_path_buf(),
+            }
+        } else {
+            KeyFileError::Write {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|source| KeyFileError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Writes a new private key file (PEM `PRIVATE KEY`, mode 0600); an existing file is refused.
+pub fn write_private_key(path: &Path, pkcs8_der: &[u8]) -> Result<(), KeyFileError> {
+    write_new(path, private_key_pem(pkcs8_der).as_bytes(), 0o600)
+}
+
+/// Writes a new public key file (PEM `PUBLIC KEY`, mode 0644); an existing file is refused.
+pub fn write_public_key(path: &Path, public_key: &[u8; 32]) -> Result<(), KeyFileError> {
+    write_new(path, public_key_pem(public_key).as_bytes(), 0o644)
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk.len();
+        let v = (u32::from(chunk[0]) << 16)
+            | (u32::from(chunk.get(1).copied().unwrap_or(0)) << 8)
+            | u32::from(chunk.get(2).copied().unwrap_or(0));
+        for i in 0..4 {
+            if i <= n {
+                b64.push(ALPHABET[((v >> (18 - 6 * i)) & 63) as usize]);
+            } else {
+                b64.push(b'=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.chunks(64) {
+        out.extend(line.iter().map(|&b| char::from(b)));
+        out.push('\n');
+    }
+    b64.zeroize();
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dates (UTC, Unix seconds).
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day number since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Unix seconds as RFC 3339 UTC: `2026-11-26T22:11:36Z`.
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Parses `YYYY-MM-DD` (00:00:00 UTC of that day) or `YYYY-MM-DDTHH:MM:SSZ` into Unix seconds.
+/// Years 1970 to 9999; the date must exist; no leap seconds, no other offsets than `Z`.
+pub fn parse_utc(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 10 && b.len() != 20 {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<u32> {
+        let part = b.get(range)?;
+        if !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        Some(
+            part.iter()
+                .fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0')),
+        )
+    };
+    if b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    if year < 1970 || !(1..=12).contains(&month) {
+        return None;
+    }
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if day == 0 || day > month_days {
+        return None;
+    }
+    let mut secs = 0u64;
+    if b.len() == 20 {
+        if b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z' {
+            return None;
+        }
+        let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        if h > 23 || mi > 59 || se > 59 {
+            return None;
+        }
+        secs = u64::from(h) * 3600 + u64::from(mi) * 60 + u64::from(se);
+    }
+    let days = u64::try_from(days_from_civil(i64::from(year), month, day)).ok()?;
+    Some(days * 86_400 + secs)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn key(seed: u8) -> Ed25519KeyPair {
+        Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap()
+    }
+
+    fn header(key: &Ed25519KeyPair) -> Header {
+        Header {
+            key_id: key_id_of(key),
+            device: Some("DEV-0000ABCD".into()),
+            sequence: 7,
+            not_before: 1_000,
+            not_after: Some(2_000),
+            min_firmware: "0.1.0".into(),
+            add_keys: vec![],
+            retire_keys: vec![],
+        }
+    }
+
+    const TOML: &str = "[smtp]\nlisten = [\"127.0.0.1:25\"]\n";
+
+    fn trusted(keys: &[&Ed25519KeyPair]) -> BTreeMap<[u8; 8], [u8; 32]> {
+        keys.iter()
+            .map(|k| (key_id_of(k), public_key_of(k)))
+            .collect()
+    }
+
+    fn ctx<'a>() -> Context<'a> {
+        Context {
+            serial: "DEV-0000ABCD",
+            stored_sequence: Some(6),
+            stored_blob: None,
+            now: 1_500,
+            firmware: "0.1.0",
+        }
+    }
+
+    /// Re-frames a body (postcard bytes) as a signed blob.
+    fn frame(body: &[u8], key: &Ed25519KeyPair) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&FORMAT.to_be_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(body);
+        let sig = key.sign(&signed_message(&out));
+        out.extend_from_slice(sig.as_ref());
+        out
+    }
+
+    #[test]
+    fn round_trip() {
+        let k = key(1);
+        let bytes = sign(header(&k), TOML, &k);
+        let blob = decode(&bytes).unwrap();
+        assert_eq!(blob.header(), &header(&k));
+        assert_eq!(blob.config_toml(), TOML);
+        assert_eq!(blob.bytes(), &bytes[..]);
+        assert_eq!(blob.body_len(), bytes.len() - PREFIX_LEN - SIGNATURE_LEN);
+        assert_eq!(&bytes[..8], MAGIC);
+        assert_eq!(&bytes[8..10], &[0, 1]);
+        blob.verify_signature(&trusted(&[&k])).unwrap();
+        assert_eq!(blob.check(&ctx()), Ok(Verdict::Apply));
+    }
+
+    #[test]
+    fn signature_is_over_the_domain_separated_message() {
+        let k = key(1);
+        let bytes = sign(header(&k), TOML, &k);
+        let (signed, sig) = bytes.split_at(bytes.len() - 64);
+        let mut msg = b"sealgate config blob v1\0".to_vec();
+        msg.extend_from_slice(signed);
+        UnparsedPublicKey::new(&ED25519, public_key_of(&k))
+            .verify(&msg, sig)
+            .unwrap();
+        // Not over the bare bytes.
+        assert!(
+            UnparsedPublicKey::new(&ED25519, public_key_of(&k))
+                .verify(signed, sig)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn truncated_at_every_length() {
+        let k = key(1);
+        let bytes = sign(header(&k), TOML, &k);
+        for n in 0..bytes.len() {
+            assert_eq!(decode(&bytes[..n]), Err(BlobError::Truncated), "length {n}");
+        }
+    }
+
+    #[test]
+    fn format_errors() {
+        let k = key(1);
+        let bytes = sign(header(&k), TOML, &k);
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert_eq!(decode(&bad), Err(BlobError::BadMagic));
+        assert_eq!(decode(b"SEALX"), Err(BlobError::BadMagic));
+        assert_eq!(decode(b"#!toml\n[smtp]"), Err(BlobError::BadMagic));
+        let mut bad = bytes.clone();
+        bad[9] = 2;
+        assert_eq!(decode(&bad), Err(BlobError::UnsupportedFormat(2)));
+        assert_eq!(decode(&bad[..10]), Err(BlobError::UnsupportedFormat(2)));
+        let mut bad = bytes.clone();
+        bad[10..14].copy_from_slice(&((MAX_BODY as u32) + 1).to_be_bytes());
+        assert_eq!(decode(&bad), Err(BlobError::TooLarge));
+        assert_eq!(decode(&bad[..14]), Err(BlobError::TooLarge));
+        let mut bad = bytes.clone();
+        bad.extend_from_slice(b"xyz");
+        assert_eq!(decode(&bad), Err(BlobError::TrailingBytes(3)));
+        // A body shorter than its declared length: the signature region moves, so frame it.
+        let mut body = postcard::to_stdvec(&BodyRef {
+            header: &header(&k),
+            config: TOML,
+        })
+        .unwrap();
+        let used = body.len();
+        body.extend_from_slice(&[0, 0]);
+        assert_eq!(
+            decode(&frame(&body, &k)),
+            Err(BlobError::LengthMismatch {
+                declared: used + 2,
+                used
+            })
+        );
+        // Bytes that are no postcard body.
+        let garbage = frame(&[0xff; 40], &k);
+        assert!(matches!(decode(&garbage), Err(BlobError::Malformed(_))));
+        let cut = frame(&body[..used / 2], &k);
+        assert!(matches!(decode(&cut), Err(BlobError::Malformed(_))));
+        // The largest body is accepted as far as length goes.
+        let mut huge = MAGIC.to_vec();
+        huge.extend_from_slice(&FORMAT.to_be_bytes());
+        huge.extend_from_slice(&(MAX_BODY as u32).to_be_bytes());
+        huge.resize(MAX_BLOB, 0);
+        // (All zeros is a valid empty body followed by padding.)
+        assert!(matches!(
+            decode(&huge),
+            Err(BlobError::LengthMismatch {
+                declared: MAX_BODY,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn header_field_checks() {
+        let k = key(1);
+        let malformed = |h: Header, what: &str| {
+            let bytes = sign(h, TOML, &k);
+            match decode(&bytes) {
+                Err(BlobError::Malformed(m)) => assert!(m.contains(what), "{m}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        };
+        malformed(
+            Header {
+                device: Some(String::new()),
+                ..header(&k)
+            },
+            "device serial",
+        );
+        malformed(
+            Header {
+                device: Some("DEV 1".into()),
+                ..header(&k)
+            },
+            "device serial",
+        );
+        malformed(
+            Header {
+                not_after: Some(999),
+                ..header(&k)
+            },
+            "not_after",
+        );
+        malformed(
+            Header {
+                min_firmware: "1.x".into(),
+                ..header(&k)
+            },
+            "min_firmware",
+        );
+        malformed(
+            Header {
+                add_keys: vec![[9; 32]; MAX_KEY_CHANGES + 1],
+                ..header(&k)
+            },
+            "at most",
+        );
+        malformed(
+            Header {
+                add_keys: vec![[9; 32]],
+                retire_keys: vec![key_id(&[9; 32])],
+                ..header(&k)
+            },
+            "both added and retired",
+        );
+        // Any device, no end, any firmware: fine.
+        let bytes = sign(
+            Header {
+                device: None,
+                not_after: None,
+                min_firmware: String::new(),
+                ..header(&k)
+            },
+            TOML,
+            &k,
+        );
+        decode(&bytes).unwrap();
+    }
+
+    #[test]
+    fn signature_errors() {
+        let k = key(1);
+        let other = key(2);
+        let bytes = sign(header(&k), TOML, &k);
+        let blob = decode(&bytes).unwrap();
+        assert_eq!(
+            blob.verify_signature(&trusted(&[&other])),
+            Err(BlobError::UnknownKey(key_id_hex(&key_id_of(&k))))
+        );
+        assert_eq!(
+            blob.verify_signature(&BTreeMap::new())
+                .map_err(|e| matches!(e, BlobError::UnknownKey(_))),
+            Err(true)
+        );
+        // Signed by another key that claims k's id.
+        let forged = decode(&sign(header(&k), TOML, &other)).unwrap();
+        assert_eq!(
+            forged.verify_signature(&trusted(&[&k, &other])),
+            Err(BlobError::BadSignature)
+        );
+        // Every single-bit flip of the signed part or the signature is caught (by some check).
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            if let Ok(blob) = decode(&bad) {
+                assert!(blob.verify_signature(&trusted(&[&k])).is_err(), "byte {i}");
+            }
+        }
+        // Config text altered after signing.
+        let mut bad = bytes.clone();
+        let at = bad.len() - 64 - 3;
+        bad[at] = b'X';
+        let blob = decode(&bad).unwrap();
+        assert_eq!(
+            blob.verify_signature(&trusted(&[&k])),
+            Err(BlobError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_reported_before_a_bad_signature() {
+        let k = key(1);
+        let mut bytes = sign(header(&k), TOML, &k);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        let blob = decode(&bytes).unwrap();
+        assert!(matches!(
+            blob.verify_signature(&trusted(&[&key(2)])),
+            Err(BlobError::UnknownKey(_))
+        ));
+        assert_eq!(
+            blob.verify_signature(&trusted(&[&k])),
+            Err(BlobError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn check_errors() {
+        let k = key(1);
+        let bytes = sign(header(&k), TOML, &k);
+        let blob = decode(&bytes).unwrap();
+        assert_eq!(
+            blob.check(&Context {
+                serial: "DEV-FFFF0000",
+                ..ctx()
+            }),
+            Err(BlobError::WrongDevice {
+                blob: "DEV-0000ABCD".into(),
+                this: "DEV-FFFF0000".into()
+            })
+        );
+        assert_eq!(
+            blob.check(&Context {
+                stored_sequence: Some(8),
+                ..ctx()
+            }),
+            Err(BlobError::Replayed { blob: 7, stored: 8 })
+        );
+        assert_eq!(
+            blob.check(&Context {
+                stored_sequence: Some(7),
+                ..ctx()
+            }),
+            Err(BlobError::SameSequenceDifferentContent(7))
+        );
+        let other_bytes = sign(header(&k), "# other\n", &k);
+        assert_eq!(
+            blob.check(&Context {
+                stored_sequence: Some(7),
+                stored_blob: Some(&other_bytes),
+                ..ctx()
+            }),
+            Err(BlobError::SameSequenceDifferentContent(7))
+        );
+        assert_eq!(
+            blob.check(&Context {
+                stored_sequence: Some(7),
+                stored_blob: Some(&bytes),
+                ..ctx()
+            }),
+            Ok(Verdict::NoOp)
+        );
+        assert_eq!(
+            blob.check(&Context {
+                stored_sequence: None,
+                ..ctx()
+            }),
+            Ok(Verdict::Apply)
+        );
+        assert_eq!(
+            blob.check(&Context { now: 999, ..ctx() }),
+            Err(BlobError::NotYetValid {
+                not_before: 1_000,
+                now: 999
+            })
+        );
+        assert_eq!(
+            blob.check(&Context {
+                now: 1_000,
+                ..ctx()
+            }),
+            Ok(Verdict::Apply)
+        );
+        assert_eq!(
+            blob.check(&Context {
+                now: 2_000,
+                ..ctx()
+            }),
+            Ok(Verdict::Apply)
+        );
+        assert_eq!(
+            blob.check(&Context {
+                now: 2_001,
+                ..ctx()
+            }),
+            Err(BlobError::Expired {
+                not_after: 2_000,
+                now: 2_001
+            })
+        );
+        assert_eq!(
+            blob.check(&Context {
+                firmware: "0.0.9",
+                ..ctx()
+            }),
+            Err(BlobError::NeedsFirmware {
+                need: "0.1.0".into(),
+                have: "0.0.9".into()
+            })
+        );
+        assert_eq!(
+            blob.check(&Context {
+                firmware: "0.1",
+                ..ctx()
+            }),
+            Ok(Verdict::Apply)
+        );
+        // Any device.
+        let any = decode(&sign(
+            Header {
+                device: None,
+                ..header(&k)
+            },
+            TOML,
+            &k,
+        ))
+        .unwrap();
+        assert_eq!(
+            any.check(&Context {
+                serial: "ANY-THING",
+                ..ctx()
+            }),
+            Ok(Verdict::Apply)
+        );
+    }
+
+    #[test]
+    fn check_order() {
+        let k = key(1);
+        let blob = decode(&sign(header(&k), TOML, &k)).unwrap();
+        // Every check fails at once: the device is reported.
+        let all_bad = Context {
+            serial: "DEV-FFFF0000",
+            stored_sequence: Some(9),
+            stored_blob: None,
+            now: 5_000,
+            firmware: "0.0.1",
+        };
+        assert!(matches!(
+            blob.check(&all_bad),
+            Err(BlobError::WrongDevice { .. })
+        ));
+        let mut c = Context {
+            serial: "DEV-0000ABCD",
+            ..all_bad
+        };
+        assert!(matches!(blob.check(&c), Err(BlobError::Replayed { .. })));
+        c.stored_sequence = Some(7);
+        assert!(matches!(
+            blob.check(&c),
+            Err(BlobError::SameSequenceDifferentContent(7))
+        ));
+        c.stored_sequence = Some(1);
+        assert!(matches!(blob.check(&c), Err(BlobError::Expired { .. })));
+        c.now = 1;
+        assert!(matches!(blob.check(&c), Err(BlobError::NotYetValid { .. })));
+        c.now = 1_500;
+        assert!(matches!(
+            blob.check(&c),
+            Err(BlobError::NeedsFirmware { .. })
+        ));
+        c.firmware = env!("CARGO_PKG_VERSION");
+        assert_eq!(blob.check(&c), Ok(Verdict::Apply));
+    }
+
+    #[test]
+    fn decode_before_signature_before_check() {
+        // A blob by an unknown key, for another device, replayed: the box's first failing step
+        // is the signature; a truncated copy of it fails at the format.
+        let k = key(1);
+        let bytes = sign(header(&k), TOML, &k);
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), Err(BlobError::Truncated));
+        let blob = decode(&bytes).unwrap();
+        let err = blob.verify_signature(&trusted(&[&key(2)])).and_then(|()| {
+            blob.check(&Context {
+                serial: "OTHER",
+                stored_sequence: Some(100),
+                ..ctx()
+            })
+            .map(|_| ())
+        });
+        assert!(matches!(err, Err(BlobError::UnknownKey(_))));
+    }
+
+    #[test]
+    fn key_rotation() {
+        let old = key(1);
+        let new = key(2);
+        let h = Header {
+            add_keys: vec![public_key_of(&new)],
+            retire_keys: vec![key_id_of(&old)],
+            ..header(&old)
+        };
+        let blob = decode(&sign(h, TOML, &old)).unwrap();
+        let before = trusted(&[&old]);
+        blob.verify_signature(&before).unwrap();
+        let after = blob.trust_after(&before).unwrap();
+        assert_eq!(after, trusted(&[&new]));
+        // The next blob must be signed by the new key.
+        let next = decode(&sign(header(&old), TOML, &old)).unwrap();
+        assert!(matches!(
+            next.verify_signature(&after),
+            Err(BlobError::UnknownKey(_))
+        ));
+        // Retiring the only key without a replacement is refused.
+        let h = Header {
+            retire_keys: vec![key_id_of(&old)],
+            ..header(&old)
+        };
+        let blob = decode(&sign(h, TOML, &old)).unwrap();
+        assert_eq!(blob.trust_after(&before), Err(BlobError::LastKeyRetired));
+        // ... but fine while another stays; unknown ids are ignored.
+        let h = Header {
+            retire_keys: vec![key_id_of(&old), [0xaa; 8]],
+            ..header(&old)
+        };
+        let blob = decode(&sign(h, TOML, &old)).unwrap();
+        assert_eq!(
+            blob.trust_after(&trusted(&[&old, &new])).unwrap(),
+            trusted(&[&new])
+        );
+        // No changes: the same set.
+        let blob = decode(&sign(header(&old), TOML, &old)).unwrap();
+        assert_eq!(blob.trust_after(&before).unwrap(), before);
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("0.1.0"), Some(vec![0, 1]));
+        assert_eq!(parse_version("0"), Some(vec![]));
+        assert_eq!(parse_version("10.2"), Some(vec![10, 2]));
+        for bad in ["", ".", "1.", ".1", "1..2", "v1", "1.2-rc1", "+1", "1 .2"] {
+            assert_eq!(parse_version(bad), None, "{bad}");
+        }
+        assert!(firmware_suffices("", "garbage"));
+        assert!(firmware_suffices("0.1.0", "0.1.0"));
+        assert!(firmware_suffices("0.1", "0.1.0"));
+        assert!(firmware_suffices("0.1.0", "0.10.0"));
+        assert!(firmware_suffices("0.9.0", "0.10.0"));
+        assert!(!firmware_suffices("0.10.0", "0.9.0"));
+        assert!(!firmware_suffices("1.0.0", "0.99.99"));
+        assert!(firmware_suffices("0.2.0", "0.2.0-rc1"));
+        assert!(!firmware_suffices("0.2.0", "unknown"));
+        assert!(firmware_suffices("0.1.0", env!("CARGO_PKG_VERSION")));
+    }
+
+    #[test]
+    fn key_ids() {
+        let pk = [7u8; 32];
+        let id = key_id(&pk);
+        let d = digest::digest(&digest::SHA256, &pk);
+        assert_eq!(&id[..], &d.as_ref()[..8]);
+        let hex = key_id_hex(&id);
+        assert_eq!(hex.len(), 16);
+        assert_eq!(hex, hex.to_lowercase());
+        assert_eq!(parse_key_id(&hex), Some(id));
+        assert_eq!(parse_key_id(&hex.to_uppercase()), Some(id));
+        assert_eq!(parse_key_id("0123"), None);
+        assert_eq!(parse_key_id("0123456789abcdeg"), None);
+        assert_eq!(parse_key_id("é123456789abcde"), None);
+    }
+
+    #[test]
+    fn pem_round_trip_and_errors() {
+        let dir = std::env::temp_dir().join(format!("sealgate-blob-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pkcs8 = generate_key().unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).unwrap();
+        let pk = public_key_of(&pair);
+        let (kp, pp) = (dir.join("k.key"), dir.join("k.pub"));
+        write_private_key(&kp, &pkcs8).unwrap();
+        write_public_key(&pp, &pk).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&kp).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        assert_eq!(read_public_key(&pp).unwrap(), pk);
+        assert_eq!(public_key_of(&read_private_key(&kp).unwrap()), pk);
+        let text = std::fs::read_to_string(&pp).unwrap();
+        assert!(text.starts_with("-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA"));
+        // Refuses to overwrite.
+        assert!(matches!(
+            write_public_key(&pp, &pk),
+            Err(KeyFileError::Exists { .. })
+        ));
+        assert!(matches!(
+            write_private_key(&kp, &pkcs8),
+            Err(KeyFileError::Exists { .. })
+        ));
+        // Wrong kinds of file, each naming it.
+        let e = read_public_key(&kp).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KeyFileError::NotPem {
+                    label: "PUBLIC KEY",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("k.key"), "{e}");
+        assert!(matches!(
+            read_private_key(&pp),
+            Err(KeyFileError::NotPem {
+                label: "PRIVATE KEY",
+                ..
+            })
+        ));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let loose = dir.join("loose.key");
+            write_private_key(&loose, &pkcs8).unwrap();
+            std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o640)).unwrap();
+            let e = read_private_key(&loose).unwrap_err();
+            assert!(
+                matches!(e, KeyFileError::Permissions { mode: 0o640, .. }),
+                "{e}"
+            );
+            assert!(e.to_string().contains("loose.key"), "{e}");
+        }
+        assert!(matches!(
+            read_public_key(&dir.join("missing.pub")),
+            Err(KeyFileError::Read { .. })
+        ));
+        // A P-256 public key is PEM but not Ed25519.
+        let p256 = rcgen::KeyPair::generate().unwrap();
+        assert!(matches!(
+            parse_public_key_pem(p256.public_key_pem().as_bytes(), &pp),
+            Err(KeyFileError::NotEd25519Public { len: 91, .. })
+        ));
+        assert!(matches!(
+            parse_private_key_pem(p256.serialize_pem().as_bytes(), &kp),
+            Err(KeyFileError::BadPrivateKey { .. })
+        ));
+        // A PKCS#8 v1 key (as `openssl genpkey -algorithm ed25519` writes) is accepted.
+        let mut v1 = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        v1.extend_from_slice(&[5u8; 32]);
+        let pair = parse_private_key_pem(private_key_pem(&v1).as_bytes(), &kp).unwrap();
+        assert_eq!(public_key_of(&pair), public_key_of(&key(5)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pem_encoding_matches_base64() {
+        for (der, b64) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foobar", "Zm9vYmFy"),
+        ] {
+            let pem = pem_encode("X", der);
+            assert_eq!(
+                pem,
+                format!(
+                    "-----BEGIN X-----\n{}-----END X-----\n",
+                    if b64.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{b64}\n")
+                    }
+                )
+            );
+        }
+        // 64 characters per line.
+        let pem = pem_encode("PRIVATE KEY", &[0u8; 100]);
+        assert!(pem.lines().all(|l| l.len() <= 64 || l.starts_with("-----")));
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(parse_utc("1970-01-01"), Some(0));
+        assert_eq!(parse_utc("1970-01-01T00:00:01Z"), Some(1));
+        assert_eq!(parse_utc("2026-11-26T22:11:36Z"), Some(1_795_731_096));
+        assert_eq!(parse_utc("2000-02-29"), Some(951_782_400));
+        assert_eq!(parse_utc("2024-02-29T23:59:59Z"), Some(1_709_251_199));
+        assert_eq!(parse_utc("9999-12-31T23:59:59Z"), Some(253_402_300_799));
+        for bad in [
+            "",
+            "2026-1-01",
+            "2026-13-01",
+            "2026-00-10",
+            "2026-02-29",
+            "1900-02-29",
+            "2026-04-31",
+            "2026-01-00",
+            "1969-12-31",
+            "2026-01-01T24:00:00Z",
+            "2026-01-01T23:60:00Z",
+            "2026-01-01T23:59:60Z",
+            "2026-01-01T00:00:00",
+            "2026-01-01T00:00:00+01:00",
+            "2026-01-01 00:00:00Z",
+            "2026/01/01",
+            "+026-01-01",
+            "2026-01-01T00:00:00z",
+            "２０２６-01-01",
+        ] {
+            assert_eq!(parse_utc(bad), None, "{bad}");
+        }
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(1_795_731_096), "2026-11-26T22:11:36Z");
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        // Round trip over a range of days, and no panic at the extremes.
+        for day in (0..3_000_000u64).step_by(997) {
+            let t = day * 86_400 + day % 86_400;
+            if t <= 253_402_300_799 {
+                assert_eq!(parse_utc(&format_utc(t)), Some(t));
+            }
+        }
+        assert!(!format_utc(u64::MAX).is_empty());
+    }
+}
