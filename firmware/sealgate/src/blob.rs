@@ -889,6 +889,11 @@ mod tests {
         bad[10..14].copy_from_slice(&((MAX_BODY as u32) + 1).to_be_bytes());
         assert_eq!(decode(&bad), Err(BlobError::TooLarge));
         assert_eq!(decode(&bad[..14]), Err(BlobError::TooLarge));
+        let huge_config = "#".repeat(MAX_BODY);
+        assert_eq!(
+            decode(&sign(header(&k), &huge_config, &k)),
+            Err(BlobError::TooLarge)
+        );
         let mut bad = bytes.clone();
         bad.extend_from_slice(b"xyz");
         assert_eq!(decode(&bad), Err(BlobError::TrailingBytes(3)));
@@ -1004,10 +1009,13 @@ mod tests {
             blob.verify_signature(&trusted(&[&other])),
             Err(BlobError::UnknownKey(key_id_hex(&key_id_of(&k))))
         );
+        let e = blob.verify_signature(&BTreeMap::new()).unwrap_err();
         assert_eq!(
-            blob.verify_signature(&BTreeMap::new())
-                .map_err(|e| matches!(e, BlobError::UnknownKey(_))),
-            Err(true)
+            e.to_string(),
+            format!(
+                "signature: signed by key {}, which is not trusted",
+                key_id_hex(&key_id_of(&k))
+            )
         );
         // Signed by another key that claims k's id.
         let forged = decode(&sign(header(&k), TOML, &other)).unwrap();
@@ -1374,6 +1382,9 @@ mod tests {
             read_public_key(&dir.join("missing.pub")),
             Err(KeyFileError::Read { .. })
         ));
+        let e = write_public_key(&dir.join("no-such-dir/k.pub"), &pk).unwrap_err();
+        assert!(matches!(e, KeyFileError::Write { .. }), "{e}");
+        assert!(e.to_string().contains("no-such-dir/k.pub"), "{e}");
         // A P-256 public key is PEM but not Ed25519.
         let p256 = rcgen::KeyPair::generate().unwrap();
         assert!(matches!(

@@ -45,7 +45,7 @@ impl Failure {
 impl From<KeyFileError> for Failure {
     fn from(e: KeyFileError) -> Self {
         match e {
-            KeyFileError::Exists { .. } | KeyFileError::Write { .. } => {
+            KeyFileError::Exists { .. } | KeyFileError::Write { .. } | KeyFileError::Random => {
                 Failure::Check(e.to_string())
             }
             _ => Failure::Input(e.to_string()),

@@ -553,6 +553,22 @@ fn sign_refuses_a_bad_config() {
         "bad.sgc",
     ])
     .fails(1, &["badcidr.toml", "smtp.trusted_networks"]);
+    // Larger than a blob can hold, whether the file or the body with its header.
+    let mut big = SITE.to_owned();
+    big.push_str(&"#".repeat(1 << 20));
+    t.write("big.toml", big.as_bytes());
+    t.run(&[
+        "config", "sign", "big.toml", "--key", "hq.key", "--seq", "1", "-o", "bad.sgc",
+    ])
+    .fails(1, &["big.toml: too large"]);
+    t.write("big.toml", &big.as_bytes()[..(1 << 20) - 8]);
+    t.run(&[
+        "config", "sign", "big.toml", "--key", "hq.key", "--seq", "1", "-o", "bad.sgc",
+    ])
+    .fails(
+        1,
+        &["big.toml: cannot be signed into a blob: format: body larger than"],
+    );
     t.write("syntax.toml", b"[smtp\n");
     t.run(&[
         "config",
