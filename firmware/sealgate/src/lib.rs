@@ -2,6 +2,7 @@
 //! files, around the I/O-free protocol machines of `sealgate-proto`.
 
 pub mod blob;
+pub mod certs;
 pub mod cidr;
 pub mod config;
 pub mod conn;
