@@ -30,12 +30,15 @@ log their session lines) within seconds. Every wait is bounded.
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 
 import pytest
 
 from clients import marker
 from harness import (
+    ROOT,
     Raw,
     _table,
     free_port,
@@ -43,13 +46,13 @@ from harness import (
     queue_id,
     received_headers,
     send_raw_message,
-    wait_until,
 )
 from pki import cert_sha256, make_ca, make_leaf
 
 IPS = {"a": "127.0.0.1", "b": "127.0.0.2", "c": "127.0.0.3"}
 SUBMITTER = "127.0.0.9"
 CA_NAME = "vpn-ca"
+SEALCTL = ROOT / "target" / "release" / "sealctl"
 
 
 def vpn_name(g: str) -> str:
@@ -181,6 +184,25 @@ def test_mail_between_every_pair(vpn, pki):
     for gw in vpn.values():
         assert "client certificate rejected" not in gw.log(), gw.name
         assert "VPN peer address without a client certificate" not in gw.log(), gw.name
+    # the peer tables (written at shutdown): each gateway lists the other two as inbound clients
+    # verified as VPN peers, and as outbound peers with TLS
+    for gw in vpn.values():
+        assert gw.stop() == 0, gw.name
+    for g, gw in vpn.items():
+        table = json.loads(subprocess.run(
+            [str(SEALCTL), "peers", "list", "--state", str(gw.state), "--json"],
+            capture_output=True, text=True, timeout=30, check=True).stdout)
+        clients = {c["ip"]: c for c in table.get("clients", [])}
+        out = {p["ip"]: p for p in table["peers"]}
+        for o in IPS:
+            if o == g:
+                continue
+            c = clients.get(IPS[o])
+            assert c and c["vpn_peer"] == f"CN={vpn_name(o)}, O=Sealgate Test", (g, o, c)
+            assert c["last_tls"] and c["last_tls"]["fingerprint"] == cert_sha256(pki[o][0]), (g, o, c)
+            p = out.get(IPS[o])
+            assert p and p["last_tls"] and p["last_tls"]["fingerprint"] == cert_sha256(pki[o][0]), (g, o, p)
+            assert p["counts"]["plaintext"] == 0 and p["downgrade_flagged"] is None, (g, o, p)
 
 
 def test_relay_through_a_vpn_peer(vpn, pki):
