@@ -13,6 +13,7 @@ pub mod live;
 pub mod maildir;
 pub mod peers;
 pub mod queue_list;
+pub mod sealed;
 pub mod smtpd;
 pub mod spool;
 pub mod tls;
