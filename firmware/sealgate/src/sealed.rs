@@ -337,7 +337,8 @@ fn decode_records(plain: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, SealError> 
     if count > MAX_RECORDS {
         return Err(SealError::TooManyRecords { count });
     }
-    let mut records = BTreeMap::new();
+    // Wiped on the way out if a later record is refused.
+    let mut records = Records::default();
     let mut last: Option<&[u8]> = None;
     for _ in 0..count {
         let name_len = c.u16("record cut short in a name length")?;
@@ -355,12 +356,12 @@ fn decode_records(plain: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, SealError> 
             std::str::from_utf8(name).map_err(|_| SealError::Malformed("record name not UTF-8"))?;
         let value_len = c.u32("record cut short in a value length")?;
         let value = c.take(value_len, "record cut short in a value")?;
-        records.insert(name.to_string(), value.to_vec());
+        records.0.insert(name.to_string(), value.to_vec());
     }
     if !c.0.is_empty() {
         return Err(SealError::Malformed("bytes after the last record"));
     }
-    Ok(records)
+    Ok(std::mem::take(&mut records.0))
 }
 
 /// The records held in memory; their values are wiped when replaced, removed or dropped.
@@ -454,8 +455,10 @@ impl SealedStore {
             };
             match unseal(&key, &bytes) {
                 Ok((generation, records)) => {
+                    // Wrapped at once: a copy not chosen is wiped too.
+                    let records = Records(records);
                     if best.as_ref().is_none_or(|(_, g, _)| generation > *g) {
-                        best = Some((i, generation, Records(records)));
+                        best = Some((i, generation, records));
                     }
                 }
                 Err(e) => refused.push(format!("{name}: {e}")),
