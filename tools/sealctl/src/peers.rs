@@ -103,8 +103,8 @@ fn list(a: &ListArgs) -> Result<ExitCode, Error> {
 fn reset(a: &ResetArgs) -> Result<ExitCode, Error> {
     let dir = state_dir(&a.state)?;
     let which = PeerMatch::parse(&a.peer);
-    match DevBoard::open(dir) {
-        Ok(_board) => {
+    match DevBoard::lock_only(dir) {
+        Ok(_lock) => {
             // No daemon: apply it (and any requests left over) under the lock ourselves.
             let (mut table, clients) = peers::load_all(dir, MAX_PEERS)?;
             let pending = peers::pending_resets(dir);
