@@ -2,18 +2,22 @@
 //! the delivery scheduler, and the ready line.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sealgate_board::{Board, DevBoard};
 use tokio::net::TcpListener;
 
+use crate::blob::Verdict;
 use crate::config::Config;
 use crate::delivery::Queue;
 use crate::live::{Live, Snapshot};
 use crate::peers::PeerStore;
+use crate::sealed::SealedStore;
+use crate::site::{self, SiteError};
 use crate::smtpd::Smtpd;
 use crate::spool::Spool;
+use crate::spool::unix_now;
 use crate::tls::ServerTls;
 
 /// How long SIGTERM waits for open SMTP sessions before the process exits.
@@ -29,6 +33,21 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Spool(#[from] crate::spool::SpoolError),
+    #[error(transparent)]
+    Site(#[from] SiteError),
+    #[error("{path}: cannot read: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the sealed store is not available (see the log): signed configs cannot be verified")]
+    NoStore,
+    #[error("no usable configuration: {0}")]
+    Refused(String),
+    #[error("cannot record the applied config: {0}")]
+    Record(String),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -46,20 +65,22 @@ pub enum ConfigSource {
 /// Runs the gateway until the process is stopped.
 pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
     let board = DevBoard::open(state)?;
-    let (config, origin) = match &source {
-        ConfigSource::Embedded => (Config::embedded_default(), "embedded default".to_string()),
-        ConfigSource::File(p) => (Config::load(p)?, p.display().to_string()),
-    };
-    tracing::warn!(
-        config = %origin,
-        "running on an unsigned TOML config (dev board only)"
-    );
+    let store = open_store(&board);
+    let (config, origin, checked) = initial_config(&source, store.as_ref(), board.serial())?;
     let state_dir = board.state_dir().to_path_buf();
     let server_tls = ServerTls::load(&config, &state_dir)?;
     if server_tls.is_none() {
         tracing::warn!("no certificate installed: STARTTLS is not offered, implicit TLS is off");
     }
     let live = Arc::new(Live::new(Snapshot::build(config, server_tls)?));
+    let store = Arc::new(Mutex::new(store));
+    if let Some(c) = checked {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || record(&store, &c))
+            .await
+            .map_err(|e| StartError::Record(e.to_string()))??;
+        tracing::info!(config = %origin, "signed configuration applied");
+    }
     let config = live.get().config.clone();
     let (spool, recovered) = Spool::open(&state_dir.join("queue"), config.queue.min_free_bytes)?;
     let spool = Arc::new(spool);
@@ -138,9 +159,15 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         );
     }
     if let ConfigSource::File(path) = &source {
-        let (live, peers, path, state_dir) =
-            (live.clone(), peers.clone(), path.clone(), state_dir.clone());
-        tokio::spawn(async move { reload_on_hangup(live, peers, path, state_dir).await });
+        let reload = Reload {
+            live: live.clone(),
+            peers: peers.clone(),
+            store: store.clone(),
+            path: path.clone(),
+            state: state_dir.clone(),
+            serial: board.serial().to_string(),
+        };
+        tokio::spawn(reload_on_hangup(reload));
     }
     wait_for_shutdown().await;
     // Stop accepting; give running sessions a grace period to finish their transactions.
@@ -202,25 +229,145 @@ pub fn apply(
     Ok(())
 }
 
-/// SIGHUP: re-read the TOML config file and apply it (dev board).
-async fn reload_on_hangup(live: Arc<Live>, peers: Arc<PeerStore>, path: PathBuf, state: PathBuf) {
+/// What a reload needs.
+struct Reload {
+    live: Arc<Live>,
+    peers: Arc<PeerStore>,
+    store: Arc<Mutex<Option<SealedStore>>>,
+    path: PathBuf,
+    state: PathBuf,
+    serial: String,
+}
+
+/// SIGHUP: re-read the config file and apply it: a signed blob after every check (F-CONFIG
+/// order), a TOML file on the dev board.
+async fn reload_on_hangup(r: Reload) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
+    let r = Arc::new(r);
     while hup.recv().await.is_some() {
-        let (live, peers, path, state) = (live.clone(), peers.clone(), path.clone(), state.clone());
-        let result = tokio::task::spawn_blocking(move || {
-            let config = Config::load(&path)?;
-            apply(&live, &peers, config, &state)
-        })
-        .await;
-        match result {
-            Ok(Ok(())) => tracing::info!("configuration reloaded and applied (SIGHUP)"),
+        let r = r.clone();
+        match tokio::task::spawn_blocking(move || reload(&r)).await {
+            Ok(Ok(what)) => tracing::info!(what, "configuration reloaded and applied (SIGHUP)"),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "configuration NOT applied; the running one stays")
             }
             Err(e) => tracing::error!(error = %e, "configuration reload failed"),
+        }
+    }
+}
+
+fn reload(r: &Reload) -> Result<&'static str, StartError> {
+    let bytes = std::fs::read(&r.path).map_err(|source| StartError::ReadConfig {
+        path: r.path.clone(),
+        source,
+    })?;
+    let origin = r.path.display().to_string();
+    if !site::is_blob(&bytes) {
+        let config = Config::from_toml(&String::from_utf8_lossy(&bytes), &origin)?;
+        apply(&r.live, &r.peers, config, &r.state)?;
+        return Ok("unsigned TOML (dev board)");
+    }
+    let checked = {
+        let guard = r.store.lock().map_err(|_| StartError::NoStore)?;
+        let store = guard.as_ref().ok_or(StartError::NoStore)?;
+        site::verify(store, &bytes, &r.serial, unix_now(), &origin)?
+    };
+    if checked.verdict == Verdict::NoOp {
+        return Ok("signed config already applied (same sequence, same bytes): nothing to do");
+    }
+    let seq = checked.blob.header().sequence;
+    apply(&r.live, &r.peers, checked.config.clone(), &r.state)?;
+    record(&r.store, &checked)?;
+    tracing::info!(
+        sequence = seq,
+        "signed configuration applied; stored sequence raised"
+    );
+    Ok("signed config")
+}
+
+/// Raises the stored sequence etc. after an apply, durably.
+fn record(store: &Mutex<Option<SealedStore>>, checked: &site::Checked) -> Result<(), StartError> {
+    let mut guard = store.lock().map_err(|_| StartError::NoStore)?;
+    let store = guard.as_mut().ok_or(StartError::NoStore)?;
+    site::record_applied(store, checked);
+    store.commit().map_err(SiteError::from)?;
+    Ok(())
+}
+
+/// The sealed store, or `None` (logged) when it cannot be opened: then no signed config can
+/// be verified (fail closed) and nothing is written to it.
+fn open_store(board: &DevBoard) -> Option<SealedStore> {
+    match SealedStore::open(&board.sealed_dir(), board.secret(), board.serial()) {
+        Ok(s) => {
+            for why in s.refused() {
+                tracing::warn!(copy = %why, "a copy of the sealed store was not used");
+            }
+            Some(s)
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "the sealed store cannot be opened: signed configs cannot be verified (the \
+                 queue is kept)"
+            );
+            None
+        }
+    }
+}
+
+/// The config to start on: a signed blob (verified; on failure the last applied one, if any),
+/// a TOML file (dev board, loudly), or without `--config` the last applied blob, else the
+/// embedded default. Returns what must be recorded once it runs.
+fn initial_config(
+    source: &ConfigSource,
+    store: Option<&SealedStore>,
+    serial: &str,
+) -> Result<(Config, String, Option<site::Checked>), StartError> {
+    let now = unix_now();
+    let last_good = |why: &dyn std::fmt::Display| -> Result<_, StartError> {
+        let bytes = store.and_then(|s| s.get(site::CURRENT));
+        match (store, bytes) {
+            (Some(s), Some(b)) => {
+                let c = site::verify(s, b, serial, now, "the last applied config")?;
+                tracing::error!(reason = %why, sequence = c.blob.header().sequence, "running on the last applied signed config");
+                Ok((c.config, "last applied signed config".to_string(), None))
+            }
+            _ => Err(StartError::Refused(why.to_string())),
+        }
+    };
+    match source {
+        ConfigSource::Embedded => match store.and_then(|s| s.get(site::CURRENT)) {
+            Some(_) => last_good(&"no --config given"),
+            None => {
+                tracing::warn!("running on the embedded default config (dev board only)");
+                Ok((Config::embedded_default(), "embedded default".into(), None))
+            }
+        },
+        ConfigSource::File(p) => {
+            let origin = p.display().to_string();
+            let bytes = std::fs::read(p).map_err(|source| StartError::ReadConfig {
+                path: p.clone(),
+                source,
+            })?;
+            if !site::is_blob(&bytes) {
+                let config = Config::from_toml(&String::from_utf8_lossy(&bytes), &origin)?;
+                tracing::warn!(config = %origin, "running on an unsigned TOML config (dev board only)");
+                return Ok((config, origin, None));
+            }
+            let Some(s) = store else {
+                return Err(StartError::NoStore);
+            };
+            match site::verify(s, &bytes, serial, now, &origin) {
+                Ok(c) if c.verdict == Verdict::NoOp => Ok((c.config.clone(), origin, None)),
+                Ok(c) => Ok((c.config.clone(), origin, Some(c))),
+                Err(e) => {
+                    tracing::error!(config = %origin, error = %e, "signed config refused");
+                    last_good(&format!("{origin}: {e}"))
+                }
+            }
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod maildir;
 pub mod peers;
 pub mod queue_list;
 pub mod sealed;
+pub mod site;
 pub mod smtpd;
 pub mod spool;
 pub mod tls;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sealgate::daemon::{ConfigSource, run};
+use sealgate_board::{Board, DevBoard};
 
 /// Sealgate secure mail gateway.
 ///
@@ -32,6 +33,16 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Install the first trusted config-signing keys into the sealed store (once; later keys
+    /// change only by a signed config blob). The gateway must not be running.
+    Provision {
+        /// An HQ public key (`sealctl keygen` writes PREFIX.pub); repeatable.
+        #[arg(long = "trust", value_name = "KEY.pub", required = true)]
+        trust: Vec<PathBuf>,
+    },
+    /// Show this box's identity and trusted state: serial, sealed store generation, trusted
+    /// config-signing keys, applied config sequence. The gateway must not be running.
+    Device,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -46,6 +57,11 @@ enum QueueCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::Provision { trust }) => return report(provision(&cli.state, trust)),
+        Some(Command::Device) => return report(device(&cli.state)),
+        _ => {}
+    }
     if let Some(Command::Queue {
         command: QueueCommand::List { json },
     }) = cli.command
@@ -87,4 +103,67 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn report(r: Result<String, String>) -> ExitCode {
+    match r {
+        Ok(s) => {
+            print!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sealgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open_store(
+    state: &std::path::Path,
+) -> Result<(DevBoard, sealgate::sealed::SealedStore), String> {
+    let board = DevBoard::open(state).map_err(|e| e.to_string())?;
+    let store =
+        sealgate::sealed::SealedStore::open(&board.sealed_dir(), board.secret(), board.serial())
+            .map_err(|e| e.to_string())?;
+    Ok((board, store))
+}
+
+fn provision(state: &std::path::Path, files: &[PathBuf]) -> Result<String, String> {
+    let keys = files
+        .iter()
+        .map(|f| sealgate::blob::read_public_key(f).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (board, mut store) = open_store(state)?;
+    sealgate::site::provision(&mut store, &keys).map_err(|e| e.to_string())?;
+    store.commit().map_err(|e| e.to_string())?;
+    let ids: Vec<String> = keys
+        .iter()
+        .map(|k| sealgate::blob::key_id_hex(&sealgate::blob::key_id(k)))
+        .collect();
+    Ok(format!(
+        "provisioned {}: trusting config-signing key(s) {}\n",
+        board.serial(),
+        ids.join(", ")
+    ))
+}
+
+fn device(state: &std::path::Path) -> Result<String, String> {
+    let (board, store) = open_store(state)?;
+    let keys: Vec<String> = sealgate::site::trusted(&store)
+        .keys()
+        .map(sealgate::blob::key_id_hex)
+        .collect();
+    let seq = sealgate::site::stored_sequence(&store)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "none".into());
+    Ok(format!(
+        "serial: {}\nsealed store generation: {}\ntrusted config keys: {}\nconfig sequence: {seq}\n",
+        board.serial(),
+        store.generation(),
+        if keys.is_empty() {
+            "none (not provisioned)".to_string()
+        } else {
+            keys.join(", ")
+        },
+    ))
 }
