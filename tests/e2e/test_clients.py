@@ -43,7 +43,13 @@ def test_embedded_default(gateways):
     try_lines = wait_until(lambda: [l for l in gw.stdout_lines if l.startswith("try: ")], 10,
                            "the 'try:' line after the ready line")
     assert try_lines and "swaks" in try_lines[0] and "2525" in try_lines[0], gw.stdout_lines
-    assert gw.cert_file.is_file() and (gw.state / "certs" / "default.key.pem").is_file()
+    # the dev certificate is made on the box: its key lives only in the sealed store, its
+    # public chain is exported for clients that pin it
+    assert gw.cert_file.is_file()
+    assert not list((gw.state / "certs").glob("*.key*")), "a private key on the data disk"
+    assert (gw.state / "sealed" / "store.a").is_file()
+    sealed = (gw.state / "sealed" / "store.a").read_bytes()
+    assert b"PRIVATE" not in sealed and b"BEGIN" not in sealed, "the sealed store is not encrypted"
     pem = gw.cert_file.read_text()
     assert "BEGIN CERTIFICATE" in pem
     text = subprocess.run(

@@ -18,7 +18,7 @@ use crate::site::{self, SiteError};
 use crate::smtpd::Smtpd;
 use crate::spool::Spool;
 use crate::spool::unix_now;
-use crate::tls::ServerTls;
+use crate::tls::{ServerTls, ensure_dev_certificate, export_chains};
 
 /// How long SIGTERM waits for open SMTP sessions before the process exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -65,10 +65,20 @@ pub enum ConfigSource {
 /// Runs the gateway until the process is stopped.
 pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
     let board = DevBoard::open(state)?;
-    let store = open_store(&board);
+    let mut store = open_store(&board);
     let (config, origin, checked) = initial_config(&source, store.as_ref(), board.serial())?;
     let state_dir = board.state_dir().to_path_buf();
-    let server_tls = ServerTls::load(&config, &state_dir)?;
+    if let Some(s) = store.as_mut() {
+        if ensure_dev_certificate(&config, s)? {
+            s.commit().map_err(SiteError::from)?;
+            tracing::warn!(
+                host = %config.hostname,
+                "made a self-signed development certificate in the sealed store"
+            );
+        }
+        export_chains(s, &state_dir);
+    }
+    let server_tls = ServerTls::load(&config, store.as_ref())?;
     if server_tls.is_none() {
         tracing::warn!("no certificate installed: STARTTLS is not offered, implicit TLS is off");
     }
@@ -164,7 +174,6 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
             peers: peers.clone(),
             store: store.clone(),
             path: path.clone(),
-            state: state_dir.clone(),
             serial: board.serial().to_string(),
         };
         tokio::spawn(reload_on_hangup(reload));
@@ -207,10 +216,10 @@ pub fn apply(
     live: &Live,
     peers: &PeerStore,
     config: Config,
-    state_dir: &Path,
+    store: Option<&SealedStore>,
 ) -> Result<(), ApplyError> {
     let old = live.get();
-    let server_tls = ServerTls::load(&config, state_dir)?;
+    let server_tls = ServerTls::load(&config, store)?;
     let snapshot = Snapshot::build(config, server_tls)?;
     let new = &snapshot.config;
     if new.smtp.listen != old.config.smtp.listen
@@ -235,7 +244,6 @@ struct Reload {
     peers: Arc<PeerStore>,
     store: Arc<Mutex<Option<SealedStore>>>,
     path: PathBuf,
-    state: PathBuf,
     serial: String,
 }
 
@@ -267,7 +275,8 @@ fn reload(r: &Reload) -> Result<&'static str, StartError> {
     let origin = r.path.display().to_string();
     if !site::is_blob(&bytes) {
         let config = Config::from_toml(&String::from_utf8_lossy(&bytes), &origin)?;
-        apply(&r.live, &r.peers, config, &r.state)?;
+        let guard = r.store.lock().map_err(|_| StartError::NoStore)?;
+        apply(&r.live, &r.peers, config, guard.as_ref())?;
         return Ok("unsigned TOML (dev board)");
     }
     let checked = {
@@ -279,7 +288,10 @@ fn reload(r: &Reload) -> Result<&'static str, StartError> {
         return Ok("signed config already applied (same sequence, same bytes): nothing to do");
     }
     let seq = checked.blob.header().sequence;
-    apply(&r.live, &r.peers, checked.config.clone(), &r.state)?;
+    {
+        let guard = r.store.lock().map_err(|_| StartError::NoStore)?;
+        apply(&r.live, &r.peers, checked.config.clone(), guard.as_ref())?;
+    }
     record(&r.store, &checked)?;
     tracing::info!(
         sequence = seq,

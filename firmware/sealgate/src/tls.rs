@@ -33,6 +33,7 @@ use rustls::{DigitallySignedStruct, ServerConfig, SignatureScheme};
 
 use crate::cidr::Cidr;
 use crate::config::Config;
+use crate::sealed::SealedStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -205,34 +206,26 @@ impl ClientCertVerifier for OfferClientAuth {
 impl ServerTls {
     /// `None` when no certificate is installed: then STARTTLS is not offered and implicit-TLS
     /// listeners refuse connections (encryption is off until a certificate is present).
-    pub fn load(config: &Config, state_dir: &Path) -> Result<Option<ServerTls>, TlsError> {
+    pub fn load(
+        config: &Config,
+        store: Option<&SealedStore>,
+    ) -> Result<Option<ServerTls>, TlsError> {
         let mut keys: HashMap<String, Arc<CertifiedKey>> = HashMap::new();
         for c in &config.tls.certificates {
-            let (cert_path, key_path) = match (&c.cert_file, &c.key_file) {
-                (Some(cf), Some(kf)) => (cf.clone(), kf.clone()),
+            let ck = match (&c.cert_file, &c.key_file) {
+                (Some(cf), Some(kf)) => load_certified_key(&c.name, cf, kf)?,
                 _ => {
-                    let dir = state_dir.join("certs");
-                    let cp = dir.join(format!("{}.crt.pem", c.name));
-                    let kp = dir.join(format!("{}.key.pem", c.name));
-                    if !cp.exists() && config.tls.dev_self_signed && c.name == "default" {
-                        generate_self_signed(&c.name, &config.hostname, &cp, &kp)?;
-                        tracing::warn!(
-                            cert = %cp.display(),
-                            "generated a self-signed development certificate for {}",
-                            config.hostname
-                        );
-                    }
-                    if !cp.exists() {
+                    let stored = store.and_then(|s| {
+                        Some((s.get(&key_record(&c.name))?, s.get(&chain_record(&c.name))?))
+                    });
+                    let Some((key, chain)) = stored else {
                         tracing::warn!(name = %c.name, "no certificate installed under this name");
                         continue;
-                    }
-                    (cp, kp)
+                    };
+                    sealed_certified_key(&c.name, key, chain)?
                 }
             };
-            keys.insert(
-                c.name.clone(),
-                load_certified_key(&c.name, &cert_path, &key_path)?,
-            );
+            keys.insert(c.name.clone(), ck);
         }
         let default_key = match keys.get("default").or_else(|| keys.values().next()) {
             Some(k) => k.clone(),
@@ -361,31 +354,104 @@ fn load_certified_key(name: &str, cert: &Path, key: &Path) -> Result<Arc<Certifi
     Ok(Arc::new(ck))
 }
 
-fn generate_self_signed(name: &str, host: &str, cert: &Path, key: &Path) -> Result<(), TlsError> {
-    let gen_err = |reason: String| TlsError::Generate {
+/// Sealed-store record of certificate `name`'s private key (PKCS#8 DER).
+pub fn key_record(name: &str) -> String {
+    format!("tls/{name}/key")
+}
+
+/// Sealed-store record of certificate `name`'s chain (PEM, leaf first).
+pub fn chain_record(name: &str) -> String {
+    format!("tls/{name}/chain")
+}
+
+/// A certificate and key from the sealed store.
+fn sealed_certified_key(
+    name: &str,
+    key: &[u8],
+    chain_pem: &[u8],
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let path = PathBuf::from(format!("(sealed store) {}", chain_record(name)));
+    let chain = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            name: name.into(),
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem {
+            name: name.into(),
+            path,
+            reason: "no CERTIFICATE block".into(),
+        });
+    }
+    let key_der = PrivateKeyDer::Pkcs8(key.to_vec().into());
+    let ck = CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| TlsError::Key {
         name: name.into(),
-        reason,
-    };
-    let ck = rcgen::generate_simple_self_signed(vec![host.to_string()])
-        .map_err(|e| gen_err(e.to_string()))?;
-    let dir = cert.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| gen_err(e.to_string()))?;
-    let write = |p: &Path, data: &str, mode: u32| -> std::io::Result<()> {
-        let tmp = p.with_extension("tmp");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(data.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, p)
-    };
-    // Key first: a certificate file without its key is never left behind.
-    write(key, &ck.signing_key.serialize_pem(), 0o600).map_err(|e| gen_err(e.to_string()))?;
-    write(cert, &ck.cert.pem(), 0o644).map_err(|e| gen_err(e.to_string()))?;
-    Ok(())
+        reason: e.to_string(),
+    })?;
+    Ok(Arc::new(ck))
+}
+
+/// Dev board convenience (`tls.dev_self_signed`): a self-signed ECDSA P-256 certificate for the
+/// host name, made on the box into the sealed store as `default` when no `default` exists
+/// (staged; the caller commits). Returns whether one was made.
+pub fn ensure_dev_certificate(config: &Config, store: &mut SealedStore) -> Result<bool, TlsError> {
+    let wanted = config.tls.dev_self_signed
+        && config
+            .tls
+            .certificates
+            .iter()
+            .any(|c| c.name == "default" && c.cert_file.is_none());
+    if !wanted || store.get(&chain_record("default")).is_some() {
+        return Ok(false);
+    }
+    let ck = rcgen::generate_simple_self_signed(vec![config.hostname.clone()]).map_err(|e| {
+        TlsError::Generate {
+            name: "default".into(),
+            reason: e.to_string(),
+        }
+    })?;
+    store.put(&key_record("default"), ck.signing_key.serialize_der());
+    store.put(&chain_record("default"), ck.cert.pem().into_bytes());
+    Ok(true)
+}
+
+/// Writes the public chain of every certificate in the store to `STATE/certs/NAME.crt.pem`
+/// (for admins and clients that pin it; private keys never leave the store).
+pub fn export_chains(store: &SealedStore, state_dir: &Path) {
+    let dir = state_dir.join("certs");
+    for name in store.names() {
+        let Some(cert) = name
+            .strip_prefix("tls/")
+            .and_then(|n| n.strip_suffix("/chain"))
+        else {
+            continue;
+        };
+        let Some(chain) = store.get(&name) else {
+            continue;
+        };
+        let path = dir.join(format!("{cert}.crt.pem"));
+        if fs::read(&path).is_ok_and(|old| old == chain) {
+            continue;
+        }
+        let tmp = path.with_extension("tmp");
+        let written = fs::create_dir_all(&dir)
+            .and_then(|()| {
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o644)
+                    .open(&tmp)?;
+                f.write_all(chain)?;
+                f.sync_all()
+            })
+            .and_then(|()| fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot export a certificate chain");
+        }
+    }
 }
 
 /// The handshake signature checks every verifier of ours keeps, whatever it decides about the
