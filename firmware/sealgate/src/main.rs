@@ -40,9 +40,60 @@ enum Command {
         #[arg(long = "trust", value_name = "KEY.pub", required = true)]
         trust: Vec<PathBuf>,
     },
+    /// Keys made on this box (F-SEAL). The gateway must not be running.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Certificates in the sealed store. The gateway must not be running.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Show this box's identity and trusted state: serial, sealed store generation, trusted
     /// config-signing keys, applied config sequence. The gateway must not be running.
     Device,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum KeysCommand {
+    /// Make an ECDSA P-256 key inside the sealed store and write a CSR (PKCS#10; CN = the
+    /// first --dns name, SAN = every one); the key waits for its certificate (`certs import`)
+    /// while the current certificate of NAME, if any, keeps serving.
+    Generate {
+        #[arg(long)]
+        name: String,
+        /// DNS names for the certificate (repeatable; the first is the CN)
+        #[arg(long = "dns", required = true)]
+        dns: Vec<String>,
+        /// Where to write the CSR (default: stdout)
+        #[arg(long, value_name = "FILE")]
+        csr: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CertsCommand {
+    /// Install a certificate for NAME: for the key `keys generate` made, or with --key for an
+    /// externally made key. Checked first: chain order and signatures, key match, validity,
+    /// names, serverAuth; each failure named.
+    Import {
+        #[arg(long)]
+        name: String,
+        /// The certificate (PEM; may already hold the chain, leaf first)
+        cert: PathBuf,
+        /// Intermediate certificates (PEM), after the leaf
+        #[arg(long, value_name = "FILE")]
+        chain: Option<PathBuf>,
+        /// An externally made private key (PEM: PKCS#8, SEC1 or PKCS#1)
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Names the certificate must carry (default: the names given to `keys generate`)
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+    },
+    /// List certificates: name, subject, SANs, expiry, SHA-256 fingerprint
+    List,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -60,6 +111,31 @@ fn main() -> ExitCode {
     match &cli.command {
         Some(Command::Provision { trust }) => return report(provision(&cli.state, trust)),
         Some(Command::Device) => return report(device(&cli.state)),
+        Some(Command::Keys {
+            command: KeysCommand::Generate { name, dns, csr },
+        }) => return report(keys_generate(&cli.state, name, dns, csr.as_deref())),
+        Some(Command::Certs {
+            command:
+                CertsCommand::Import {
+                    name,
+                    cert,
+                    chain,
+                    key,
+                    dns,
+                },
+        }) => {
+            return report(certs_import(
+                &cli.state,
+                name,
+                cert,
+                chain.as_deref(),
+                key.as_deref(),
+                dns,
+            ));
+        }
+        Some(Command::Certs {
+            command: CertsCommand::List,
+        }) => return report(certs_list(&cli.state)),
         _ => {}
     }
     if let Some(Command::Queue {
@@ -166,4 +242,156 @@ fn device(state: &std::path::Path) -> Result<String, String> {
             keys.join(", ")
         },
     ))
+}
+
+/// A pending key and the names it was made for.
+fn pending_key(name: &str) -> String {
+    format!("tls/{name}/newkey")
+}
+
+fn pending_names(name: &str) -> String {
+    format!("tls/{name}/names")
+}
+
+fn valid_name(name: &str) -> Result<(), String> {
+    if !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "--name {name:?}: use 1-64 letters, digits, '-' or '_'"
+        ))
+    }
+}
+
+fn keys_generate(
+    state: &std::path::Path,
+    name: &str,
+    dns: &[String],
+    csr: Option<&std::path::Path>,
+) -> Result<String, String> {
+    valid_name(name)?;
+    let new = sealgate::certs::generate(dns).map_err(|e| e.to_string())?;
+    let (_board, mut store) = open_store(state)?;
+    store.put(&pending_key(name), new.key_pkcs8_der.to_vec());
+    store.put(&pending_names(name), dns.join("\n").into_bytes());
+    store.commit().map_err(|e| e.to_string())?;
+    match csr {
+        Some(path) => {
+            std::fs::write(path, &new.csr_pem)
+                .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
+            Ok(format!(
+                "key for {name} made in the sealed store; CSR written to {}\n",
+                path.display()
+            ))
+        }
+        None => Ok(new.csr_pem),
+    }
+}
+
+fn certs_import(
+    state: &std::path::Path,
+    name: &str,
+    cert: &std::path::Path,
+    chain: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+    dns: &[String],
+) -> Result<String, String> {
+    valid_name(name)?;
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("{}: cannot read: {e}", p.display()))
+    };
+    let mut pem = read(cert)?;
+    if let Some(c) = chain {
+        pem.push(b'\n');
+        pem.extend(read(c)?);
+    }
+    let (_board, mut store) = open_store(state)?;
+    let (key_der, from_pending) = match key {
+        Some(k) => (
+            sealgate::certs::external_key(&read(k)?)
+                .map_err(|e| format!("{}: {e}", k.display()))?
+                .to_vec(),
+            false,
+        ),
+        None => match store.get(&pending_key(name)) {
+            Some(k) => (k.to_vec(), true),
+            None => store
+                .get(&sealgate::tls::key_record(name))
+                .map(|k| (k.to_vec(), false))
+                .ok_or_else(|| {
+                    format!("no key for {name}: run `keys generate --name {name}` or give --key")
+                })?,
+        },
+    };
+    let names: Vec<String> = if dns.is_empty() {
+        store
+            .get(&pending_names(name))
+            .map(|b| {
+                String::from_utf8_lossy(b)
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        dns.to_vec()
+    };
+    if names.is_empty() {
+        return Err("which names must the certificate carry? give --dns NAME".into());
+    }
+    let info = sealgate::certs::check_import(&key_der, &pem, &names, sealgate::spool::unix_now())
+        .map_err(|e| format!("{}: refused: {e}", cert.display()))?;
+    store.put(&sealgate::tls::key_record(name), key_der);
+    store.put(&sealgate::tls::chain_record(name), pem);
+    if from_pending {
+        store.remove(&pending_key(name));
+    }
+    store.commit().map_err(|e| e.to_string())?;
+    Ok(format!(
+        "imported {name}: {} (SAN {}), valid until {}, SHA-256 {}\n",
+        info.subject,
+        info.sans.join(", "),
+        sealgate::certs::rfc3339(info.not_after),
+        info.sha256
+    ))
+}
+
+fn certs_list(state: &std::path::Path) -> Result<String, String> {
+    let (_board, store) = open_store(state)?;
+    let mut out = String::new();
+    for rec in store.names() {
+        let Some(name) = rec
+            .strip_prefix("tls/")
+            .and_then(|n| n.strip_suffix("/chain"))
+        else {
+            continue;
+        };
+        let chain = store.get(&rec).unwrap_or_default();
+        match sealgate::certs::info(chain) {
+            Ok(i) => out.push_str(&format!(
+                "{name}: {} | SAN {} | issuer {} | valid {} .. {} | SHA-256 {}{}\n",
+                i.subject,
+                i.sans.join(", "),
+                i.issuer,
+                sealgate::certs::rfc3339(i.not_before),
+                sealgate::certs::rfc3339(i.not_after),
+                i.sha256,
+                if store.get(&pending_key(name)).is_some() {
+                    " | a new key waits for its certificate"
+                } else {
+                    ""
+                },
+            )),
+            Err(e) => out.push_str(&format!("{name}: unreadable chain: {e}\n")),
+        }
+    }
+    if out.is_empty() {
+        out.push_str("no certificates\n");
+    }
+    Ok(out)
 }
