@@ -94,7 +94,10 @@ def test_signed_config_round_trip_and_hot_apply(site):
     gw.proc.send_signal(signal.SIGHUP)
     gw.wait_log(r"already applied")
     gw.stop()
-    assert device(gw)["config sequence"] == "2"
+    info = device(gw)
+    assert info["config sequence"] == "2"
+    # the device identity key was made on the box at first start and stays
+    assert re.match(r"[0-9a-f]{64} \(Ed25519", info["identity"]), info
     # restart without --config: the box runs on its last applied blob (certificate B)
     gw.config_path = None
     gw.start()

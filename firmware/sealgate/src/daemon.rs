@@ -69,6 +69,10 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
     let (config, origin, checked) = initial_config(&source, store.as_ref(), board.serial())?;
     let state_dir = board.state_dir().to_path_buf();
     if let Some(s) = store.as_mut() {
+        if site::ensure_identity(s).map_err(|e| StartError::Record(e.to_string()))? {
+            s.commit().map_err(SiteError::from)?;
+            tracing::info!("made the device identity key (Ed25519) in the sealed store");
+        }
         if ensure_dev_certificate(&config, s)? {
             s.commit().map_err(SiteError::from)?;
             tracing::warn!(

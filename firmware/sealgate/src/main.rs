@@ -232,8 +232,17 @@ fn device(state: &std::path::Path) -> Result<String, String> {
     let seq = sealgate::site::stored_sequence(&store)
         .map(|s| s.to_string())
         .unwrap_or_else(|| "none".into());
+    let identity = sealgate::site::identity_public(&store)
+        .map(|k| {
+            format!(
+                "{} (Ed25519, key id {})",
+                k.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                sealgate::blob::key_id_hex(&sealgate::blob::key_id(&k))
+            )
+        })
+        .unwrap_or_else(|| "not made yet (made at first start)".into());
     Ok(format!(
-        "serial: {}\nsealed store generation: {}\ntrusted config keys: {}\nconfig sequence: {seq}\n",
+        "serial: {}\nidentity: {identity}\nsealed store generation: {}\ntrusted config keys: {}\nconfig sequence: {seq}\n",
         board.serial(),
         store.generation(),
         if keys.is_empty() {

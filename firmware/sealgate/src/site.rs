@@ -43,6 +43,26 @@ pub enum SiteError {
     NoKeys,
 }
 
+/// Sealed-store record: the device identity key (Ed25519 PKCS#8), made on the box.
+pub const IDENTITY: &str = "device/identity";
+
+/// Makes the device identity key on first start (staged; the caller commits). Returns whether
+/// one was made.
+pub fn ensure_identity(store: &mut SealedStore) -> Result<bool, blob::KeyFileError> {
+    if store.get(IDENTITY).is_some() {
+        return Ok(false);
+    }
+    let key = blob::generate_key()?;
+    store.put(IDENTITY, key.to_vec());
+    Ok(true)
+}
+
+/// The device identity's public key, if made.
+pub fn identity_public(store: &SealedStore) -> Option<[u8; 32]> {
+    let pair = blob::Ed25519KeyPair::from_pkcs8_maybe_unchecked(store.get(IDENTITY)?).ok()?;
+    Some(blob::public_key_of(&pair))
+}
+
 /// The trusted config-signing keys in the store.
 pub fn trusted(store: &SealedStore) -> BTreeMap<[u8; 8], [u8; 32]> {
     store
@@ -183,6 +203,10 @@ mod tests {
             verify(&s, &b1, "DEV-TEST", 100, "t"),
             Err(SiteError::NotProvisioned)
         ));
+        assert!(identity_public(&s).is_none());
+        assert!(ensure_identity(&mut s).unwrap());
+        assert!(!ensure_identity(&mut s).unwrap());
+        let id = identity_public(&s).unwrap();
         provision(&mut s, &[blob::public_key_of(&hq)]).unwrap();
         assert!(matches!(
             provision(&mut s, &[blob::public_key_of(&key(2))]),
@@ -193,6 +217,11 @@ mod tests {
         record_applied(&mut s, &c);
         s.commit().unwrap();
         assert_eq!(stored_sequence(&s), Some(1));
+        assert_eq!(
+            identity_public(&s),
+            Some(id),
+            "the identity survives commits"
+        );
         // the same blob again: no-op; an older one: replay
         assert_eq!(
             verify(&s, &b1, "DEV-TEST", 100, "t").unwrap().verdict,
