@@ -1,12 +1,12 @@
 """Keys made on the box and certificates imported into its sealed store (F-SEAL): `sealgate keys
 generate` writes a CSR (CN/SAN = the box's name) while the key stays sealed; a test CA signs it
 with the openssl CLI; `sealgate certs import` checks and installs it; the gateway serves it on
-STARTTLS. Importing a certificate for another key, or one whose names miss the box's name, is
-refused with the reason and changes nothing. (Expired / not-yet-valid certificates are refused
-by the same check; the unit tests of certs.rs cover them, openssl 3.0's CLI cannot backdate.)
+STARTTLS. Importing a certificate for another key, an expired one, or one whose names miss the
+box's name, is refused with the reason and changes nothing.
 """
 
 import subprocess
+import time
 
 import pytest
 
@@ -48,8 +48,16 @@ def test_csr_flow_end_to_end(gateways, tmp_path):
     p = sealgate(gw, "certs", "import", "--name", "mail", d / "wrong.pem", "--chain", d / "ca.pem", ok=False)
     assert p.returncode == 1 and "does not cover the name mail.a.test" in p.stderr, p.stderr
 
-    # the right one: installed, listed, served
+    # the right names, but valid for an instant only (openssl -days 0): expired by import time
     (d / "mail.ext").write_text("subjectAltName=DNS:mail.a.test\nextendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "0", "-extfile", "mail.ext", "-out", "instant.pem", cwd=d)
+    time.sleep(1.5)
+    p = sealgate(gw, "certs", "import", "--name", "mail", d / "instant.pem", "--chain", d / "ca.pem", ok=False)
+    assert p.returncode == 1 and "expired at" in p.stderr, p.stderr
+    assert "no certificates" in sealgate(gw, "certs", "list").stdout
+
+    # the right one: installed, listed, served
     _openssl("x509", "-req", "-in", str(csr), "-CA", "ca.pem", "-CAkey", "ca.key",
              "-CAcreateserial", "-days", "30", "-extfile", "mail.ext", "-out", "mail.pem", cwd=d)
     out = sealgate(gw, "certs", "import", "--name", "mail", d / "mail.pem", "--chain", d / "ca.pem").stdout
