@@ -43,6 +43,8 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 use zeroize::Zeroizing;
 
+use crate::tls::der_tlv;
+
 /// Largest chain PEM accepted (a real chain is a few KiB).
 pub const MAX_CHAIN_PEM: usize = 256 * 1024;
 /// Most certificates in a chain (leaf included).
@@ -837,32 +839,6 @@ fn push_len(out: &mut Vec<u8>, len: usize) {
         out.push(0x80 | (bytes.len() - skip) as u8);
         out.extend_from_slice(&bytes[skip..]);
     }
-}
-
-/// One DER TLV: (tag, content, rest). Single-octet tags, lengths up to 4 octets.
-fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let (bytes, rest) = rest.split_at(n);
-        (
-            bytes
-                .iter()
-                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b)),
-            rest,
-        )
-    };
-    if rest.len() < len {
-        return None;
-    }
-    let (content, rest) = rest.split_at(len);
-    Some((tag, content, rest))
 }
 
 // ---------------------------------------------------------------------------------------------
