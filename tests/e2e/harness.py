@@ -24,6 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("SEALGATE_BIN", ROOT / "target" / "release" / "sealgate"))
+SEALCTL = BIN.parent / "sealctl"
 
 READY_RE = re.compile(r"^sealgate ready: (?P<listeners>.*?) state=(?P<state>\S+)\s*$")
 
@@ -305,6 +306,12 @@ class Gateway:
                              capture_output=True, text=True, timeout=30, check=True).stdout
         return {m["id"]: m for m in json.loads(out)}
 
+    def peer_table(self) -> dict:
+        """The peer table as `sealctl peers list --json` prints it (`peers`, `clients`)."""
+        out = subprocess.run([str(SEALCTL), "peers", "list", "--state", str(self.state), "--json"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return json.loads(out)
+
     def queue_files(self) -> list[str]:
         """Queue ids of the messages still queued."""
         return sorted(self.queue_list())
@@ -517,6 +524,21 @@ def queue_id(reply_text: str) -> str:
     m = re.search(r"queued as (\S+)", reply_text)
     assert m, f"no queue id in {reply_text!r}"
     return m.group(1)
+
+
+def submit_one(addr, frm: str, to: str, mark: str, *, ehlo: str = "client.a.test",
+               source: str | None = None) -> str:
+    """EHLO, one message from `frm` to `to` carrying `mark`, QUIT; returns its queue id."""
+    r = Raw(addr, source=source)
+    try:
+        r.expect(f"EHLO {ehlo}", 250)
+        rep = send_raw_message(r, frm, [to], message(mark, frm, to))
+        assert rep.code == 250, rep.text
+        r.expect("QUIT", 221)
+    finally:
+        r.close()
+    return queue_id(rep.text)
+
 
 
 def received_headers(msg: bytes) -> list[str]:

@@ -14,11 +14,9 @@ import subprocess
 import pytest
 
 from clients import marker
-from harness import BIN, Raw, message, send_raw_message
+from harness import BIN, SEALCTL, Raw, message, send_raw_message
 from pki import der_of, make_self_signed
 from test_reload import served_cert
-
-SEALCTL = BIN.parent / "sealctl"
 
 
 def run(*args, ok=True) -> subprocess.CompletedProcess:

@@ -22,7 +22,6 @@ travels on a fresh connection (a parked connection would hide the per-connection
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -31,11 +30,15 @@ import pytest
 
 from clients import marker
 from fakepeer import FakePeer
-from harness import ROOT, Raw, message, queue_id, received_headers, send_raw_message, wait_until
+from harness import (
+    SEALCTL,
+    received_headers,
+    submit_one,
+    wait_until,
+)
 from pki import make_self_signed
 
 PEER_IP = "127.0.0.5"
-SEALCTL = ROOT / "target" / "release" / "sealctl"
 HANDSHAKE_TIMEOUT = 2.0
 
 
@@ -71,15 +74,7 @@ def gateway_a(gateways, peer: FakePeer, *, ttl: str = "6s", downgrade: str | Non
 
 def submit(a, mark: str) -> str:
     """Hands A a message for bob@b.test; returns its queue id."""
-    r = Raw(a.addr)
-    try:
-        r.expect("EHLO client.a.test", 250)
-        rep = send_raw_message(r, "alice@a.test", ["bob@b.test"], message(mark, "alice@a.test", "bob@b.test"))
-        assert rep.code == 250, rep.text
-        r.expect("QUIT", 221)
-    finally:
-        r.close()
-    return queue_id(rep.text)
+    return submit_one(a.addr, "alice@a.test", "bob@b.test", mark)
 
 
 def sealctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -89,8 +84,7 @@ def sealctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def peers(a) -> dict[str, dict]:
     """A's outbound peer table by IP (`sealctl peers list --json`)."""
-    out = sealctl("list", "--state", str(a.state), "--json").stdout
-    return {p["ip"]: p for p in json.loads(out)["peers"]}
+    return {p["ip"]: p for p in a.peer_table()["peers"]}
 
 
 def peer_record(a, cond=lambda r: True, what="the peer record", timeout=10.0) -> dict:

@@ -28,7 +28,6 @@ Timing: A retries after 1 s; every wait is bounded.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 
@@ -36,14 +35,11 @@ import pytest
 
 from clients import marker
 from harness import (
-    ROOT,
+    SEALCTL,
     Gateway,
-    Raw,
     _table,
-    message,
-    queue_id,
     received_headers,
-    send_raw_message,
+    submit_one,
     wait_until,
 )
 from pki import cert_sha256, make_ca, make_leaf
@@ -112,15 +108,7 @@ def sender(gateways, pki, proxy, level: str, tls: dict | None = None, **route) -
 
 def submit(a, mark: str) -> str:
     """Hands A a message for bob@b.test; returns its queue id."""
-    r = Raw(a.addr)
-    try:
-        r.expect("EHLO client.a.test", 250)
-        rep = send_raw_message(r, "alice@a.test", ["bob@b.test"], message(mark, "alice@a.test", "bob@b.test"))
-        assert rep.code == 250, rep.text
-        r.expect("QUIT", 221)
-    finally:
-        r.close()
-    return queue_id(rep.text)
+    return submit_one(a.addr, "alice@a.test", "bob@b.test", mark)
 
 
 def deferred_detail(a, qid: str) -> str:
@@ -318,13 +306,8 @@ def test_mitm_control_encrypt_does_not_check_certificates(gateways, pki, b, prox
 
 # --- downgrade protection (`may`) against the same attacks -------------------------------------
 
-SEALCTL = ROOT / "target" / "release" / "sealctl"
-
-
 def peers(a) -> dict[str, dict]:
-    out = subprocess.run([str(SEALCTL), "peers", "list", "--state", str(a.state), "--json"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    return {p["ip"]: p for p in json.loads(out)["peers"]}
+    return {p["ip"]: p for p in a.peer_table()["peers"]}
 
 
 @pytest.mark.parametrize(

@@ -30,29 +30,22 @@ log their session lines) within seconds. Every wait is bounded.
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 
 import pytest
 
 from clients import marker
 from harness import (
-    ROOT,
-    Raw,
     _table,
     free_port,
-    message,
-    queue_id,
     received_headers,
-    send_raw_message,
+    submit_one,
 )
 from pki import cert_sha256, make_ca, make_leaf
 
 IPS = {"a": "127.0.0.1", "b": "127.0.0.2", "c": "127.0.0.3"}
 SUBMITTER = "127.0.0.9"
 CA_NAME = "vpn-ca"
-SEALCTL = ROOT / "target" / "release" / "sealctl"
 
 
 def vpn_name(g: str) -> str:
@@ -122,15 +115,7 @@ def vpn(gateways, pki):
 
 def submit(gw, frm: str, to: str, mark: str) -> str:
     """Hands `gw` a message from SUBMITTER (trusted, not a VPN peer); returns its queue id."""
-    r = Raw(gw.addr, source=SUBMITTER)
-    try:
-        r.expect("EHLO submit.test", 250)
-        rep = send_raw_message(r, frm, [to], message(mark, frm, to))
-        assert rep.code == 250, rep.text
-        r.expect("QUIT", 221)
-    finally:
-        r.close()
-    return queue_id(rep.text)
+    return submit_one(gw.addr, frm, to, mark, ehlo="submit.test", source=SUBMITTER)
 
 
 def attempt_line(gw, qid: str) -> str:
@@ -189,9 +174,7 @@ def test_mail_between_every_pair(vpn, pki):
     for gw in vpn.values():
         assert gw.stop() == 0, gw.name
     for g, gw in vpn.items():
-        table = json.loads(subprocess.run(
-            [str(SEALCTL), "peers", "list", "--state", str(gw.state), "--json"],
-            capture_output=True, text=True, timeout=30, check=True).stdout)
+        table = gw.peer_table()
         clients = {c["ip"]: c for c in table.get("clients", [])}
         out = {p["ip"]: p for p in table["peers"]}
         for o in IPS:
