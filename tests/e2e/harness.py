@@ -33,6 +33,19 @@ READY_RE = re.compile(r"^sealgate ready: (?P<listeners>.*?) state=(?P<state>\S+)
 # small helpers
 
 
+def maildir_messages(maildir: Path) -> dict[str, bytes]:
+    """The delivered messages of a Maildir (`new/`): file name → content."""
+    d = maildir / "new"
+    out = {}
+    if d.is_dir():
+        for f in sorted(d.iterdir()):
+            try:
+                out[f.name] = f.read_bytes()
+            except FileNotFoundError:
+                pass
+    return out
+
+
 def wait_until(cond, timeout=20.0, what="condition", interval=0.05):
     """Polls `cond()` until it returns something truthy; returns that value or fails."""
     deadline = time.monotonic() + timeout
@@ -272,15 +285,7 @@ class Gateway:
 
     def messages(self, sub: str = "maildir") -> dict[str, bytes]:
         """Delivered messages (Maildir `new/`): file name → content."""
-        d = self.maildir(sub) / "new"
-        out = {}
-        if d.is_dir():
-            for f in sorted(d.iterdir()):
-                try:
-                    out[f.name] = f.read_bytes()
-                except FileNotFoundError:
-                    pass
-        return out
+        return maildir_messages(self.maildir(sub))
 
     def wait_messages(self, n: int, sub: str = "maildir", timeout: float = 20.0) -> dict[str, bytes]:
         return wait_until(

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import free_port, wait_until
+from harness import free_port, maildir_messages, wait_until
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
@@ -393,15 +393,7 @@ class Postfix:
 
     def messages(self) -> dict[str, bytes]:
         """Delivered messages (Maildir `new/`): file name → content."""
-        d = self.mail_base / "maildir" / "new"
-        out = {}
-        if d.is_dir():
-            for f in sorted(d.iterdir()):
-                try:
-                    out[f.name] = f.read_bytes()
-                except FileNotFoundError:
-                    pass
-        return out
+        return maildir_messages(self.mail_base / "maildir")
 
     def wait_message_with(self, marker: bytes, timeout: float = 20.0) -> bytes:
         def find():
