@@ -411,7 +411,7 @@ pub fn pending_resets(state_dir: &Path) -> Vec<(PathBuf, String)> {
         .collect()
 }
 
-/// Applies reset requests to `table`; returns (request files to remove, peers reset).
+/// Applies reset requests to `table`; returns how many peer records were reset.
 pub fn apply_resets(table: &mut PeerTable, requests: &[(PathBuf, String)]) -> usize {
     let mut n = 0;
     for (path, peer) in requests {
