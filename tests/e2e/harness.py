@@ -23,7 +23,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("SEALGATE_BIN", ROOT / "target" / "release" / "sealgate"))
+def _default_bin() -> Path:
+    """The newest of the static build (tests/run) and a plain `cargo build --release`."""
+    found = [p for p in (ROOT / "target" / "x86_64-unknown-linux-gnu" / "release" / "sealgate",
+                         ROOT / "target" / "release" / "sealgate") if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else ROOT / "target" / "release" / "sealgate"
+
+
+BIN = Path(os.environ.get("SEALGATE_BIN") or _default_bin())
 SEALCTL = BIN.parent / "sealctl"
 
 READY_RE = re.compile(r"^sealgate ready: (?P<listeners>.*?) state=(?P<state>\S+)\s*$")
