@@ -27,7 +27,8 @@
 //! ```
 //!
 //! A copy is valid when its magic, format, CRC, index parity and fields are all right. The valid
-//! copy with the highest generation is the state. A store writes generation + 1 to the copy
+//! copy with the newer generation (compared as serial numbers, so a wrap at 2^64 is harmless) is
+//! the state. A store writes generation + 1 to the copy
 //! index (generation + 1) % 2 — never the copy the state was read from.
 
 use std::fmt;
@@ -194,6 +195,12 @@ fn get_version(b: &[u8]) -> Version {
     Version::new(u(0), u(2), u(4))
 }
 
+/// Whether generation `a` is newer than `b`, as serial numbers (RFC 1982): the two copies'
+/// generations differ by one, so this stays right even where the counter wraps at 2^64.
+fn newer(a: u64, b: u64) -> bool {
+    (a.wrapping_sub(b) as i64) > 0
+}
+
 fn crc_of(copy: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&copy[..OFF_CRC]);
@@ -310,7 +317,11 @@ impl BootControl {
             });
         };
         match (decode_copy(c0, 0), decode_copy(c1, 1)) {
-            (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { b } else { a }),
+            (Ok(a), Ok(b)) => Ok(if newer(b.generation, a.generation) {
+                b
+            } else {
+                a
+            }),
             (Ok(a), Err(_)) => Ok(a),
             (Err(_), Ok(b)) => Ok(b),
             (Err(copy0), Err(copy1)) => Err(BootCtlError::NoValidCopy { copy0, copy1 }),
@@ -636,6 +647,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn generation_wraps() {
+        let mut bc = BootControl::new_image(V1);
+        bc.generation = u64::MAX - 2;
+        let mut dev = Cursor::new(vec![0u8; 2 * COPY_LEN]);
+        for _ in 0..4 {
+            bc.mark_unbootable(Slot::B, &format!("gen {}", bc.generation));
+            bc.store(&mut dev).unwrap();
+            assert_eq!(BootControl::load(&mut dev).unwrap(), bc);
+        }
+        assert_eq!(bc.generation, 1);
     }
 
     #[test]

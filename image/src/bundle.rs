@@ -87,7 +87,7 @@ pub struct Header {
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error("bundle format: truncated: {got} bytes, the bundle prefix needs {need}")]
-    Truncated { got: usize, need: usize },
+    Truncated { got: u64, need: u64 },
     #[error("bundle format: not a Sealgate update bundle (bad magic)")]
     BadMagic,
     #[error("bundle format: unsupported format version {0} (this build reads version {FORMAT})")]
@@ -311,8 +311,8 @@ pub fn parse_prefix(bytes: &[u8]) -> Result<Unverified, BundleError> {
     }
     let (Some(h), Some(s)) = (bytes.get(..HEADER_LEN), bytes.get(HEADER_LEN..PREFIX_LEN)) else {
         return Err(BundleError::Truncated {
-            got: bytes.len(),
-            need: PREFIX_LEN,
+            got: bytes.len() as u64,
+            need: PREFIX_LEN as u64,
         });
     };
     let mut header_bytes = [0u8; HEADER_LEN];
@@ -576,7 +576,7 @@ mod tests {
         for n in 0..PREFIX_LEN {
             match parse_prefix(&b[..n]) {
                 Err(BundleError::Truncated { got, need }) => {
-                    assert_eq!((got, need), (n, PREFIX_LEN))
+                    assert_eq!((got, need), (n as u64, PREFIX_LEN as u64))
                 }
                 other => panic!("{n}: {other:?}"),
             }
