@@ -17,6 +17,13 @@
 //!
 //! Every board holds the state directory's exclusive lock ([`StateLock`]) for its life, so
 //! only one daemon (or one offline `sealctl`) writes a state directory at a time.
+//!
+//! [`appliance`] has the helpers of the appliance image (partitions by label, mounts, the
+//! watchdog, reboot) and [`loader`] the stage-1 loader that boots a verified slot.
+
+pub mod appliance;
+pub mod loader;
+mod sys;
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -82,6 +89,23 @@ pub enum BoardError {
     SerialIo { path: PathBuf, source: io::Error },
     #[error("board serial {path}: {reason}")]
     BadSerial { path: PathBuf, reason: &'static str },
+    #[error(
+        "partitions {} not found within {} s{}",
+        missing.join(", "),
+        waited.as_secs_f32(),
+        last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+    )]
+    PartitionsMissing {
+        missing: Vec<String>,
+        waited: std::time::Duration,
+        last_error: Option<String>,
+    },
+    #[error("cannot mount {what} at {at}: {source}")]
+    Mount {
+        what: String,
+        at: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// What the daemon needs from the board it runs on.
@@ -369,6 +393,8 @@ pub struct QemuBoard {
     lock: StateLock,
     serial: String,
     secret: Zeroizing<Vec<u8>>,
+    /// Where the sealed store lives when not `<state>/sealed` (the appliance: its own partition).
+    sealed_dir: Option<PathBuf>,
 }
 
 impl fmt::Debug for QemuBoard {
@@ -376,6 +402,7 @@ impl fmt::Debug for QemuBoard {
         f.debug_struct("QemuBoard")
             .field("root", &self.lock.root)
             .field("serial", &self.serial)
+            .field("sealed_dir", &self.sealed_dir)
             .finish_non_exhaustive()
     }
 }
@@ -396,7 +423,31 @@ impl QemuBoard {
             lock,
             serial,
             secret,
+            sealed_dir: None,
         })
+    }
+
+    /// The board as the appliance image lays it out: state in
+    /// [`appliance::STATE_DIR`] (`/data/state`, on the `data` partition), the sealed store in
+    /// [`appliance::SEALED_STORE_DIR`] (`/sealed/store`, on the `sealed` partition), secret and
+    /// serial from [`appliance::FW_CFG_DIR`]. Both partitions must be mounted first.
+    pub fn appliance() -> Result<Self, BoardError> {
+        Self::open_with_sealed_dir(
+            Path::new(appliance::STATE_DIR),
+            Path::new(appliance::FW_CFG_DIR),
+            Path::new(appliance::SEALED_STORE_DIR),
+        )
+    }
+
+    /// [`QemuBoard::open`] with the sealed store in `sealed_dir` instead of `<root>/sealed`.
+    pub fn open_with_sealed_dir(
+        root: &Path,
+        fw_cfg_dir: &Path,
+        sealed_dir: &Path,
+    ) -> Result<Self, BoardError> {
+        let mut board = Self::open(root, fw_cfg_dir)?;
+        board.sealed_dir = Some(sealed_dir.to_path_buf());
+        Ok(board)
     }
 }
 
@@ -409,6 +460,12 @@ impl Board for QemuBoard {
     }
     fn secret(&self) -> &[u8] {
         &self.secret
+    }
+    fn sealed_dir(&self) -> PathBuf {
+        match &self.sealed_dir {
+            Some(d) => d.clone(),
+            None => self.state_dir().join("sealed"),
+        }
     }
 }
 
@@ -697,6 +754,11 @@ mod tests {
         // Trailing NULs are ignored too.
         let fw = fw_cfg(&t, Some(&[9u8; 32]), Some(b"SG-1\0\0"));
         assert_eq!(QemuBoard::open(&t.path("v"), &fw).unwrap().serial(), "SG-1");
+        // The appliance layout keeps the sealed store out of the state directory.
+        let b =
+            QemuBoard::open_with_sealed_dir(&t.path("v"), &fw, &t.path("sealed/store")).unwrap();
+        assert_eq!(b.sealed_dir(), t.path("sealed/store"));
+        assert_eq!(b.state_dir(), t.0.canonicalize().unwrap().join("v"));
     }
 
     #[test]

@@ -1,0 +1,649 @@
+//! Choosing and staging the slot to boot: boot control read from the `bootctl` partition, the
+//! chosen slot's bundle verified while its payload is copied out, refusals recorded in boot
+//! control with the reason, and the fallback to the other slot. Plain file I/O, so the whole
+//! decision runs on a host with temporary files standing in for the partitions.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use sealgate_image::bootctl::{BootControl, Choice, Slot};
+use sealgate_image::bundle::{self, Header};
+use sealgate_image::version::Version;
+
+/// Longest note kept in boot control (the format's bound).
+const NOTE_MAX: usize = 120;
+/// More rounds than two slots can need; a bound against a boot control that keeps choosing a
+/// slot just refused.
+const MAX_ROUNDS: usize = 4;
+
+/// What a bundle must satisfy besides the floor recorded in boot control.
+#[derive(Debug, Clone, Copy)]
+pub struct Trust<'a> {
+    /// Image-signing public keys by key id.
+    pub keys: &'a BTreeMap<[u8; 8], [u8; 32]>,
+    /// This board's name (`/etc/sealgate/board`).
+    pub board: &'a str,
+    /// Largest payload accepted.
+    pub max_payload: u64,
+}
+
+/// A verified payload ready to be executed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    pub slot: Slot,
+    /// The version in the verified bundle header.
+    pub version: Version,
+    /// A trial boot (the slot has not yet been marked successful).
+    pub trial: bool,
+    /// The payload, mode 0500.
+    pub program: PathBuf,
+}
+
+impl Staged {
+    /// The arguments after the program: `appliance --slot <a|b> --version <V>`.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "appliance".to_string(),
+            "--slot".to_string(),
+            self.slot.letter().to_string(),
+            "--version".to_string(),
+            self.version.to_string(),
+        ]
+    }
+}
+
+/// Boot control from the `bootctl` device. With no valid copy (a blank or corrupt partition)
+/// or an unreadable device, logs it loudly and starts over from
+/// `BootControl::new_image(0.0.0)`: slot A on trial with fresh tries, B empty.
+pub fn load_boot_control(dev: &mut File, log: &mut dyn FnMut(String)) -> BootControl {
+    match BootControl::load(dev) {
+        Ok(c) => c,
+        Err(e) => {
+            log(format!(
+                "WARNING: boot control unusable ({e}); starting over: slot A on trial, slot B empty, floor 0.0.0"
+            ));
+            BootControl::new_image(Version::default())
+        }
+    }
+}
+
+/// Writes boot control to its device and fsyncs it.
+pub fn store(dev: &mut File, ctl: &mut BootControl) -> Result<(), String> {
+    ctl.store(dev).map_err(|e| e.to_string())?;
+    dev.sync_all().map_err(|e| format!("fsync: {e}"))
+}
+
+/// One line describing a slot's state.
+pub fn describe(ctl: &BootControl, s: Slot) -> String {
+    let st = ctl.slot(s);
+    let mut d = format!(
+        "slot {}: version {}, priority {}, tries {}, {}",
+        s.letter(),
+        st.version,
+        st.priority,
+        st.tries,
+        if st.successful {
+            "successful"
+        } else {
+            "not successful"
+        }
+    );
+    if !st.note.is_empty() {
+        d.push_str(&format!(", note: {}", st.note));
+    }
+    d
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Records that `slot` cannot boot and why, and stores boot control (a failed store is logged:
+/// the slot is still skipped on this boot).
+pub fn refuse(
+    ctl_dev: &mut File,
+    ctl: &mut BootControl,
+    slot: Slot,
+    reason: &str,
+    log: &mut dyn FnMut(String),
+) {
+    log(format!("slot {} REFUSED: {reason}", slot.letter()));
+    ctl.mark_unbootable(slot, truncate(reason, NOTE_MAX));
+    if let Err(e) = store(ctl_dev, ctl) {
+        log(format!(
+            "WARNING: cannot record the refusal in boot control: {e}"
+        ));
+    }
+}
+
+/// Chooses a slot, records the try, verifies the slot's bundle while copying its payload to
+/// `<run_dir>/sealgate-<a|b>`, and falls back to the other slot when that fails (recording
+/// why). `slot_devs` are the devices of slots A and B (`None`: partition not found). `None`
+/// when no slot can boot (logged with both slots' state).
+///
+/// A trial boot whose try cannot be recorded is refused: booting it anyway could loop forever
+/// on a bad image instead of falling back.
+pub fn choose_and_stage(
+    ctl_dev: &mut File,
+    ctl: &mut BootControl,
+    slot_devs: [Option<&Path>; 2],
+    trust: &Trust<'_>,
+    run_dir: &Path,
+    log: &mut dyn FnMut(String),
+) -> Option<Staged> {
+    for _ in 0..MAX_ROUNDS {
+        let (slot, trial) = match ctl.choose() {
+            Choice::Boot { slot, trial } => (slot, trial),
+            Choice::NoBootableSlot => {
+                log(format!(
+                    "NO BOOTABLE SLOT (floor {}): {}; {}",
+                    ctl.floor,
+                    describe(ctl, Slot::A),
+                    describe(ctl, Slot::B)
+                ));
+                return None;
+            }
+        };
+        let st = ctl.slot(slot);
+        log(format!(
+            "slot {} chosen: version {}, {}",
+            slot.letter(),
+            st.version,
+            if trial {
+                format!("trial boot, {} tries left after this one", st.tries)
+            } else {
+                "known good".to_string()
+            }
+        ));
+        if let Err(e) = store(ctl_dev, ctl) {
+            if trial {
+                refuse(
+                    ctl_dev,
+                    ctl,
+                    slot,
+                    &format!("cannot record the boot try: {e}"),
+                    log,
+                );
+                continue;
+            }
+            log(format!("WARNING: cannot write boot control: {e}"));
+        }
+        let dev = match slot {
+            Slot::A => slot_devs[0],
+            Slot::B => slot_devs[1],
+        };
+        let Some(dev) = dev else {
+            refuse(
+                ctl_dev,
+                ctl,
+                slot,
+                &format!("partition {} not found", slot.label()),
+                log,
+            );
+            continue;
+        };
+        let program = run_dir.join(format!("sealgate-{}", slot.letter()));
+        let floor = ctl.floor;
+        match stage(dev, trust, floor, &program) {
+            Ok(h) => {
+                log(format!(
+                    "slot {} verified: version {}, board {}, key {}, {} bytes -> {}",
+                    slot.letter(),
+                    h.version,
+                    h.board,
+                    sealgate_image::keys::key_id_hex(&h.key_id),
+                    h.payload_len,
+                    program.display()
+                ));
+                if ctl.slot(slot).version != h.version {
+                    log(format!(
+                        "boot control said version {} for slot {}, the bundle says {}: recording the bundle's",
+                        ctl.slot(slot).version,
+                        slot.letter(),
+                        h.version
+                    ));
+                    ctl.slot_mut(slot).version = h.version;
+                    if let Err(e) = store(ctl_dev, ctl) {
+                        log(format!("WARNING: cannot write boot control: {e}"));
+                    }
+                }
+                return Some(Staged {
+                    slot,
+                    version: h.version,
+                    trial,
+                    program,
+                });
+            }
+            Err(reason) => refuse(ctl_dev, ctl, slot, &reason, log),
+        }
+    }
+    log("NO BOOTABLE SLOT: boot control keeps choosing refused slots".to_string());
+    None
+}
+
+/// Verifies the bundle on `dev` (floor `floor`) while copying its payload to `program`
+/// (created anew, mode 0500); on any failure `program` is removed and the reason returned.
+pub fn stage(
+    dev: &Path,
+    trust: &Trust<'_>,
+    floor: Version,
+    program: &Path,
+) -> Result<Header, String> {
+    let input = File::open(dev).map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+    match fs::remove_file(program) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove old {}: {e}", program.display())),
+    }
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o500)
+        .open(program)
+        .map_err(|e| format!("cannot create {}: {e}", program.display()))?;
+    let mut r = BufReader::with_capacity(64 << 10, input);
+    let mut w = BufWriter::with_capacity(64 << 10, out);
+    let result = bundle::verify_stream(
+        &mut r,
+        trust.keys,
+        trust.board,
+        floor,
+        trust.max_payload,
+        &mut w,
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|h| {
+        w.flush()
+            .map_err(|e| format!("cannot write {}: {e}", program.display()))?;
+        Ok(h)
+    });
+    drop(w);
+    if result.is_err() {
+        let _ = fs::remove_file(program);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use ring::signature::Ed25519KeyPair;
+    use sealgate_image::bootctl::COPY_LEN;
+    use sealgate_image::keys;
+    use std::io::Cursor;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    const BOARD: &str = bundle::BOARD_QEMU;
+
+    fn v(s: &str) -> Version {
+        s.parse().unwrap()
+    }
+
+    /// A temporary directory with a bootctl "partition", two slot "partitions", a run dir and
+    /// a signing key; removed on drop.
+    struct Rig {
+        dir: PathBuf,
+        key: Ed25519KeyPair,
+        keys: BTreeMap<[u8; 8], [u8; 32]>,
+        lines: Vec<String>,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn new_key() -> Ed25519KeyPair {
+        Ed25519KeyPair::from_pkcs8(&keys::generate_key().unwrap()).unwrap()
+    }
+
+    impl Rig {
+        fn new(tag: &str) -> Rig {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "sg-loader-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(dir.join("run")).unwrap();
+            let key = new_key();
+            let public = keys::public_key_of(&key);
+            let keys = BTreeMap::from([(keys::key_id(&public), public)]);
+            Rig {
+                dir,
+                key,
+                keys,
+                lines: Vec::new(),
+            }
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.join(name)
+        }
+
+        fn payload(version: Version) -> Vec<u8> {
+            format!("\x7fELF sealgate {version}")
+                .into_bytes()
+                .repeat(5000)
+        }
+
+        /// Writes a bundle of `version` signed by `key` (default: the trusted one) to the slot
+        /// "partition" `name`, followed by zeros like the rest of a partition.
+        fn write_slot(
+            &self,
+            name: &str,
+            version: Version,
+            board: &str,
+            key: Option<&Ed25519KeyPair>,
+        ) -> Vec<u8> {
+            let payload = Self::payload(version);
+            let mut out = Vec::new();
+            bundle::sign(
+                &mut Cursor::new(&payload),
+                version,
+                board,
+                key.unwrap_or(&self.key),
+                1_700_000_000,
+                &mut out,
+            )
+            .unwrap();
+            out.extend_from_slice(&[0u8; 4096]);
+            fs::write(self.path(name), &out).unwrap();
+            payload
+        }
+
+        fn write_ctl(&self, ctl: &mut BootControl) {
+            let p = self.path("bootctl");
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .unwrap();
+            f.set_len(2 * COPY_LEN as u64).unwrap();
+            store(&mut f, ctl).unwrap();
+        }
+
+        fn read_ctl(&self) -> BootControl {
+            BootControl::load(&mut File::open(self.path("bootctl")).unwrap()).unwrap()
+        }
+
+        fn run(&mut self, slots: [Option<&str>; 2]) -> Option<Staged> {
+            let mut dev = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.path("bootctl"))
+                .unwrap();
+            self.run_with(&mut dev, slots)
+        }
+
+        fn run_with(&mut self, dev: &mut File, slots: [Option<&str>; 2]) -> Option<Staged> {
+            let a = slots[0].map(|n| self.path(n));
+            let b = slots[1].map(|n| self.path(n));
+            let trust = Trust {
+                keys: &self.keys,
+                board: BOARD,
+                max_payload: bundle::MAX_PAYLOAD,
+            };
+            let mut ctl = load_boot_control(dev, &mut |l| self.lines.push(l));
+            let run = self.dir.join("run");
+            let mut lines = Vec::new();
+            let r = choose_and_stage(
+                dev,
+                &mut ctl,
+                [a.as_deref(), b.as_deref()],
+                &trust,
+                &run,
+                &mut |l| lines.push(l),
+            );
+            self.lines.extend(lines);
+            r
+        }
+
+        fn log(&self) -> String {
+            self.lines.join("\n")
+        }
+    }
+
+    #[test]
+    fn a_good_slot_a_is_verified_staged_and_its_try_recorded() {
+        let mut rig = Rig::new("good");
+        let payload = rig.write_slot("slot_a", v("1.2.3"), BOARD, None);
+        rig.write_ctl(&mut BootControl::new_image(v("1.2.3")));
+        let staged = rig.run([Some("slot_a"), Some("slot_b")]).unwrap();
+        assert_eq!(staged.slot, Slot::A);
+        assert_eq!(staged.version, v("1.2.3"));
+        assert!(staged.trial);
+        assert_eq!(staged.program, rig.path("run/sealgate-a"));
+        assert_eq!(
+            staged.args(),
+            ["appliance", "--slot", "a", "--version", "1.2.3"]
+        );
+        assert_eq!(fs::read(&staged.program).unwrap(), payload);
+        let mode = fs::metadata(&staged.program).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o500);
+        // The try is on disk before the payload runs.
+        let ctl = rig.read_ctl();
+        assert_eq!(
+            ctl.slot(Slot::A).tries,
+            sealgate_image::bootctl::DEFAULT_TRIES - 1
+        );
+        assert!(rig.log().contains("slot a chosen"), "{}", rig.log());
+        assert!(rig.log().contains("slot a verified"), "{}", rig.log());
+
+        // A known-good slot boots without using a try.
+        let mut ctl = rig.read_ctl();
+        ctl.mark_successful(Slot::A);
+        rig.write_ctl(&mut ctl);
+        let staged = rig.run([Some("slot_a"), None]).unwrap();
+        assert!(!staged.trial);
+        assert_eq!(rig.read_ctl().slot(Slot::A), ctl.slot(Slot::A));
+    }
+
+    #[test]
+    fn a_bad_signature_in_b_falls_back_to_a_and_b_is_marked_with_the_reason() {
+        let mut rig = Rig::new("badsig");
+        rig.write_slot("slot_a", v("1.0.0"), BOARD, None);
+        let mut ctl = BootControl::new_image(v("1.0.0"));
+        ctl.mark_successful(Slot::A);
+        ctl.install_begin(Slot::B);
+        ctl.install_commit(Slot::B, v("1.1.0"));
+        rig.write_ctl(&mut ctl);
+        // B: a valid bundle with one signature bit flipped.
+        rig.write_slot("slot_b", v("1.1.0"), BOARD, None);
+        let mut b = fs::read(rig.path("slot_b")).unwrap();
+        b[bundle::HEADER_LEN + 10] ^= 0x01;
+        fs::write(rig.path("slot_b"), &b).unwrap();
+
+        let staged = rig.run([Some("slot_a"), Some("slot_b")]).unwrap();
+        assert_eq!(staged.slot, Slot::A);
+        assert!(!staged.trial);
+        assert!(
+            !rig.path("run/sealgate-b").exists(),
+            "a refused payload is removed"
+        );
+        let ctl = rig.read_ctl();
+        let b = ctl.slot(Slot::B);
+        assert_eq!((b.priority, b.tries, b.successful), (0, 0, false));
+        assert!(b.note.contains("signature"), "{}", b.note);
+        assert!(rig.log().contains("slot b REFUSED"), "{}", rig.log());
+
+        // An unknown signing key is refused too, naming it.
+        let mut rig = Rig::new("unknownkey");
+        let other = new_key();
+        rig.write_slot("slot_a", v("1.0.0"), BOARD, Some(&other));
+        rig.write_ctl(&mut BootControl::new_image(v("1.0.0")));
+        assert!(rig.run([Some("slot_a"), Some("slot_b")]).is_none());
+        let note = rig.read_ctl().slot(Slot::A).note.clone();
+        let id = keys::key_id_hex(&keys::key_id_of(&other));
+        assert!(note.contains(&id) || note.contains("key"), "{note}");
+        assert!(rig.log().contains("NO BOOTABLE SLOT"), "{}", rig.log());
+    }
+
+    #[test]
+    fn a_trial_slot_out_of_tries_falls_back_then_nothing_is_left() {
+        let mut rig = Rig::new("tries");
+        rig.write_slot("slot_a", v("1.0.0"), BOARD, None);
+        rig.write_slot("slot_b", v("1.1.0"), BOARD, None);
+        let mut ctl = BootControl::new_image(v("1.0.0"));
+        ctl.mark_successful(Slot::A);
+        ctl.install_begin(Slot::B);
+        ctl.install_commit(Slot::B, v("1.1.0"));
+        rig.write_ctl(&mut ctl);
+        // Each boot of B uses a try (the gateway never marks it successful).
+        for _ in 0..sealgate_image::bootctl::DEFAULT_TRIES {
+            assert_eq!(
+                rig.run([Some("slot_a"), Some("slot_b")]).unwrap().slot,
+                Slot::B
+            );
+        }
+        assert_eq!(rig.read_ctl().slot(Slot::B).tries, 0);
+        assert_eq!(
+            rig.run([Some("slot_a"), Some("slot_b")]).unwrap().slot,
+            Slot::A
+        );
+
+        // A never-successful slot A with no tries left and an empty B: nothing boots.
+        let mut rig = Rig::new("tries2");
+        rig.write_slot("slot_a", v("1.0.0"), BOARD, None);
+        rig.write_ctl(&mut BootControl::new_image(v("1.0.0")));
+        for _ in 0..sealgate_image::bootctl::DEFAULT_TRIES {
+            assert!(rig.run([Some("slot_a"), None]).is_some());
+        }
+        assert!(rig.run([Some("slot_a"), None]).is_none());
+        assert!(rig.log().contains("NO BOOTABLE SLOT"), "{}", rig.log());
+        assert!(rig.log().contains("tries 0"), "{}", rig.log());
+    }
+
+    #[test]
+    fn a_bundle_below_the_floor_is_refused_even_if_boot_control_says_otherwise() {
+        let mut rig = Rig::new("floor");
+        // Slot A holds 1.0.0 but boot control believes 2.0.0, with the floor at 2.0.0: the
+        // bundle's own version is checked against the floor.
+        rig.write_slot("slot_a", v("1.0.0"), BOARD, None);
+        let mut ctl = BootControl::new_image(v("2.0.0"));
+        ctl.mark_successful(Slot::A);
+        assert_eq!(ctl.floor, v("2.0.0"));
+        rig.write_ctl(&mut ctl);
+        assert!(rig.run([Some("slot_a"), Some("slot_b")]).is_none());
+        let a = rig.read_ctl().slot(Slot::A).clone();
+        assert_eq!(a.priority, 0);
+        assert!(
+            a.note.contains("1.0.0") && a.note.contains("2.0.0"),
+            "{}",
+            a.note
+        );
+
+        // A slot recorded below the floor is not even chosen.
+        let mut rig = Rig::new("floor2");
+        rig.write_slot("slot_a", v("1.0.0"), BOARD, None);
+        let mut ctl = BootControl::new_image(v("1.0.0"));
+        ctl.floor = v("1.5.0");
+        rig.write_ctl(&mut ctl);
+        assert!(rig.run([Some("slot_a"), None]).is_none());
+        assert!(!rig.log().contains("slot a chosen"), "{}", rig.log());
+    }
+
+    #[test]
+    fn wrong_board_truncated_or_missing_slots_are_refused() {
+        let mut rig = Rig::new("board");
+        rig.write_slot("slot_a", v("1.0.0"), "other-board", None);
+        rig.write_ctl(&mut BootControl::new_image(v("1.0.0")));
+        assert!(rig.run([Some("slot_a"), None]).is_none());
+        assert!(rig.read_ctl().slot(Slot::A).note.contains("other-board"));
+
+        let mut rig = Rig::new("trunc");
+        rig.write_slot("slot_a", v("1.0.0"), BOARD, None);
+        let a = fs::read(rig.path("slot_a")).unwrap();
+        fs::write(rig.path("slot_a"), &a[..bundle::PREFIX_LEN + 1000]).unwrap();
+        rig.write_ctl(&mut BootControl::new_image(v("1.0.0")));
+        assert!(rig.run([Some("slot_a"), None]).is_none());
+        assert!(!rig.path("run/sealgate-a").exists());
+        assert!(rig.log().contains("slot a REFUSED"), "{}", rig.log());
+
+        // The partition itself is missing.
+        let mut rig = Rig::new("nodev");
+        rig.write_ctl(&mut BootControl::new_image(v("1.0.0")));
+        assert!(rig.run([None, None]).is_none());
+        assert!(
+            rig.read_ctl()
+                .slot(Slot::A)
+                .note
+                .contains("slot_a not found")
+        );
+    }
+
+    #[test]
+    fn a_blank_boot_control_starts_over_loudly_from_slot_a() {
+        let mut rig = Rig::new("blank");
+        let payload = rig.write_slot("slot_a", v("0.4.0"), BOARD, None);
+        fs::write(rig.path("bootctl"), vec![0u8; 2 * COPY_LEN]).unwrap();
+        let staged = rig.run([Some("slot_a"), Some("slot_b")]).unwrap();
+        assert_eq!(
+            (staged.slot, staged.version, staged.trial),
+            (Slot::A, v("0.4.0"), true)
+        );
+        assert_eq!(fs::read(&staged.program).unwrap(), payload);
+        assert!(
+            rig.log().contains("WARNING: boot control unusable"),
+            "{}",
+            rig.log()
+        );
+        // Written back, with the bundle's version recorded.
+        let ctl = rig.read_ctl();
+        assert_eq!(ctl.slot(Slot::A).version, v("0.4.0"));
+        assert_eq!(
+            ctl.slot(Slot::A).tries,
+            sealgate_image::bootctl::DEFAULT_TRIES - 1
+        );
+    }
+
+    #[test]
+    fn a_trial_whose_try_cannot_be_recorded_is_not_booted() {
+        let mut rig = Rig::new("readonly");
+        rig.write_slot("slot_a", v("1.0.0"), BOARD, None);
+        rig.write_ctl(&mut BootControl::new_image(v("1.0.0")));
+        let mut ro = File::open(rig.path("bootctl")).unwrap();
+        assert!(rig.run_with(&mut ro, [Some("slot_a"), None]).is_none());
+        assert!(
+            rig.log().contains("cannot record the boot try"),
+            "{}",
+            rig.log()
+        );
+
+        // A known-good slot still boots from a read-only boot control.
+        let mut ctl = rig.read_ctl();
+        ctl.mark_successful(Slot::A);
+        rig.write_ctl(&mut ctl);
+        let mut ro = File::open(rig.path("bootctl")).unwrap();
+        assert_eq!(
+            rig.run_with(&mut ro, [Some("slot_a"), None]).unwrap().slot,
+            Slot::A
+        );
+    }
+
+    #[test]
+    fn long_notes_are_cut_at_a_character_boundary() {
+        let s = "é".repeat(100);
+        let t = truncate(&s, NOTE_MAX);
+        assert!(t.len() <= NOTE_MAX && t.len() >= NOTE_MAX - 1);
+        assert_eq!(truncate("short", NOTE_MAX), "short");
+    }
+}
