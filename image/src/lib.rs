@@ -6,9 +6,15 @@
 //! errors. Building and running an image (feature `build`) is for `sealctl` only.
 
 pub mod bootctl;
+#[cfg(feature = "build")]
+pub mod build;
 pub mod bundle;
+#[cfg(feature = "build")]
+pub mod cpio;
 pub mod gpt;
 pub mod keys;
+#[cfg(feature = "build")]
+pub mod run;
 pub mod version;
 
 pub use version::Version;
