@@ -195,13 +195,14 @@ fn boot(cmdline: &str, parts: &std::collections::BTreeMap<String, PathBuf>) -> !
         Ok(k) => k,
         Err(e) => halt(&format!("image keys {}: {e}", keys_dir.display())),
     };
+    let ids: Vec<String> = keys.keys().map(sealgate_image::keys::key_id_hex).collect();
     say(&format!(
-        "board {board}; {} image key(s): {}",
-        keys.len(),
-        keys.keys()
-            .map(sealgate_image::keys::key_id_hex)
-            .collect::<Vec<_>>()
-            .join(", ")
+        "board {board}; image keys: {}",
+        if ids.is_empty() {
+            format!("NONE in {} (no bundle can verify)", keys_dir.display())
+        } else {
+            ids.join(", ")
+        }
     ));
     let trust = boot::Trust {
         keys: &keys,
