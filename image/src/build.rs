@@ -224,7 +224,9 @@ fn build_in(
     report: &mut BuildReport,
     step: &mut dyn FnMut(&str, String),
 ) -> Result<(), BuildError> {
-    // Keys first: a wrong key should fail before anything is written.
+    // Inputs first: a wrong key or a dynamic executable fails before anything is written.
+    check_static_elf(&spec.sealgate)?;
+    check_static_elf(&spec.loader)?;
     let image_key = keys::read_private_key(&spec.image_key)?;
     let image_public = keys::public_key_of(&image_key);
     report.image_key_id = keys::key_id_hex(&keys::key_id(&image_public));
@@ -696,7 +698,7 @@ fn read_module(path: &Path) -> Result<(String, Vec<u8>), BuildError> {
 
 /// Copies `src` stripped to `dst` (`strip --strip-all`) after checking it is a static x86-64
 /// ELF executable; returns the stripped size.
-fn strip_static(src: &Path, dst: &Path) -> Result<u64, BuildError> {
+pub fn strip_static(src: &Path, dst: &Path) -> Result<u64, BuildError> {
     check_static_elf(src)?;
     let strip = find_tool("strip", &[]).ok_or(BuildError::ToolMissing {
         tool: "strip",

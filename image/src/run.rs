@@ -355,6 +355,17 @@ fn create_secret(path: &Path) -> Result<(), RunError> {
     written
 }
 
+/// Checks that `dir` holds the files of a built image (kernel, initramfs, disk).
+pub fn check_image_dir(dir: &Path) -> Result<(), RunError> {
+    for name in [KERNEL, INITRAMFS, DISK] {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(RunError::MissingImageFile { path });
+        }
+    }
+    Ok(())
+}
+
 /// The QEMU command line of a run (argv[0] is [`QEMU`]). Checks that the image files exist and
 /// that every forward's host side is on loopback; starts nothing.
 pub fn qemu_argv(spec: &RunSpec) -> Result<Vec<OsString>, RunError> {
@@ -362,14 +373,8 @@ pub fn qemu_argv(spec: &RunSpec) -> Result<Vec<OsString>, RunError> {
         return Err(RunError::BadMemory(spec.memory_mib));
     }
     check_serial(&spec.serial)?;
-    let file = |name: &str| {
-        let path = spec.dir.join(name);
-        if path.is_file() {
-            qemu_path(&path)
-        } else {
-            Err(RunError::MissingImageFile { path })
-        }
-    };
+    check_image_dir(&spec.dir)?;
+    let file = |name: &str| qemu_path(&spec.dir.join(name));
     let (kernel, initrd, disk) = (file(KERNEL)?, file(INITRAMFS)?, file(DISK)?);
     let secret = qemu_path(&spec.secret_file)?;
 

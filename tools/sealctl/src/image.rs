@@ -44,9 +44,9 @@ pub enum ImageCommand {
     /// Sign an executable into an update bundle
     ///
     /// The bundle holds a header (version, board, payload length and SHA-256), an Ed25519
-    /// signature by --key, and the executable verbatim (strip it first). The box installs it
-    /// only if the key is one of its image keys, the board matches and the version is not
-    /// below its rollback floor.
+    /// signature by --key, and the payload: the executable stripped (`strip --strip-all` of a
+    /// copy; --no-strip signs it verbatim). The box installs it only if the key is one of its
+    /// image keys, the board matches and the version is not below its rollback floor.
     ///
     /// Exit status: 0 signed, 1 failed, 2 usage.
     #[command(verbatim_doc_comment)]
@@ -124,7 +124,11 @@ pub struct SignArgs {
     /// Board the bundle is for
     #[arg(long, value_name = "BOARD", default_value = bundle::BOARD_QEMU)]
     board: String,
-    /// Sign any file, not only a static x86-64 executable (for tests of the box's checks)
+    /// Sign the executable as it is, without stripping it
+    #[arg(long)]
+    no_strip: bool,
+    /// Sign any file verbatim, not only a static x86-64 executable (for tests of the box's
+    /// checks)
     #[arg(long)]
     unchecked_payload: bool,
     /// The bundle to write
@@ -323,13 +327,28 @@ fn image_sign(args: SignArgs) -> ExitCode {
         Err(e) => return fail("sign", e),
     };
     let key_id = keys::key_id_hex(&keys::key_id_of(&key));
-    let mut payload = match File::open(&args.binary) {
-        Ok(f) => f,
-        Err(e) => return fail("sign", format!("{}: {e}", args.binary.display())),
+    let beside_out = |suffix: &str| {
+        let mut name = args.out.file_name().unwrap_or_default().to_os_string();
+        name.push(suffix);
+        args.out.with_file_name(name)
     };
-    let mut tmp_name = args.out.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = args.out.with_file_name(tmp_name);
+    let tmp = beside_out(".tmp");
+    let stripped = beside_out(".payload.tmp");
+    let payload_path = if args.unchecked_payload || args.no_strip {
+        args.binary.clone()
+    } else {
+        if let Err(e) = build::strip_static(&args.binary, &stripped) {
+            let _ = fs::remove_file(&stripped);
+            return fail("sign", e);
+        }
+        stripped.clone()
+    };
+    let opened = File::open(&payload_path);
+    let _ = fs::remove_file(&stripped); // the open file stays readable
+    let mut payload = match opened {
+        Ok(f) => f,
+        Err(e) => return fail("sign", format!("{}: {e}", payload_path.display())),
+    };
     let result = File::create(&tmp)
         .map_err(|e| format!("{}: {e}", tmp.display()))
         .and_then(|file| {
@@ -355,8 +374,13 @@ fn image_sign(args: SignArgs) -> ExitCode {
         Ok(header) => {
             let size = fs::metadata(&args.out).map_or(0, |m| m.len());
             println!(
-                "signed {} ({}) as version {} for {} with key {key_id}: {} ({})",
+                "signed {}{} ({}) as version {} for {} with key {key_id}: {} ({})",
                 args.binary.display(),
+                if payload_path == args.binary {
+                    ""
+                } else {
+                    " stripped"
+                },
                 human(header.payload_len),
                 header.version,
                 header.board,
@@ -389,6 +413,9 @@ fn image_run(args: RunArgs) -> ExitCode {
                 Err(e) => return usage(e),
             }
         }
+    }
+    if let Err(e) = run::check_image_dir(&args.dir) {
+        return fail("run", e);
     }
     let kvm = match args.accel.resolve() {
         Ok(kvm) => kvm,
