@@ -50,6 +50,8 @@ struct RawConfig {
     #[serde(default)]
     dns: RawDns,
     #[serde(default)]
+    mgmt: RawMgmt,
+    #[serde(default)]
     route: Vec<RawRoute>,
 }
 
@@ -140,6 +142,15 @@ struct RawDns {
     resolver: Option<Vec<String>>,
 }
 
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMgmt {
+    listen: Option<Vec<String>>,
+    certificate: Option<String>,
+    admin_certificates: Option<Vec<String>>,
+    admin_token_sha256: Option<Vec<String>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
@@ -168,6 +179,28 @@ pub struct Config {
     /// Name servers for MX lookups; empty means the system's (`/etc/resolv.conf`).
     pub dns_resolvers: Vec<SocketAddr>,
     pub routes: Vec<Route>,
+    pub mgmt: MgmtConfig,
+}
+
+/// `[mgmt]`: the management API (F-MGMT; endpoints in `docs/mgmt-api.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MgmtConfig {
+    /// HTTPS listeners. `None` = the board's default (`127.0.0.1:8443` on the dev board,
+    /// `0.0.0.0:8443` on the appliance); empty = no management API. Fixed at start.
+    pub listen: Option<Vec<SocketAddr>>,
+    /// Name of the served certificate (a `[[tls.certificates]]` entry or a sealed-store name).
+    pub certificate: String,
+    /// SHA-256 of the DER of each pinned admin client certificate.
+    pub admin_certificates: Vec<[u8; 32]>,
+    /// SHA-256 of each accepted bearer token (the token's bytes as sent).
+    pub admin_token_sha256: Vec<[u8; 32]>,
+}
+
+impl MgmtConfig {
+    /// Whether the config names any admin credential (pinned certificate or token).
+    pub fn has_credentials(&self) -> bool {
+        !self.admin_certificates.is_empty() || !self.admin_token_sha256.is_empty()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -809,6 +842,8 @@ impl RawConfig {
                 .collect::<Result<Vec<_>, _>>()?,
         };
 
+        let mgmt = self.mgmt.check(&smtp)?;
+
         let tls_cas = &tls.cas;
         let mut routes = Vec::new();
         for (i, r) in self.route.iter().enumerate() {
@@ -935,6 +970,64 @@ impl RawConfig {
             tls,
             dns_resolvers,
             routes,
+            mgmt,
+        })
+    }
+}
+
+/// Lists of SHA-256 values (see [`fingerprints`]) as bytes.
+fn sha256_list(key: &str, v: Option<&[String]>) -> Result<Vec<[u8; 32]>, ConfigError> {
+    fingerprints(key, v)?
+        .iter()
+        .map(|hex| {
+            let mut out = [0u8; 32];
+            for (i, b) in out.iter_mut().enumerate() {
+                *b = hex
+                    .get(2 * i..2 * i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| invalid(key, format!("{hex:?} is not 64 hex digits")))?;
+            }
+            Ok(out)
+        })
+        .collect()
+}
+
+impl RawMgmt {
+    fn check(&self, smtp: &SmtpConfig) -> Result<MgmtConfig, ConfigError> {
+        let listen = match &self.listen {
+            None => None,
+            Some(v) => {
+                let addrs = socket_addrs("mgmt.listen", v)?;
+                if let Some(a) = addrs
+                    .iter()
+                    .find(|a| smtp.listen.contains(a) || smtp.implicit_tls.contains(a))
+                {
+                    return Err(invalid(
+                        "mgmt.listen",
+                        format!("{a} is also an SMTP listener"),
+                    ));
+                }
+                Some(addrs)
+            }
+        };
+        let certificate = self.certificate.as_deref().unwrap_or("default");
+        if !valid_name(certificate) {
+            return Err(invalid(
+                "mgmt.certificate",
+                format!("{certificate:?}: use letters, digits, '-' and '_'"),
+            ));
+        }
+        Ok(MgmtConfig {
+            listen,
+            certificate: certificate.to_string(),
+            admin_certificates: sha256_list(
+                "mgmt.admin_certificates",
+                self.admin_certificates.as_deref(),
+            )?,
+            admin_token_sha256: sha256_list(
+                "mgmt.admin_token_sha256",
+                self.admin_token_sha256.as_deref(),
+            )?,
         })
     }
 }
@@ -1040,6 +1133,44 @@ mod tests {
             Config::from_toml("[smtp]\nlisten = [\"127.0.0.1:25\"]\nbogus = 1", "t"),
             Err(ConfigError::Syntax { .. })
         ));
+    }
+
+    #[test]
+    fn mgmt_section() {
+        let base = "[smtp]\nlisten = [\"127.0.0.1:25\"]\n";
+        let c = Config::from_toml(base, "t").unwrap();
+        assert_eq!(c.mgmt.listen, None, "board default");
+        assert_eq!(c.mgmt.certificate, "default");
+        assert!(!c.mgmt.has_credentials());
+        let pin = "AB:".repeat(31) + "AB";
+        let text = format!(
+            "{base}[mgmt]\nlisten = [\"127.0.0.2:8443\"]\ncertificate = \"admin\"\n\
+             admin_certificates = [\"{pin}\"]\nadmin_token_sha256 = [\"{}\"]\n",
+            "0f".repeat(32)
+        );
+        let c = Config::from_toml(&text, "t").unwrap();
+        assert_eq!(c.mgmt.listen, Some(vec!["127.0.0.2:8443".parse().unwrap()]));
+        assert_eq!(c.mgmt.certificate, "admin");
+        assert_eq!(c.mgmt.admin_certificates, vec![[0xab; 32]]);
+        assert_eq!(c.mgmt.admin_token_sha256, vec![[0x0f; 32]]);
+        assert!(c.mgmt.has_credentials());
+        let off = Config::from_toml(&format!("{base}[mgmt]\nlisten = []\n"), "t").unwrap();
+        assert_eq!(off.mgmt.listen, Some(vec![]));
+        for (extra, key) in [
+            ("listen = [\"127.0.0.1:25\"]", "mgmt.listen"),
+            ("listen = [\"here\"]", "mgmt.listen"),
+            ("certificate = \"a/b\"", "mgmt.certificate"),
+            ("admin_certificates = [\"abc\"]", "mgmt.admin_certificates"),
+            (
+                "admin_token_sha256 = [\"secret\"]",
+                "mgmt.admin_token_sha256",
+            ),
+        ] {
+            match Config::from_toml(&format!("{base}[mgmt]\n{extra}\n"), "t") {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{extra}"),
+                other => panic!("{extra}: expected error on {key}, got {other:?}"),
+            }
+        }
     }
 
     fn ca_pem() -> String {

@@ -113,7 +113,7 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         state_dir.clone(),
     );
     tokio::spawn(queue.clone().run());
-    let smtpd = Smtpd::new(live.clone(), spool, queue, peers.clone());
+    let smtpd = Smtpd::new(live.clone(), spool, queue.clone(), peers.clone());
 
     let mut ready = Vec::new();
     let mut listeners = Vec::new();
@@ -140,6 +140,17 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
             listeners.push(tokio::spawn(smtpd.clone().serve(listener, implicit)));
         }
     }
+    // The management API (F-MGMT): its own listeners; one that cannot be bound is logged.
+    crate::mgmt::Mgmt::start(
+        live.clone(),
+        peers.clone(),
+        queue.clone(),
+        store.clone(),
+        board.serial().to_string(),
+        state_dir.clone(),
+        None,
+    )
+    .await;
     {
         let smtpd = smtpd.clone();
         tokio::spawn(async move {
@@ -231,10 +242,11 @@ pub fn apply(
         || new.smtp.max_connections != old.config.smtp.max_connections
         || new.queue.max_deliveries != old.config.queue.max_deliveries
         || new.dns_resolvers != old.config.dns_resolvers
+        || new.mgmt.listen != old.config.mgmt.listen
     {
         tracing::warn!(
-            "listeners, max_connections, max_deliveries and dns.resolver change at the next \
-             restart; everything else applies now"
+            "listeners (SMTP and mgmt), max_connections, max_deliveries and dns.resolver change \
+             at the next restart; everything else applies now"
         );
     }
     peers.set_settings(new.policy_settings());
@@ -283,25 +295,51 @@ fn reload(r: &Reload) -> Result<&'static str, StartError> {
         apply(&r.live, &r.peers, config, guard.as_ref())?;
         return Ok("unsigned TOML (dev board)");
     }
-    let checked = {
-        let guard = r.store.lock().map_err(|_| StartError::NoStore)?;
-        let store = guard.as_ref().ok_or(StartError::NoStore)?;
-        site::verify(store, &bytes, &r.serial, unix_now(), &origin)?
-    };
+    match apply_blob(&r.live, &r.peers, &r.store, &r.serial, &bytes, &origin)? {
+        BlobApplied::AlreadyApplied { .. } => {
+            Ok("signed config already applied (same sequence, same bytes): nothing to do")
+        }
+        BlobApplied::Applied { .. } => Ok("signed config"),
+    }
+}
+
+/// What [`apply_blob`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobApplied {
+    /// Applied; the stored sequence is now `sequence`.
+    Applied { sequence: u64, key_id: String },
+    /// The very blob already applied: nothing done.
+    AlreadyApplied { sequence: u64, key_id: String },
+}
+
+/// A signed config blob from SIGHUP or the management API: verified in the F-CONFIG order,
+/// applied, and only then recorded (sequence, blob, key rotation). The sealed store stays
+/// locked from verification to record, so two blobs never interleave; on any error nothing
+/// changed.
+pub fn apply_blob(
+    live: &Live,
+    peers: &PeerStore,
+    store: &Mutex<Option<SealedStore>>,
+    serial: &str,
+    bytes: &[u8],
+    origin: &str,
+) -> Result<BlobApplied, StartError> {
+    let mut guard = store.lock().map_err(|_| StartError::NoStore)?;
+    let s = guard.as_mut().ok_or(StartError::NoStore)?;
+    let checked = site::verify(s, bytes, serial, unix_now(), origin)?;
+    let sequence = checked.blob.header().sequence;
+    let key_id = crate::blob::key_id_hex(&checked.blob.header().key_id);
     if checked.verdict == Verdict::NoOp {
-        return Ok("signed config already applied (same sequence, same bytes): nothing to do");
+        return Ok(BlobApplied::AlreadyApplied { sequence, key_id });
     }
-    let seq = checked.blob.header().sequence;
-    {
-        let guard = r.store.lock().map_err(|_| StartError::NoStore)?;
-        apply(&r.live, &r.peers, checked.config.clone(), guard.as_ref())?;
-    }
-    record(&r.store, &checked)?;
+    apply(live, peers, checked.config.clone(), Some(s))?;
+    site::record_applied(s, &checked);
+    s.commit().map_err(SiteError::from)?;
     tracing::info!(
-        sequence = seq,
+        sequence,
         "signed configuration applied; stored sequence raised"
     );
-    Ok("signed config")
+    Ok(BlobApplied::Applied { sequence, key_id })
 }
 
 /// Raises the stored sequence etc. after an apply, durably.

@@ -51,6 +51,30 @@ enum Outcome {
     Deferred(String),
 }
 
+/// Queue counts for the status API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueCounts {
+    /// Messages in the queue.
+    pub messages: usize,
+    /// Recipients not yet delivered or failed.
+    pub recipients_pending: usize,
+    /// Messages that have had at least one attempt.
+    pub deferred: usize,
+    /// Messages with a delivery attempt running now.
+    pub in_flight: usize,
+}
+
+/// Why an admin operation on a queued message was not done (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no such message in the queue")]
+    NotFound,
+    #[error("a delivery attempt of this message is running; try again when it has ended")]
+    InFlight,
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
+}
+
 /// A parked connection's key: the address and [`pool_tag`].
 type PoolKey = (SocketAddr, String);
 
@@ -157,6 +181,85 @@ impl Queue {
         drop(st);
         self.wake.notify_one();
         EtrnResult::Started
+    }
+
+    /// Every queued message (management API), oldest first.
+    pub fn messages(&self) -> Vec<QueuedMessage> {
+        let Ok(st) = self.state.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<QueuedMessage> = st.messages.values().cloned().collect();
+        v.sort_by(|a, b| (a.arrival, &a.id).cmp(&(b.arrival, &b.id)));
+        v
+    }
+
+    /// Counts for the status API.
+    pub fn counts(&self) -> QueueCounts {
+        let Ok(st) = self.state.lock() else {
+            return QueueCounts::default();
+        };
+        let messages = st.messages.len();
+        QueueCounts {
+            messages,
+            recipients_pending: st.messages.values().map(|m| m.pending().count()).sum(),
+            deferred: st.messages.values().filter(|m| m.attempts > 0).count(),
+            in_flight: messages.saturating_sub(st.schedule.len()),
+        }
+    }
+
+    /// Takes a waiting message off the schedule for an admin operation: `Ok` holds its
+    /// schedule entry (to put back if the operation fails) and a copy of it.
+    fn take_for_admin(&self, id: &str) -> Result<((u64, String), QueuedMessage), AdminError> {
+        let mut st = self.state.lock().map_err(|_| AdminError::NotFound)?;
+        let Some(m) = st.messages.get(id).cloned() else {
+            return Err(AdminError::NotFound);
+        };
+        let Some(entry) = st.schedule.iter().find(|(_, i)| i == id).cloned() else {
+            return Err(AdminError::InFlight);
+        };
+        st.schedule.remove(&entry);
+        Ok((entry, m))
+    }
+
+    /// Admin "release": the message's next attempt is now, recorded durably in the spool
+    /// like any delivery state.
+    pub async fn release(&self, id: &str) -> Result<QueuedMessage, AdminError> {
+        let (entry, mut m) = self.take_for_admin(id)?;
+        m.next_attempt = unix_now();
+        if let Err(e) = self.spool.save_state(&m).await {
+            if let Ok(mut st) = self.state.lock() {
+                st.schedule.insert(entry);
+            }
+            return Err(AdminError::Spool(e));
+        }
+        if let Ok(mut st) = self.state.lock() {
+            st.schedule.insert((0, m.id.clone()));
+            st.messages.insert(m.id.clone(), m.clone());
+        }
+        tracing::info!(queue_id = %m.id, "released by the admin: delivery attempt now");
+        self.wake.notify_one();
+        Ok(m)
+    }
+
+    /// Admin "delete": the message leaves the queue durably (a `done` record in the spool),
+    /// without a DSN.
+    pub async fn delete(&self, id: &str) -> Result<QueuedMessage, AdminError> {
+        let (entry, m) = self.take_for_admin(id)?;
+        if let Err(e) = self.spool.remove(&m.id).await {
+            if let Ok(mut st) = self.state.lock() {
+                st.schedule.insert(entry);
+            }
+            return Err(AdminError::Spool(e));
+        }
+        if let Ok(mut st) = self.state.lock() {
+            st.messages.remove(&m.id);
+        }
+        tracing::warn!(
+            queue_id = %m.id,
+            pending = m.pending().count(),
+            "deleted from the queue by the admin (no DSN)"
+        );
+        Ok(m)
     }
 
     /// The scheduler: starts due attempts, bounded by `queue.max_deliveries`.
@@ -985,6 +1088,92 @@ mod tests {
         for (last, want) in cases {
             assert_eq!(expiry_status(last), want, "{last}");
         }
+    }
+
+    #[tokio::test]
+    async fn admin_release_and_delete_are_durable() {
+        use crate::spool::scan;
+        let dir = std::env::temp_dir().join(format!(
+            "sg-delivery-admin-{}-{}",
+            std::process::id(),
+            unix_now()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = Config::from_toml("[smtp]\nlisten = [\"127.0.0.1:25\"]\n", "t").unwrap();
+        let live = Arc::new(Live::new(Snapshot::build(config, None).unwrap()));
+        let (spool, _) = Spool::open(&dir.join("queue"), 0).unwrap();
+        let spool = Arc::new(spool);
+        let peers = Arc::new(PeerStore::open(&dir, 10, Default::default()));
+        let queue = Queue::new(live, spool.clone(), Vec::new(), peers, dir.clone());
+        let env = Envelope {
+            mail_from: "a@b.test".into(),
+            rcpt_to: vec!["x@y.test".into()],
+            ..Default::default()
+        };
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let sink = spool.begin(b"Subject: t\r\n\r\nbody\r\n".to_vec());
+            let mut m = spool.commit(sink, &env).await.unwrap();
+            m.attempts = 2;
+            m.next_attempt = unix_now() + 3600;
+            spool.save_state(&m).await.unwrap();
+            ids.push(m.id.clone());
+            queue.put_back(m.clone(), m.next_attempt).await;
+        }
+        let c = queue.counts();
+        assert_eq!(
+            (c.messages, c.recipients_pending, c.deferred, c.in_flight),
+            (3, 3, 3, 0)
+        );
+        assert!(matches!(
+            queue.release("nosuch").await,
+            Err(AdminError::NotFound)
+        ));
+        assert!(matches!(
+            queue.delete("nosuch").await,
+            Err(AdminError::NotFound)
+        ));
+
+        let released = queue.release(&ids[0]).await.unwrap();
+        assert!(released.next_attempt <= unix_now());
+        assert!(
+            queue
+                .state
+                .lock()
+                .unwrap()
+                .schedule
+                .contains(&(0, ids[0].clone()))
+        );
+        queue.delete(&ids[1]).await.unwrap();
+        assert_eq!(queue.messages().len(), 2);
+
+        // An attempt in progress (off the schedule) is left alone.
+        let entry = {
+            let st = queue.state.lock().unwrap();
+            st.schedule
+                .iter()
+                .find(|(_, i)| *i == ids[2])
+                .cloned()
+                .unwrap()
+        };
+        queue.state.lock().unwrap().schedule.remove(&entry);
+        assert_eq!(queue.counts().in_flight, 1);
+        assert!(matches!(
+            queue.delete(&ids[2]).await,
+            Err(AdminError::InFlight)
+        ));
+        assert!(matches!(
+            queue.release(&ids[2]).await,
+            Err(AdminError::InFlight)
+        ));
+
+        // What the spool says after a restart.
+        let on_disk = scan(&dir.join("queue")).unwrap();
+        let by_id = |id: &str| on_disk.iter().find(|m| m.id == id);
+        assert!(by_id(&ids[0]).unwrap().next_attempt <= unix_now());
+        assert!(by_id(&ids[1]).is_none(), "deleted for good");
+        assert!(by_id(&ids[2]).unwrap().next_attempt > unix_now());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

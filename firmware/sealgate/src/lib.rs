@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod dns;
 pub mod live;
 pub mod maildir;
+pub mod mgmt;
 pub mod peers;
 pub mod queue_list;
 pub mod sealed;

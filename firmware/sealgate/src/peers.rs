@@ -532,6 +532,32 @@ impl PeerStore {
         self.table.lock().ok().and_then(|t| t.get(key).cloned())
     }
 
+    /// The whole table as its file shows it (management API).
+    pub fn file(&self) -> PeerFile {
+        let table = self
+            .table
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        let clients = self.clients.lock().map(|c| c.clone()).unwrap_or_default();
+        to_file(&table, &clients)
+    }
+
+    /// Admin reset of every record matching `peer` (an IP or a host name), as
+    /// `sealctl peers reset` asks; written out by the next [`PeerStore::flush`]. Returns how
+    /// many records matched.
+    pub fn reset(&self, peer: &str) -> usize {
+        let Ok(mut table) = self.table.lock() else {
+            return 0;
+        };
+        let n = table.reset(&PeerMatch::parse(peer));
+        if n > 0 {
+            self.dirty.store(true, Ordering::Release);
+        }
+        tracing::info!(peer = %peer, matched = n, "peer reset by the admin (management API)");
+        n
+    }
+
     /// Applies pending resets, expires marks, and writes the table if its policy state changed
     /// (or inbound statistics did, [`CLIENTS_EVERY`] after the last write).
     pub fn flush(&self) -> Result<(), PeersError> {

@@ -31,7 +31,8 @@ fn status(r: &crate::spool::Recipient) -> (&'static str, Option<&str>) {
     }
 }
 
-fn to_json(m: &QueuedMessage) -> serde_json::Value {
+/// One message as `queue list --json` and the management API show it.
+pub fn to_json(m: &QueuedMessage) -> serde_json::Value {
     json!({
         "id": m.id,
         "from": m.mail_from,

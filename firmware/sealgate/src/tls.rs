@@ -364,6 +364,14 @@ pub fn chain_record(name: &str) -> String {
     format!("tls/{name}/chain")
 }
 
+/// Certificate `name` with its key from the sealed store, if installed and usable (the
+/// management API serves one outside `[[tls.certificates]]`).
+pub(crate) fn sealed_key(store: &SealedStore, name: &str) -> Option<Arc<CertifiedKey>> {
+    let key = store.get(&key_record(name))?;
+    let chain = store.get(&chain_record(name))?;
+    sealed_certified_key(name, key, chain).ok()
+}
+
 /// A certificate and key from the sealed store.
 fn sealed_certified_key(
     name: &str,

@@ -2,6 +2,7 @@
 //! and images later). `main` only parses arguments and runs the subcommand.
 
 mod client;
+mod device;
 mod hq;
 mod message;
 mod peers;
@@ -47,6 +48,16 @@ enum Command {
     /// Signed config blobs: sign a site TOML, verify and show a blob
     #[command(subcommand)]
     Config(hq::ConfigCommand),
+    /// A box's management API over HTTPS: status, push-config, push-update, reboot,
+    /// peer-reset, queue
+    ///
+    /// The box's certificate is checked by --pin SHA256 (of its DER) or --ca CA.pem; the admin
+    /// is a pinned client certificate (--cert/--key) or a bearer token (--token-file).
+    ///
+    /// Exit status: 0 done, 1 refused by the box (the reason and check are printed) or not
+    /// reachable, 2 usage.
+    #[command(verbatim_doc_comment)]
+    Device(device::DeviceArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +221,7 @@ fn main() -> ExitCode {
         Command::Peers(cmd) => return peers::run(cmd),
         Command::Keygen(args) => return hq::keygen(args),
         Command::Config(cmd) => return hq::config(cmd),
+        Command::Device(args) => return device::run(args),
         other => Cli { command: other },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -228,6 +240,7 @@ fn main() -> ExitCode {
         Command::Peers(cmd) => peers::run(cmd),
         Command::Keygen(args) => hq::keygen(args),
         Command::Config(cmd) => hq::config(cmd),
+        Command::Device(args) => device::run(args),
     }
 }
 
