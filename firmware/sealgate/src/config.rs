@@ -411,6 +411,49 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What an appliance runs on before its first signed config: SMTP on every address (no
+    /// local domains, no trusted networks: every recipient is refused, nothing relays), TLS with
+    /// a self-signed certificate made in the sealed store, and the management API, so that HQ
+    /// can push the first signed config.
+    pub fn appliance_default(serial: &str) -> Config {
+        let host: String = serial
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let text = APPLIANCE_DEFAULT.replace("@HOST@", &format!("{host}.sealgate.invalid"));
+        match Self::from_toml(&text, "<appliance default>") {
+            Ok(c) => c,
+            // A constant checked by a unit test (the serial only contributes [a-z0-9-]).
+            Err(e) => panic!("appliance default config is invalid: {e}"),
+        }
+    }
+}
+
+/// The appliance's configuration before its first signed config (`@HOST@` from the serial).
+pub const APPLIANCE_DEFAULT: &str = r#"
+[device]
+hostname = "@HOST@"
+
+[smtp]
+listen = ["0.0.0.0:25"]
+implicit_tls = ["0.0.0.0:465"]
+local_domains = []
+trusted_networks = []
+
+[tls]
+dev_self_signed = true
+
+[[tls.certificates]]
+name = "default"
+"#;
+
 /// The configuration `sealgate` runs on when given none.
 pub const EMBEDDED_DEFAULT: &str = r#"
 [device]
@@ -1044,6 +1087,17 @@ mod tests {
         assert!(!c.is_trusted("10.0.0.1".parse().unwrap()));
         assert!(c.route_for("example.test").is_some());
         assert!(c.route_for("other.test").is_none());
+    }
+
+    #[test]
+    fn appliance_default_is_valid_and_relays_nothing() {
+        let c = Config::appliance_default("QEMU-0A1B2C3D");
+        assert_eq!(c.hostname, "qemu-0a1b2c3d.sealgate.invalid");
+        assert_eq!(c.smtp.listen, vec!["0.0.0.0:25".parse().unwrap()]);
+        assert!(!c.is_trusted("127.0.0.1".parse().unwrap()));
+        assert!(c.route_for("example.test").is_none());
+        let odd = Config::appliance_default("a b/c\"d");
+        assert_eq!(odd.hostname, "a-b-c-d.sealgate.invalid");
     }
 
     #[test]

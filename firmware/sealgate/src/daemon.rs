@@ -8,6 +8,7 @@ use std::time::Duration;
 use sealgate_board::{Board, DevBoard};
 use tokio::net::TcpListener;
 
+use crate::appliance::Appliance;
 use crate::blob::Verdict;
 use crate::config::Config;
 use crate::delivery::Queue;
@@ -62,11 +63,31 @@ pub enum ConfigSource {
     File(PathBuf),
 }
 
-/// Runs the gateway until the process is stopped.
+/// Runs the gateway on the dev board until the process is stopped.
 pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
     let board = DevBoard::open(state)?;
-    let mut store = open_store(&board);
-    let (config, origin, checked) = initial_config(&source, store.as_ref(), board.serial())?;
+    run_on(Box::new(board), source, None).await
+}
+
+/// Runs the gateway on `board` (on the appliance with its slots, watchdog and health check)
+/// until the process is stopped.
+pub async fn run_on(
+    board: Box<dyn Board>,
+    source: ConfigSource,
+    appliance: Option<Arc<Appliance>>,
+) -> Result<(), StartError> {
+    if let Some(a) = &appliance {
+        a.spawn_watchdog();
+        a.spawn_reaper();
+    }
+    let mut store = open_store(board.as_ref());
+    if let (Some(a), Some(s)) = (&appliance, store.as_mut()) {
+        provision_baked(s, &a.trust)?;
+    }
+    let (config, origin, checked) = match &appliance {
+        Some(_) => appliance_config(store.as_ref(), board.serial())?,
+        None => initial_config(&source, store.as_ref(), board.serial())?,
+    };
     let state_dir = board.state_dir().to_path_buf();
     if let Some(s) = store.as_mut() {
         if site::ensure_identity(s).map_err(|e| StartError::Record(e.to_string()))? {
@@ -117,6 +138,8 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
 
     let mut ready = Vec::new();
     let mut listeners = Vec::new();
+    let mut bound_smtp = Vec::new();
+    let mut bound_other = Vec::new();
     for (addrs, implicit) in [
         (&config.smtp.listen, false),
         (&config.smtp.implicit_tls, true),
@@ -132,6 +155,11 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
                     source,
                 })?;
             let bound = listener.local_addr().unwrap_or(*addr);
+            if implicit {
+                bound_other.push(bound);
+            } else {
+                bound_smtp.push(bound);
+            }
             ready.push(if implicit {
                 format!("smtps={bound}")
             } else {
@@ -148,7 +176,9 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         store.clone(),
         board.serial().to_string(),
         state_dir.clone(),
-        None,
+        appliance
+            .clone()
+            .map(|a| a as Arc<dyn crate::mgmt::ApplianceOps>),
     )
     .await;
     {
@@ -182,6 +212,9 @@ pub async fn run(source: ConfigSource, state: &Path) -> Result<(), StartError> {
         println!(
             "try: swaks --server {smtp}{tls_flag} --from you@{domain} --to postmaster@{domain}"
         );
+    }
+    if let Some(a) = &appliance {
+        a.spawn_health_check(bound_smtp, bound_other, state_dir.join("queue"));
     }
     if let ConfigSource::File(path) = &source {
         let reload = Reload {
@@ -353,7 +386,7 @@ fn record(store: &Mutex<Option<SealedStore>>, checked: &site::Checked) -> Result
 
 /// The sealed store, or `None` (logged) when it cannot be opened: then no signed config can
 /// be verified (fail closed) and nothing is written to it.
-fn open_store(board: &DevBoard) -> Option<SealedStore> {
+fn open_store(board: &dyn Board) -> Option<SealedStore> {
     match SealedStore::open(&board.sealed_dir(), board.secret(), board.serial()) {
         Ok(s) => {
             for why in s.refused() {
@@ -370,6 +403,47 @@ fn open_store(board: &DevBoard) -> Option<SealedStore> {
             None
         }
     }
+}
+
+/// First boot of an appliance image: the trust anchors baked in at image build are installed
+/// into an unprovisioned sealed store.
+fn provision_baked(store: &mut SealedStore, keys: &[[u8; 32]]) -> Result<(), StartError> {
+    if !site::trusted(store).is_empty() || keys.is_empty() {
+        return Ok(());
+    }
+    site::provision(store, keys)?;
+    store.commit().map_err(SiteError::from)?;
+    println!(
+        "sealgate: provisioned {} trusted config-signing key(s) baked into the image",
+        keys.len()
+    );
+    Ok(())
+}
+
+/// The appliance never runs on TOML: the last applied signed blob, else the appliance default
+/// (no relaying, no local domains: it waits for its signed config).
+fn appliance_config(
+    store: Option<&SealedStore>,
+    serial: &str,
+) -> Result<(Config, String, Option<site::Checked>), StartError> {
+    if let Some(s) = store
+        && let Some(b) = s.get(site::CURRENT)
+    {
+        match site::verify(s, b, serial, unix_now(), "the last applied config") {
+            Ok(c) => return Ok((c.config, "last applied signed config".into(), None)),
+            Err(e) => {
+                tracing::error!(error = %e, "the last applied signed config is refused; running on the appliance default")
+            }
+        }
+    }
+    tracing::warn!(
+        "no signed config applied yet: appliance default (accepts no mail; push a signed config)"
+    );
+    Ok((
+        Config::appliance_default(serial),
+        "appliance default".into(),
+        None,
+    ))
 }
 
 /// The config to start on: a signed blob (verified; on failure the last applied one, if any),

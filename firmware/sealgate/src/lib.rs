@@ -1,6 +1,7 @@
 //! The Sealgate gateway daemon: the runtime layer that owns tokio, sockets, rustls I/O and
 //! files, around the I/O-free protocol machines of `sealgate-proto`.
 
+pub mod appliance;
 pub mod blob;
 pub mod certs;
 pub mod cidr;
@@ -20,3 +21,4 @@ pub mod smtpd;
 pub mod spool;
 pub mod tls;
 pub mod tls_client;
+pub mod update;

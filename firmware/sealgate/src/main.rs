@@ -50,6 +50,17 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Run as PID 1 of the appliance image (started by the stage-1 loader, not by hand):
+    /// mounts the data and sealed partitions, runs the gateway on the last applied signed
+    /// config, pets the watchdog and marks the slot successful after its health check.
+    Appliance {
+        /// The slot the loader booted (a or b).
+        #[arg(long)]
+        slot: sealgate_image::bootctl::Slot,
+        /// The version of the slot's verified bundle.
+        #[arg(long)]
+        version: sealgate_image::version::Version,
+    },
     /// Show this box's identity and trusted state: serial, sealed store generation, trusted
     /// config-signing keys, applied config sequence. The gateway must not be running.
     Device,
@@ -168,6 +179,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Appliance { slot, version }) = cli.command {
+        return match runtime.block_on(appliance(slot, version)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("sealgate: appliance start failed: {e}");
+                eprintln!("sealgate: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let source = match cli.config {
         Some(p) => ConfigSource::File(p),
         None => ConfigSource::Embedded,
@@ -179,6 +200,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The appliance: partitions, board from fw_cfg, then the daemon with its slot hooks.
+async fn appliance(
+    slot: sealgate_image::bootctl::Slot,
+    version: sealgate_image::version::Version,
+) -> Result<(), String> {
+    use std::sync::Arc;
+    println!(
+        "sealgate: appliance start, slot {}, version {version}",
+        slot.letter()
+    );
+    let a =
+        tokio::task::spawn_blocking(move || sealgate::appliance::Appliance::prepare(slot, version))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    let board = sealgate_board::QemuBoard::appliance().map_err(|e| e.to_string())?;
+    println!("sealgate: board serial {}", board.serial());
+    sealgate::daemon::run_on(Box::new(board), ConfigSource::Embedded, Some(Arc::new(a)))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn report(r: Result<String, String>) -> ExitCode {

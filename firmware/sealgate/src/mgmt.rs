@@ -125,6 +125,44 @@ pub trait ApplianceOps: Send + Sync + std::fmt::Debug {
     fn admin_certificates(&self) -> Vec<PathBuf>;
 }
 
+impl ApplianceOps for crate::appliance::Appliance {
+    fn status(&self) -> Value {
+        let mut v = self.installer.status();
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "health".into(),
+                serde_json::to_value(self.health()).unwrap_or(Value::Null),
+            );
+        }
+        v
+    }
+
+    fn install(&self, body: &mut dyn Read) -> Result<Value, ApiError> {
+        use crate::update::UpdateError as U;
+        match self.installer.install(body) {
+            Ok(outcome) => Ok(serde_json::to_value(outcome).unwrap_or(Value::Null)),
+            Err(e) => {
+                let status = match &e {
+                    U::NotAppliance => StatusCode::NOT_IMPLEMENTED,
+                    U::Busy => StatusCode::CONFLICT,
+                    U::Bundle(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                    U::Body(_) => StatusCode::BAD_REQUEST,
+                    U::BootCtl(_) | U::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                Err(ApiError::new(status, e.check(), e.to_string()))
+            }
+        }
+    }
+
+    fn reboot(&self) {
+        self.schedule_reboot();
+    }
+
+    fn admin_certificates(&self) -> Vec<PathBuf> {
+        self.admin_certs.clone()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Routing (pure)
 

@@ -4,6 +4,7 @@
 mod client;
 mod device;
 mod hq;
+mod image;
 mod message;
 mod peers;
 mod reply;
@@ -58,6 +59,9 @@ enum Command {
     /// reachable, 2 usage.
     #[command(verbatim_doc_comment)]
     Device(device::DeviceArgs),
+    /// The appliance image: build it, sign update bundles, run it under QEMU
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,6 +226,7 @@ fn main() -> ExitCode {
         Command::Keygen(args) => return hq::keygen(args),
         Command::Config(cmd) => return hq::config(cmd),
         Command::Device(args) => return device::run(args),
+        Command::Image(cmd) => return image::run(cmd),
         other => Cli { command: other },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -241,6 +246,7 @@ fn main() -> ExitCode {
         Command::Keygen(args) => hq::keygen(args),
         Command::Config(cmd) => hq::config(cmd),
         Command::Device(args) => device::run(args),
+        Command::Image(cmd) => image::run(cmd),
     }
 }
 
