@@ -532,7 +532,15 @@ pub fn relay(host: &str) -> Result<(), RunError> {
         let _ = upstream.shutdown(std::net::Shutdown::Write);
     });
     let mut downstream = stream;
-    let mut out = io::stdout().lock();
+    // Not `io::stdout()`: it is line-buffered, and TLS records carry no newlines, so a handshake
+    // would sit in the buffer. A File on a duplicate of fd 1 writes through.
+    use std::os::fd::AsFd;
+    let mut out = fs::File::from(
+        io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(RunError::Relay)?,
+    );
     let copied = io::copy(&mut downstream, &mut out).and_then(|_| out.flush());
     copied.map_err(RunError::Relay)
 }

@@ -80,7 +80,7 @@ pub async fn run_on(
         a.spawn_watchdog();
         a.spawn_reaper();
     }
-    let mut store = open_store(board.as_ref());
+    let (mut store, sealed_error) = open_store(board.as_ref());
     if let (Some(a), Some(s)) = (&appliance, store.as_mut()) {
         provision_baked(s, &a.trust)?;
     }
@@ -169,7 +169,7 @@ pub async fn run_on(
         }
     }
     // The management API (F-MGMT): its own listeners; one that cannot be bound is logged.
-    crate::mgmt::Mgmt::start(
+    let mgmt_bound = crate::mgmt::Mgmt::start(
         live.clone(),
         peers.clone(),
         queue.clone(),
@@ -179,8 +179,10 @@ pub async fn run_on(
         appliance
             .clone()
             .map(|a| a as Arc<dyn crate::mgmt::ApplianceOps>),
+        sealed_error,
     )
     .await;
+    bound_other.extend(mgmt_bound);
     {
         let smtpd = smtpd.clone();
         tokio::spawn(async move {
@@ -386,21 +388,22 @@ fn record(store: &Mutex<Option<SealedStore>>, checked: &site::Checked) -> Result
 
 /// The sealed store, or `None` (logged) when it cannot be opened: then no signed config can
 /// be verified (fail closed) and nothing is written to it.
-fn open_store(board: &dyn Board) -> Option<SealedStore> {
+fn open_store(board: &dyn Board) -> (Option<SealedStore>, Option<String>) {
     match SealedStore::open(&board.sealed_dir(), board.secret(), board.serial()) {
         Ok(s) => {
             for why in s.refused() {
                 tracing::warn!(copy = %why, "a copy of the sealed store was not used");
             }
-            Some(s)
+            (Some(s), None)
         }
         Err(e) => {
+            println!("sealgate: THE SEALED STORE CANNOT BE OPENED: {e}");
             tracing::error!(
                 error = %e,
                 "the sealed store cannot be opened: signed configs cannot be verified (the \
                  queue is kept)"
             );
-            None
+            (None, Some(e.to_string()))
         }
     }
 }

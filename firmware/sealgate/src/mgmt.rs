@@ -169,9 +169,13 @@ impl ApplianceOps for crate::appliance::Appliance {
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
+    /// Unauthenticated liveness: serial, slot, health, whether the sealed store opened.
+    Health,
     Status,
     PushConfig,
-    PushUpdate { reboot: bool },
+    PushUpdate {
+        reboot: bool,
+    },
     Reboot,
     PeerReset(String),
     QueueList,
@@ -193,6 +197,7 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Endpoin
     // (endpoint if the method fits, the methods this path allows)
     let (found, allowed): (Option<Endpoint>, &'static str) = match segs.as_slice() {
         ["status"] => ((method == Method::GET).then_some(Endpoint::Status), "GET"),
+        ["health"] => ((method == Method::GET).then_some(Endpoint::Health), "GET"),
         ["config"] => (
             (method == Method::PUT).then_some(Endpoint::PushConfig),
             "PUT",
@@ -326,6 +331,8 @@ pub enum Auth {
     DevToken,
     /// No credential exists anywhere: a config push, authorised by its HQ signature.
     FirstContact,
+    /// `GET /api/v1/health`, which needs none.
+    Anonymous,
 }
 
 impl Auth {
@@ -335,6 +342,7 @@ impl Auth {
             Auth::Token => "token",
             Auth::DevToken => "dev-token",
             Auth::FirstContact => "first-contact",
+            Auth::Anonymous => "anonymous",
         }
     }
 }
@@ -568,6 +576,10 @@ pub struct Mgmt {
     tokens: TokenSet,
     dev_token: Option<[u8; 32]>,
     baked_pins: Vec<[u8; 32]>,
+    /// Why the sealed store did not open, if it did not.
+    sealed_error: Option<String>,
+    /// The served certificate is a throwaway made at start (no sealed store).
+    ephemeral_cert: bool,
 }
 
 /// Per connection: who is there.
@@ -590,6 +602,7 @@ impl Mgmt {
         serial: String,
         state_dir: PathBuf,
         appliance: Option<Arc<dyn ApplianceOps>>,
+        sealed_error: Option<String>,
     ) -> Vec<SocketAddr> {
         let config = live.get().config.clone();
         let addrs: Vec<SocketAddr> = match &config.mgmt.listen {
@@ -630,23 +643,49 @@ impl Mgmt {
             .map(|a| pins_of_pem_files(&a.admin_certificates()))
             .unwrap_or_default();
         let name = config.mgmt.certificate.clone();
-        let at_start = {
+        let mut at_start = {
             let guard = store.lock().unwrap_or_else(|p| p.into_inner());
             guard
                 .as_ref()
                 .and_then(|s| crate::tls::sealed_key(s, &name))
                 .map(|k| (name.clone(), k))
         };
-        let has_cert = at_start.is_some()
-            || live
-                .get()
-                .server_tls
-                .as_ref()
-                .is_some_and(|t| t.certified_key(&name).is_some());
-        if !has_cert {
-            tracing::error!(certificate = %name, "management API off: no such certificate");
-            return Vec::new();
+        let mut ephemeral_cert = false;
+        let live_key = live
+            .get()
+            .server_tls
+            .as_ref()
+            .and_then(|t| t.certified_key(&name));
+        if at_start.is_none() && live_key.is_none() {
+            // No sealed store (another board's disk, tampering): the box must still be
+            // reachable to say so. A throwaway certificate, made in memory now and never
+            // stored, serves the API; no key of the sealed store is used.
+            match (
+                sealed_error.is_some(),
+                throwaway_key(&config.hostname, &name),
+            ) {
+                (true, Ok(k)) => {
+                    tracing::warn!(
+                        "management API on a throwaway certificate: the sealed store is not available"
+                    );
+                    ephemeral_cert = true;
+                    at_start = Some((name.clone(), k));
+                }
+                (true, Err(e)) => {
+                    tracing::error!(error = %e, "management API off: cannot make a throwaway certificate");
+                    return Vec::new();
+                }
+                (false, _) => {
+                    tracing::error!(certificate = %name, "management API off: no such certificate");
+                    return Vec::new();
+                }
+            }
         }
+        let served_fp = live_key
+            .as_ref()
+            .or(at_start.as_ref().map(|(_, k)| k))
+            .and_then(|k| k.cert.first())
+            .map(|c| hex(&sha256(c.as_ref())));
         let tls = match server_config(ServedCert {
             live: live.clone(),
             at_start,
@@ -669,6 +708,8 @@ impl Mgmt {
             tokens,
             dev_token,
             baked_pins,
+            sealed_error,
+            ephemeral_cert,
         });
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut bound = Vec::new();
@@ -677,6 +718,12 @@ impl Mgmt {
                 Ok(l) => {
                     let at = l.local_addr().unwrap_or(addr);
                     println!("sealgate mgmt: https://{at}");
+                    if let Some(fp) = &served_fp {
+                        println!(
+                            "sealgate mgmt: certificate sha256 {fp}{}",
+                            if ephemeral_cert { " (throwaway)" } else { "" }
+                        );
+                    }
                     tracing::info!(listen = %at, certificate = %name, "management API listening");
                     bound.push(at);
                     tokio::spawn(me.clone().serve(l, tls.clone(), slots.clone()));
@@ -805,6 +852,7 @@ impl Mgmt {
         let is_update = matches!(endpoint, Endpoint::PushUpdate { .. });
         let run = async {
             match endpoint {
+                Endpoint::Health => Ok((StatusCode::OK, self.health())),
                 Endpoint::Status => self.status().await,
                 Endpoint::PushConfig => self.push_config(body, info).await,
                 Endpoint::PushUpdate { reboot } => return self.push_update(body, reboot).await,
@@ -843,6 +891,9 @@ impl Mgmt {
         info: &ConnInfo,
     ) -> Result<(Endpoint, Auth), ApiError> {
         let endpoint = route(req.method(), req.uri().path(), req.uri().query())?;
+        if endpoint == Endpoint::Health {
+            return Ok((endpoint, Auth::Anonymous));
+        }
         let config = self.live.get().config.clone();
         let mut pins = config.mgmt.admin_certificates.clone();
         pins.extend_from_slice(&self.baked_pins);
@@ -866,6 +917,24 @@ impl Mgmt {
 
     // --- endpoints
 
+    /// What anyone reaching the port may know: identity, slot and health, and whether the
+    /// sealed store opened (a disk moved to another board says so here).
+    fn health(&self) -> Value {
+        let slot = self.appliance.as_ref().map(|a| a.status());
+        json!({
+            "serial": self.serial,
+            "board": if self.appliance.is_some() { "appliance" } else { "dev" },
+            "running_slot": slot.as_ref().map(|s| s["running_slot"].clone()),
+            "running_version": slot.as_ref().map(|s| s["running_version"].clone()),
+            "health": slot.as_ref().map(|s| s["health"].clone()),
+            "sealed_store": match &self.sealed_error {
+                None => json!({"ok": true}),
+                Some(e) => json!({"ok": false, "error": e}),
+            },
+            "mgmt_certificate": if self.ephemeral_cert { "throwaway (sealed store unavailable)" } else { "sealed" },
+        })
+    }
+
     async fn status(&self) -> Result<(StatusCode, Value), ApiError> {
         let snap = self.live.get();
         let store = self.store.clone();
@@ -887,6 +956,10 @@ impl Mgmt {
             "now": unix_now(),
             "uptime_seconds": self.started.elapsed().as_secs(),
             "slot": self.appliance.as_ref().map(|a| a.status()),
+            "sealed_store": match &self.sealed_error {
+                None => json!({"ok": true}),
+                Some(e) => json!({"ok": false, "error": e}),
+            },
             "config": sealed.config,
             "certificates": sealed.certificates,
             "queue": self.queue.counts(),
@@ -1378,6 +1451,18 @@ pub fn pins_of_pem_files(files: &[PathBuf]) -> Vec<[u8; 32]> {
         }
     }
     pins
+}
+
+/// A self-signed certificate made in memory for the API when the sealed store is unavailable.
+fn throwaway_key(hostname: &str, name: &str) -> Result<Arc<CertifiedKey>, String> {
+    let ck = rcgen::generate_simple_self_signed(vec![hostname.to_string()])
+        .map_err(|e| e.to_string())?;
+    crate::tls::sealed_certified_key(
+        name,
+        &ck.signing_key.serialize_der(),
+        ck.cert.pem().as_bytes(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {

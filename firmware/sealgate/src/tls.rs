@@ -373,7 +373,7 @@ pub(crate) fn sealed_key(store: &SealedStore, name: &str) -> Option<Arc<Certifie
 }
 
 /// A certificate and key from the sealed store.
-fn sealed_certified_key(
+pub(crate) fn sealed_certified_key(
     name: &str,
     key: &[u8],
     chain_pem: &[u8],
