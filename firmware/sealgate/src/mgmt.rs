@@ -932,6 +932,7 @@ impl Mgmt {
                 Some(e) => json!({"ok": false, "error": e}),
             },
             "mgmt_certificate": if self.ephemeral_cert { "throwaway (sealed store unavailable)" } else { "sealed" },
+            "rss_bytes": rss_bytes(),
         })
     }
 
@@ -955,6 +956,7 @@ impl Mgmt {
             "hostname": c.hostname,
             "now": unix_now(),
             "uptime_seconds": self.started.elapsed().as_secs(),
+            "rss_bytes": rss_bytes(),
             "slot": self.appliance.as_ref().map(|a| a.status()),
             "sealed_store": match &self.sealed_error {
                 None => json!({"ok": true}),
@@ -1451,6 +1453,14 @@ pub fn pins_of_pem_files(files: &[PathBuf]) -> Vec<[u8; 32]> {
         }
     }
     pins
+}
+
+/// The daemon's resident set size (`VmRSS` of /proc/self/status), if readable.
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// A self-signed certificate made in memory for the API when the sealed store is unavailable.
