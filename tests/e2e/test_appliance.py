@@ -74,6 +74,7 @@ class Box:
                  append: str = "", disk: Path | None = None, sink=None):
         self.image = image
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.sink = sink or gateways.simple("sink", local_domains=("b.test",))
         self.dir = disk or image.fresh_disk(tmp / "box")
         self.secret = write_secret(tmp / f"secret-{secret_seed.decode()}", secret_seed)
