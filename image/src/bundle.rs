@@ -212,8 +212,9 @@ fn signed_message(header: &[u8; HEADER_LEN]) -> Vec<u8> {
     m
 }
 
-/// Reads until `buf` is full or the reader ends; returns the bytes read.
-fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads until `buf` is full or the reader ends; returns the bytes read (a short count means
+/// the end of the input, e.g. a truncated bundle).
+pub fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {

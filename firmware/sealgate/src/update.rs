@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use sealgate_image::bootctl::{BootControl, BootCtlError, Slot};
-use sealgate_image::bundle::{self, BundleError, Header};
+use sealgate_image::bundle::{self, BundleError, Header, read_full};
 use sealgate_image::version::Version;
 use serde::Serialize;
 
@@ -299,20 +299,6 @@ impl Installer {
             "last_update": last,
         })
     }
-}
-
-/// Reads until `buf` is full or the reader is at its end; returns the bytes read.
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
