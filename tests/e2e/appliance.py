@@ -3,6 +3,7 @@ its disk, talking to the box through its forwarded ports (all on 127.0.0.1) and 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -69,6 +70,18 @@ class Image:
         return where
 
 
+RUNNING: list["Vm"] = []
+
+
+def kill_all() -> None:
+    """Power off every VM still running (test teardown; also at interpreter exit)."""
+    while RUNNING:
+        RUNNING.pop().power_cut()
+
+
+atexit.register(kill_all)
+
+
 class Vm:
     """One QEMU process running an image directory, its console captured to a file."""
 
@@ -95,6 +108,7 @@ class Vm:
         self.console = open(self.console_path, "ab")
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        RUNNING.append(self)
         threading.Thread(target=self._pump, daemon=True).start()
         return self
 
@@ -129,7 +143,10 @@ class Vm:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-        self.console.close()
+        if self in RUNNING:
+            RUNNING.remove(self)
+        if not self.console.closed:
+            self.console.close()
 
     def stop(self):
         self.power_cut()

@@ -20,13 +20,20 @@ from pathlib import Path
 
 import pytest
 
-from appliance import FAULTS_BIN, GUEST_SINK, Image, Vm, sealctl, write_secret
+from appliance import FAULTS_BIN, GUEST_SINK, Image, Vm, kill_all, sealctl, write_secret
 from harness import message, wait_until
 
 pytestmark = pytest.mark.skipif(not FAULTS_BIN.exists(),
                                 reason="needs the static build of tests/run (sealgate-test-faults)")
 
 TOKEN = "appliance-test-admin-token-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _power_off_vms():
+    """Every VM a test started is killed when it ends, pass or fail."""
+    yield
+    kill_all()
 
 
 @pytest.fixture(scope="module")
