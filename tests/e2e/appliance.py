@@ -115,10 +115,11 @@ class Vm:
     def _pump(self):
         assert self.proc and self.proc.stdout
         for raw in iter(self.proc.stdout.readline, b""):
-            self.console.write(raw)
-            self.console.flush()
             with self._lock:
                 self._text += raw.decode("utf-8", "replace")
+                if not self.console.closed:
+                    self.console.write(raw)
+                    self.console.flush()
 
     def text(self) -> str:
         with self._lock:
@@ -145,8 +146,9 @@ class Vm:
             self.proc.wait(timeout=10)
         if self in RUNNING:
             RUNNING.remove(self)
-        if not self.console.closed:
-            self.console.close()
+        with self._lock:
+            if not self.console.closed:
+                self.console.close()
 
     def stop(self):
         self.power_cut()
