@@ -32,13 +32,11 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ring::{digest, hmac};
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, ServerConfig, SignatureScheme};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
@@ -51,7 +49,7 @@ use crate::peers::PeerStore;
 use crate::sealed::SealedStore;
 use crate::site::{self, SiteError};
 use crate::spool::unix_now;
-use crate::tls::{HandshakeSignatures, provider};
+use crate::tls::{OfferClientAuth, provider};
 
 /// Where the API listens without `mgmt.listen`: loopback on the dev board.
 pub const DEV_LISTEN: &str = "127.0.0.1:8443";
@@ -474,56 +472,6 @@ fn bearer(req: &Request<Incoming>) -> Result<Option<&[u8]>, ApiError> {
 // ---------------------------------------------------------------------------------------------
 // TLS
 
-/// Asks for a client certificate without requiring one; any certificate whose holder proves
-/// its key passes the handshake, and is judged by its pin per request.
-#[derive(Debug)]
-struct OptionalClientCert(HandshakeSignatures);
-
-impl ClientCertVerifier for OptionalClientCert {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.schemes()
-    }
-}
-
 /// The served certificate: `mgmt.certificate` as the running config loaded it (so a new
 /// certificate applies with a new config), else as the sealed store held it at start.
 #[derive(Debug)]
@@ -551,9 +499,8 @@ impl ResolvesServerCert for ServedCert {
 fn server_config(cert: ServedCert) -> Result<Arc<ServerConfig>, rustls::Error> {
     let mut sc = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(Arc::new(OptionalClientCert(
-            HandshakeSignatures(provider()),
-        )))
+        // A client certificate is asked for, not required; it is judged by its pin per request.
+        .with_client_cert_verifier(Arc::new(OfferClientAuth::new(Vec::new())))
         .with_cert_resolver(Arc::new(cert));
     sc.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(sc))

@@ -22,10 +22,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -142,20 +142,63 @@ fn peer_verifiers(config: &Config) -> Result<PeerVerifiers, TlsError> {
         .map_err(|e| ca_err("(peers)", e.to_string()))?
         .root_hint_subjects()
         .to_vec();
-    let offer: Arc<dyn ClientCertVerifier> = Arc::new(OfferClientAuth {
-        hints,
-        signatures: HandshakeSignatures(provider()),
-    });
+    let offer: Arc<dyn ClientCertVerifier> = Arc::new(OfferClientAuth::new(hints));
     Ok((peers, Some(offer)))
 }
 
-/// Asks every client for a certificate (optional), hinting the peers' CAs. Any certificate is
-/// accepted in the handshake as long as the client proves possession of its key; the chain is
-/// checked per peer after the handshake ([`ServerTls::check_client`]).
+/// The handshake signature checks every verifier of ours keeps, whatever it decides about the
+/// certificate itself: the peer must prove possession of the certificate's key.
 #[derive(Debug)]
-struct OfferClientAuth {
+struct HandshakeSignatures(Arc<CryptoProvider>);
+
+/// The handshake-signature methods of a rustls verifier, the same in a
+/// [`ClientCertVerifier`] and a [`ServerCertVerifier`]: expands, inside either impl for a type
+/// with a `signatures: HandshakeSignatures` field, to `verify_tls12_signature`,
+/// `verify_tls13_signature` (each calling the `rustls::crypto` function of its name) and
+/// `supported_verify_schemes`, all with the provider's algorithms.
+macro_rules! handshake_signature_methods {
+    () => {
+        handshake_signature_methods!(verify_tls12_signature);
+        handshake_signature_methods!(verify_tls13_signature);
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.signatures
+                .0
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+    ($verify:ident) => {
+        fn $verify(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            let algorithms = &self.signatures.0.signature_verification_algorithms;
+            rustls::crypto::$verify(message, cert, dss, algorithms)
+        }
+    };
+}
+
+/// Asks every client for a certificate (optional), hinting `hints` (the peers' CAs; none for
+/// the management API). Any certificate is accepted in the handshake as long as the client
+/// proves possession of its key; the certificate is judged after the handshake: per peer
+/// ([`ServerTls::check_client`]), or by its pin per request (the management API).
+#[derive(Debug)]
+pub(crate) struct OfferClientAuth {
     hints: Vec<rustls::DistinguishedName>,
     signatures: HandshakeSignatures,
+}
+
+impl OfferClientAuth {
+    /// Hinting `hints`, checking handshake signatures with [`provider`]'s algorithms.
+    pub(crate) fn new(hints: Vec<rustls::DistinguishedName>) -> Self {
+        Self {
+            hints,
+            signatures: HandshakeSignatures(provider()),
+        }
+    }
 }
 
 impl ClientCertVerifier for OfferClientAuth {
@@ -180,27 +223,7 @@ impl ClientCertVerifier for OfferClientAuth {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.signatures.schemes()
-    }
+    handshake_signature_methods!();
 }
 
 impl ServerTls {
@@ -462,43 +485,61 @@ pub fn export_chains(store: &SealedStore, state_dir: &Path) {
     }
 }
 
-/// The handshake signature checks every verifier of ours keeps, whatever it decides about the
-/// certificate itself: the peer must prove possession of the certificate's key.
-#[derive(Debug)]
-pub(crate) struct HandshakeSignatures(pub(crate) Arc<CryptoProvider>);
+/// How [`ServerCertCheck`] judges the server's end-entity certificate.
+type EndEntityCheck = dyn Fn(&CertificateDer<'_>) -> Result<(), rustls::Error> + Send + Sync;
 
-impl HandshakeSignatures {
-    pub(crate) fn tls12(
+/// A server certificate verifier that checks the handshake signatures as always (the server
+/// must prove possession of its certificate's key) and judges the certificate by a check of
+/// the caller's alone: chain, name and OCSP response are not looked at.
+///
+/// [`ServerCertCheck::accept_any`] accepts every certificate, for callers that judge it after
+/// the handshake or not at all; [`ServerCertCheck::new`] takes the check, e.g. a pin.
+pub struct ServerCertCheck {
+    signatures: HandshakeSignatures,
+    check: Box<EndEntityCheck>,
+}
+
+impl ServerCertCheck {
+    /// Accepts the end-entity certificate when `check` returns `Ok`; its error fails the
+    /// handshake. Handshake signatures are checked with `provider`'s algorithms.
+    pub fn new(
+        provider: Arc<CryptoProvider>,
+        check: impl Fn(&CertificateDer<'_>) -> Result<(), rustls::Error> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            signatures: HandshakeSignatures(provider),
+            check: Box::new(check),
+        }
+    }
+
+    /// Accepts every certificate (DANGEROUS unless it is judged after the handshake);
+    /// handshake signatures are still checked with `provider`'s algorithms.
+    pub fn accept_any(provider: Arc<CryptoProvider>) -> Self {
+        Self::new(provider, |_| Ok(()))
+    }
+}
+
+impl std::fmt::Debug for ServerCertCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCertCheck")
+            .field("signatures", &self.signatures)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCertVerifier for ServerCertCheck {
+    fn verify_server_cert(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        (self.check)(end_entity).map(|()| ServerCertVerified::assertion())
     }
 
-    pub(crate) fn tls13(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    pub(crate) fn schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    handshake_signature_methods!();
 }
 
 /// One DER TLV: (tag, content, rest). Lengths up to 4 octets.

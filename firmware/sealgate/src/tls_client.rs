@@ -15,17 +15,17 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::{CertificateError, ClientConfig, SignatureScheme};
 use sealgate_proto::policy::{CertFacts, Level};
 
 use crate::config::Config;
-use crate::tls::{HandshakeSignatures, ServerTls, TlsError, der_tlv, provider};
+use crate::tls::{ServerCertCheck, ServerTls, TlsError, der_tlv, provider};
 
 /// Sessions remembered per client configuration (rustls keys them by server name).
 const SESSION_CACHE: usize = 1024;
@@ -197,9 +197,9 @@ fn build(client_cert: Option<Arc<CertifiedKey>>) -> Result<Arc<ClientConfig>, Tl
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(RecordOnlyVerifier {
-            signatures: HandshakeSignatures(provider),
-        }));
+        // Any certificate passes the handshake (signatures checked); it is judged afterwards
+        // ([`ClientTls::facts`]).
+        .with_custom_certificate_verifier(Arc::new(ServerCertCheck::accept_any(provider)));
     let mut cc = match client_cert {
         Some(key) => builder.with_client_cert_resolver(Arc::new(OneClientCert(key))),
         None => builder.with_no_client_auth(),
@@ -294,48 +294,6 @@ impl ResolvesClientCert for OneClientCert {
 
     fn has_certs(&self) -> bool {
         true
-    }
-}
-
-/// Accepts any certificate in the handshake but checks the handshake signatures; the
-/// certificate is judged afterwards ([`ClientTls::facts`]).
-#[derive(Debug)]
-struct RecordOnlyVerifier {
-    signatures: HandshakeSignatures,
-}
-
-impl ServerCertVerifier for RecordOnlyVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.signatures.schemes()
     }
 }
 

@@ -22,12 +22,13 @@ use hyper::body::{Body, Bytes, Frame, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use sealgate::tls::ServerCertCheck;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -468,10 +469,7 @@ impl Client {
         let server_name = ServerName::try_from(name.clone())
             .map_err(|_| Error::Usage(format!("{name:?} is not a server name")))?;
         let verifier: Arc<dyn ServerCertVerifier> = match (&a.pin, &a.ca) {
-            (Some(pin), None) => Arc::new(PinnedServer {
-                pin: parse_pin(pin)?,
-                provider: provider.clone(),
-            }),
+            (Some(pin), None) => Arc::new(pinned_server(parse_pin(pin)?, provider.clone())),
             (None, Some(ca)) => {
                 let pem = std::fs::read(ca).map_err(|source| Error::File {
                     path: ca.clone(),
@@ -695,67 +693,20 @@ fn parse_pin(s: &str) -> Result<[u8; 32], Error> {
     Ok(out)
 }
 
-/// Accepts exactly the server certificate whose SHA-256 is pinned (handshake signatures are
+/// Accepts exactly the server certificate whose SHA-256 is `pin` (handshake signatures are
 /// checked as always; the name is not, the pin says it all).
-#[derive(Debug)]
-struct PinnedServer {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedServer {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
+fn pinned_server(pin: [u8; 32], provider: Arc<CryptoProvider>) -> ServerCertCheck {
+    ServerCertCheck::new(provider, move |end_entity| {
         let got = ring::digest::digest(&ring::digest::SHA256, end_entity);
-        if got.as_ref() == self.pin {
-            Ok(ServerCertVerified::assertion())
+        if got.as_ref() == pin {
+            Ok(())
         } else {
             let hex: String = got.as_ref().iter().map(|b| format!("{b:02x}")).collect();
             Err(rustls::Error::General(format!(
                 "the box's certificate (SHA-256 {hex}) is not the pinned one"
             )))
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    })
 }
 
 #[cfg(test)]

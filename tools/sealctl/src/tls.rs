@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use rustls::client::Resumption;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{ClientConfig, ServerConfig};
+use sealgate::tls::ServerCertCheck;
 use thiserror::Error;
 
 /// Why a TLS configuration could not be built.
@@ -32,55 +32,8 @@ fn provider() -> Arc<CryptoProvider> {
 /// because `sealctl bench smtp` measures servers, typically with test
 /// certificates; chain and name are not checked. Handshake signatures are
 /// still verified, so the client does the same cryptographic work as a real
-/// one.
-#[derive(Debug)]
-pub struct NoCertificateVerification {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl NoCertificateVerification {
-    /// A verifier checking handshake signatures with `provider`'s algorithms.
-    pub fn new(provider: &CryptoProvider) -> Self {
-        Self {
-            algorithms: provider.signature_verification_algorithms,
-        }
-    }
-}
-
-impl ServerCertVerifier for NoCertificateVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
+/// one. Build it with [`ServerCertCheck::accept_any`].
+pub type NoCertificateVerification = ServerCertCheck;
 
 /// Whether and how the benchmark client resumes TLS sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +58,7 @@ pub fn dangerous_bench_client_config(
     resumption: ClientResumption,
 ) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let provider = provider();
-    let verifier = Arc::new(NoCertificateVerification::new(&provider));
+    let verifier = Arc::new(NoCertificateVerification::accept_any(provider.clone()));
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -138,6 +91,7 @@ pub fn self_signed_server_config(names: &[&str]) -> Result<Arc<ServerConfig>, Tl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::ServerName;
 
     #[test]
     fn configs_build() {
