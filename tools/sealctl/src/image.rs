@@ -498,6 +498,36 @@ fn image_run(args: RunArgs) -> ExitCode {
     }
 }
 
+/// No kernel was given and none is installed: install Debian's `linux-image-amd64` (F-IMAGE:
+/// the image is built from it), saying so first. Needs root and apt-get.
+fn install_debian_kernel() -> Result<(), build::BuildError> {
+    eprintln!("no kernel in /boot: installing linux-image-amd64 with apt-get");
+    let run = |args: &[&str]| {
+        std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null())
+            .status()
+    };
+    let ok = run(&["update", "-qq"]).is_ok_and(|s| s.success())
+        && run(&[
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "linux-image-amd64",
+        ])
+        .is_ok_and(|s| s.success());
+    if ok {
+        Ok(())
+    } else {
+        eprintln!(
+            "apt-get could not install linux-image-amd64 (root and Debian's registry needed)"
+        );
+        Err(build::BuildError::NoKernel)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,35 +622,5 @@ mod tests {
             .is_ok()
         );
         assert!(parse(&["sign", "bin", "--key", "k", "-o", "x.sgu"]).is_err());
-    }
-}
-
-/// No kernel was given and none is installed: install Debian's `linux-image-amd64` (F-IMAGE:
-/// the image is built from it), saying so first. Needs root and apt-get.
-fn install_debian_kernel() -> Result<(), build::BuildError> {
-    eprintln!("no kernel in /boot: installing linux-image-amd64 with apt-get");
-    let run = |args: &[&str]| {
-        std::process::Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(std::process::Stdio::null())
-            .status()
-    };
-    let ok = run(&["update", "-qq"]).is_ok_and(|s| s.success())
-        && run(&[
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "linux-image-amd64",
-        ])
-        .is_ok_and(|s| s.success());
-    if ok {
-        Ok(())
-    } else {
-        eprintln!(
-            "apt-get could not install linux-image-amd64 (root and Debian's registry needed)"
-        );
-        Err(build::BuildError::NoKernel)
     }
 }
