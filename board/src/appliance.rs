@@ -442,6 +442,19 @@ fn unescape_mount_path(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Raises the soft limit on open files to the hard limit (a gateway holds a socket per
+/// session: the default soft limit of 1024 would cap it below `smtp.max_connections`).
+/// Returns the new soft limit.
+pub fn raise_nofile_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        setrlimit(Resource::Nofile, lim).ok()?;
+    }
+    lim.current
+}
+
 /// Reaps every exited child without blocking (`waitpid(-1, WNOHANG)` until none is left).
 pub fn reap_children() {
     while let Ok(Some(_)) = rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG) {}
@@ -598,5 +611,13 @@ mod tests {
         if std::env::var_os(WATCHDOG_FD_ENV).is_none() {
             assert!(Watchdog::from_env().is_none());
         }
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        use rustix::process::{Resource, getrlimit};
+        let hard = getrlimit(Resource::Nofile).maximum;
+        assert_eq!(raise_nofile_limit(), hard);
+        assert_eq!(getrlimit(Resource::Nofile).current, hard);
     }
 }

@@ -292,6 +292,15 @@ impl Appliance {
             reboot_now();
         });
     }
+
+    /// Answers now, syncs and powers off shortly after.
+    pub fn schedule_poweroff(&self) {
+        tokio::spawn(async {
+            println!("sealgate: poweroff requested");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            board::sync_and_poweroff();
+        });
+    }
 }
 
 /// Syncs and reboots (blocking). As PID 1 this never returns.

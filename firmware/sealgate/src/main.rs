@@ -169,6 +169,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    match sealgate_board::appliance::raise_nofile_limit() {
+        Some(n) => tracing::debug!(limit = n, "open files limit"),
+        None => tracing::warn!("cannot raise the open files limit"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -119,6 +119,8 @@ pub trait ApplianceOps: Send + Sync + std::fmt::Debug {
     fn install(&self, body: &mut dyn Read) -> Result<Value, ApiError>;
     /// Reboots shortly after the reply went out.
     fn reboot(&self);
+    /// Powers off shortly after the reply went out.
+    fn poweroff(&self);
     /// PEM files of the admin client certificates baked into the image (pinned).
     fn admin_certificates(&self) -> Vec<PathBuf>;
 }
@@ -156,6 +158,10 @@ impl ApplianceOps for crate::appliance::Appliance {
         self.schedule_reboot();
     }
 
+    fn poweroff(&self) {
+        self.schedule_poweroff();
+    }
+
     fn admin_certificates(&self) -> Vec<PathBuf> {
         self.admin_certs.clone()
     }
@@ -175,6 +181,7 @@ pub enum Endpoint {
         reboot: bool,
     },
     Reboot,
+    Poweroff,
     PeerReset(String),
     QueueList,
     QueueRelease(String),
@@ -221,6 +228,10 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Endpoin
             )
         }
         ["reboot"] => ((method == Method::POST).then_some(Endpoint::Reboot), "POST"),
+        ["poweroff"] => (
+            (method == Method::POST).then_some(Endpoint::Poweroff),
+            "POST",
+        ),
         ["peers", peer, "reset"] => {
             let peer = segment(peer, MAX_PEER, |b| {
                 b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-' | b'_')
@@ -803,7 +814,8 @@ impl Mgmt {
                 Endpoint::Status => self.status().await,
                 Endpoint::PushConfig => self.push_config(body, info).await,
                 Endpoint::PushUpdate { reboot } => return self.push_update(body, reboot).await,
-                Endpoint::Reboot => self.reboot(),
+                Endpoint::Reboot => self.reboot(false),
+                Endpoint::Poweroff => self.reboot(true),
                 Endpoint::PeerReset(p) => self.peer_reset(p).await,
                 Endpoint::QueueList => Ok((StatusCode::OK, self.queue_list())),
                 Endpoint::QueueRelease(id) => self.queue_release(&id).await,
@@ -999,17 +1011,24 @@ impl Mgmt {
         ))
     }
 
-    fn reboot(&self) -> Result<(StatusCode, Value), ApiError> {
+    /// Reboot, or with `off` power off: the answer goes out first.
+    fn reboot(&self, off: bool) -> Result<(StatusCode, Value), ApiError> {
+        let what = if off { "poweroff" } else { "reboot" };
         let Some(app) = &self.appliance else {
             return Err(ApiError::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "appliance",
-                "reboot needs the appliance",
+                format!("{what} needs the appliance"),
             ));
         };
-        tracing::warn!("reboot requested (management API)");
-        app.reboot();
-        Ok((StatusCode::ACCEPTED, json!({ "rebooting": true })))
+        tracing::warn!(what, "requested through the management API");
+        if off {
+            app.poweroff();
+            Ok((StatusCode::ACCEPTED, json!({ "powering_off": true })))
+        } else {
+            app.reboot();
+            Ok((StatusCode::ACCEPTED, json!({ "rebooting": true })))
+        }
     }
 
     async fn peer_reset(&self, peer: String) -> Result<(StatusCode, Value), ApiError> {
@@ -1451,6 +1470,7 @@ mod tests {
                 PushUpdate { reboot: true },
             ),
             ("POST", "/api/v1/reboot", None, Reboot),
+            ("POST", "/api/v1/poweroff", None, Poweroff),
             (
                 "POST",
                 "/api/v1/peers/127.0.0.5/reset",

@@ -104,6 +104,8 @@ enum DeviceCommand {
     },
     /// Reboot the box (appliance only)
     Reboot,
+    /// Sync and power the box off (appliance only)
+    Poweroff,
     /// Forget a peer's TLS history (IP address or host name)
     PeerReset {
         /// An IP address or a host name
@@ -237,6 +239,10 @@ async fn device(args: DeviceArgs) -> Result<(), Error> {
             DeviceCommand::Reboot => {
                 let v = client.call(Method::POST, "/api/v1/reboot", None).await?;
                 summary(json, &v, "the box is rebooting".into());
+            }
+            DeviceCommand::Poweroff => {
+                let v = client.call(Method::POST, "/api/v1/poweroff", None).await?;
+                summary(json, &v, "the box is powering off".into());
             }
             DeviceCommand::PeerReset { peer } => {
                 let path = format!("/api/v1/peers/{}/reset", encode_segment(peer));
