@@ -147,6 +147,10 @@ def test_boot_first_contact_config_and_starttls_mail_through_the_sealed_keys(ima
     listed = json.dumps(st["certificates"]).replace(":", "").lower()
     assert fp in listed, (fp, st["certificates"])
     assert all(c.get("source") == "sealed" for c in st["certificates"]), st["certificates"]
+    # Power off through the API: the box syncs and QEMU exits on its own.
+    vm.device("poweroff", auth=box.auth)
+    vm.proc.wait(timeout=120)
+    assert "poweroff requested" in vm.text()
 
 
 def test_signed_update_boots_slot_b_and_mail_still_flows(image, tmp_path, gateways):
