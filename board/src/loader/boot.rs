@@ -9,7 +9,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use sealgate_image::bootctl::{BootControl, Choice, Slot};
+use sealgate_image::bootctl::{BootControl, BootCtlError, Choice, Slot};
 use sealgate_image::bundle::{self, Header};
 use sealgate_image::version::Version;
 
@@ -56,16 +56,32 @@ impl Staged {
 }
 
 /// Boot control from the `bootctl` device. With no valid copy (a blank or corrupt partition)
-/// or an unreadable device, logs it loudly and starts over from
-/// `BootControl::new_image(0.0.0)`: slot A on trial with fresh tries, B empty.
+/// logs it loudly and starts over from `BootControl::new_image(0.0.0)`: slot A on trial with
+/// fresh tries, B empty. A device that cannot be read is retried; starting over then would
+/// overwrite a good copy and lose the rollback floor, so after the retries this halts.
 pub fn load_boot_control(dev: &mut File, log: &mut dyn FnMut(String)) -> BootControl {
-    match BootControl::load(dev) {
-        Ok(c) => c,
-        Err(e) => {
-            log(format!(
-                "WARNING: boot control unusable ({e}); starting over: slot A on trial, slot B empty, floor 0.0.0"
-            ));
-            BootControl::new_image(Version::default())
+    let mut attempt = 0;
+    loop {
+        match BootControl::load(dev) {
+            Ok(c) => return c,
+            Err(BootCtlError::Io(e)) if attempt < 5 => {
+                attempt += 1;
+                log(format!("boot control read error ({e}); retry {attempt}"));
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Err(BootCtlError::Io(e)) => {
+                log(format!(
+                    "HALT: boot control cannot be read ({e}); not starting over (that would \
+                     lose the rollback floor)"
+                ));
+                crate::appliance::halt_forever();
+            }
+            Err(e) => {
+                log(format!(
+                    "WARNING: boot control unusable ({e}); starting over: slot A on trial, slot B empty, floor 0.0.0"
+                ));
+                return BootControl::new_image(Version::default());
+            }
         }
     }
 }

@@ -75,6 +75,8 @@ pub struct Appliance {
     pub trust: Vec<[u8; 32]>,
     pub admin_certs: Vec<PathBuf>,
     watchdog: Option<Watchdog>,
+    /// This boot is a trial of its slot (not yet marked successful).
+    trial: bool,
     fault: Option<Fault>,
     health: Mutex<Health>,
 }
@@ -116,6 +118,10 @@ impl Appliance {
             .unwrap_or_else(|_| sealgate_image::bundle::BOARD_QEMU.to_string());
         let admin_certs = list_dir(&etc.join("admin"));
         let boot = Arc::new(BootDev::new(dev("bootctl")));
+        let trial = boot
+            .load()
+            .map(|bc| !bc.slot(slot).successful)
+            .unwrap_or(true);
         let installer = Arc::new(Installer::new(
             boot.clone(),
             [dev("slot_a"), dev("slot_b")],
@@ -132,6 +138,7 @@ impl Appliance {
             trust,
             admin_certs,
             watchdog,
+            trial,
             fault: fault_from_cmdline(),
             health: Mutex::new(Health {
                 state: "starting",
@@ -191,12 +198,16 @@ impl Appliance {
         });
     }
 
-    /// After the listeners are up: checks health and marks the slot successful, or reboots.
+    /// After the listeners are up: checks health and marks the slot successful. A failed
+    /// check of a trial boot reboots (the slot loses a try, and after the last one the loader
+    /// falls back); on a slot already confirmed it only reports, so that the box stays
+    /// reachable for a fixed config. `problems` are start-up failures that fail the check.
     pub fn spawn_health_check(
         self: &Arc<Self>,
         smtp: Vec<SocketAddr>,
         others: Vec<SocketAddr>,
         spool_dir: PathBuf,
+        problems: Vec<String>,
     ) {
         let me = self.clone();
         tokio::spawn(async move {
@@ -204,7 +215,12 @@ impl Appliance {
                 println!("sealgate: TEST FAULT hang: the health check never runs");
                 return;
             }
-            match me.health_check(&smtp, &others, spool_dir).await {
+            let checked = if problems.is_empty() {
+                me.health_check(&smtp, &others, spool_dir).await
+            } else {
+                Err(problems.join("; "))
+            };
+            match checked {
                 Ok(()) => {
                     let me2 = me.clone();
                     let marked = tokio::task::spawn_blocking(move || {
@@ -229,13 +245,20 @@ impl Appliance {
                         Err(e) => me.set_health("unmarked", Some(e.to_string())),
                     }
                 }
-                Err(why) => {
+                Err(why) if me.trial => {
                     me.set_health("failed", Some(why.clone()));
                     println!(
                         "sealgate: HEALTH CHECK FAILED: {why}; rebooting (this slot loses a try)"
                     );
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     reboot_now();
+                }
+                Err(why) => {
+                    me.set_health("failed", Some(why.clone()));
+                    println!(
+                        "sealgate: HEALTH CHECK FAILED on a confirmed slot: {why}; staying up so \
+                         that it can be managed"
+                    );
                 }
             }
         });

@@ -81,11 +81,17 @@ pub async fn run_on(
         a.spawn_reaper();
     }
     let (mut store, sealed_error) = open_store(board.as_ref());
+    // What the appliance's health check must hear about (on the dev board these are logged or
+    // fatal as before).
+    let mut problems: Vec<String> = Vec::new();
+    if let Some(e) = &sealed_error {
+        problems.push(format!("the sealed store cannot be opened: {e}"));
+    }
     if let (Some(a), Some(s)) = (&appliance, store.as_mut()) {
         provision_baked(s, &a.trust)?;
     }
     let (config, origin, checked) = match &appliance {
-        Some(_) => appliance_config(store.as_ref(), board.serial())?,
+        Some(_) => appliance_config(store.as_ref(), board.serial(), &mut problems)?,
         None => initial_config(&source, store.as_ref(), board.serial())?,
     };
     let state_dir = board.state_dir().to_path_buf();
@@ -148,12 +154,22 @@ pub async fn run_on(
             if implicit && live.get().server_tls.is_none() {
                 continue;
             }
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: *addr,
-                    source,
-                })?;
+            let listener = match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                // The appliance keeps going without it (the management API must stay
+                // reachable); its health check fails instead.
+                Err(source) if appliance.is_some() => {
+                    tracing::error!(%addr, error = %source, "cannot listen");
+                    problems.push(format!("cannot listen on {addr}: {source}"));
+                    continue;
+                }
+                Err(source) => {
+                    return Err(StartError::Listen {
+                        addr: *addr,
+                        source,
+                    });
+                }
+            };
             let bound = listener.local_addr().unwrap_or(*addr);
             if implicit {
                 bound_other.push(bound);
@@ -182,6 +198,9 @@ pub async fn run_on(
         sealed_error,
     )
     .await;
+    if mgmt_bound.is_empty() {
+        problems.push("the management API is not listening".into());
+    }
     bound_other.extend(mgmt_bound);
     {
         let smtpd = smtpd.clone();
@@ -216,7 +235,7 @@ pub async fn run_on(
         );
     }
     if let Some(a) = &appliance {
-        a.spawn_health_check(bound_smtp, bound_other, state_dir.join("queue"));
+        a.spawn_health_check(bound_smtp, bound_other, state_dir.join("queue"), problems);
     }
     if let ConfigSource::File(path) = &source {
         let reload = Reload {
@@ -428,6 +447,7 @@ fn provision_baked(store: &mut SealedStore, keys: &[[u8; 32]]) -> Result<(), Sta
 fn appliance_config(
     store: Option<&SealedStore>,
     serial: &str,
+    problems: &mut Vec<String>,
 ) -> Result<(Config, String, Option<site::Checked>), StartError> {
     if let Some(s) = store
         && let Some(b) = s.get(site::CURRENT)
@@ -435,7 +455,8 @@ fn appliance_config(
         match site::verify(s, b, serial, unix_now(), "the last applied config") {
             Ok(c) => return Ok((c.config, "last applied signed config".into(), None)),
             Err(e) => {
-                tracing::error!(error = %e, "the last applied signed config is refused; running on the appliance default")
+                tracing::error!(error = %e, "the last applied signed config is refused; running on the appliance default");
+                problems.push(format!("the last applied signed config is refused: {e}"));
             }
         }
     }

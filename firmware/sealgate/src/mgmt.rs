@@ -119,6 +119,9 @@ pub trait ApplianceOps: Send + Sync + std::fmt::Debug {
     fn install(&self, body: &mut dyn Read) -> Result<Value, ApiError>;
     /// Reboots shortly after the reply went out.
     fn reboot(&self);
+    /// Running slot and health state, from memory (no I/O): for the unauthenticated health
+    /// endpoint.
+    fn summary(&self) -> Value;
     /// Powers off shortly after the reply went out.
     fn poweroff(&self);
     /// PEM files of the admin client certificates baked into the image (pinned).
@@ -144,7 +147,8 @@ impl ApplianceOps for crate::appliance::Appliance {
             Err(e) => {
                 let status = match &e {
                     U::NotAppliance => StatusCode::NOT_IMPLEMENTED,
-                    U::Busy => StatusCode::CONFLICT,
+                    U::Busy | U::RunningOnTrial(_) => StatusCode::CONFLICT,
+                    U::FloorRose { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                     U::Bundle(_) => StatusCode::UNPROCESSABLE_ENTITY,
                     U::Body(_) => StatusCode::BAD_REQUEST,
                     U::BootCtl(_) | U::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -160,6 +164,10 @@ impl ApplianceOps for crate::appliance::Appliance {
 
     fn poweroff(&self) {
         self.schedule_poweroff();
+    }
+
+    fn summary(&self) -> Value {
+        json!({ "running_slot": self.slot, "health": self.health().state })
     }
 
     fn admin_certificates(&self) -> Vec<PathBuf> {
@@ -876,16 +884,16 @@ impl Mgmt {
 
     // --- endpoints
 
-    /// What anyone reaching the port may know: identity, slot and health, and whether the
-    /// sealed store opened (a disk moved to another board says so here).
+    /// What anyone reaching the port may know, from memory: identity, slot and health state,
+    /// and whether the sealed store opened (a disk moved to another board says so here). No
+    /// version (which would help pick an exploit) and no health details.
     fn health(&self) -> Value {
-        let slot = self.appliance.as_ref().map(|a| a.status());
+        let summary = self.appliance.as_ref().map(|a| a.summary());
         json!({
             "serial": self.serial,
             "board": if self.appliance.is_some() { "appliance" } else { "dev" },
-            "running_slot": slot.as_ref().map(|s| s["running_slot"].clone()),
-            "running_version": slot.as_ref().map(|s| s["running_version"].clone()),
-            "health": slot.as_ref().map(|s| s["health"].clone()),
+            "running_slot": summary.as_ref().map(|s| s["running_slot"].clone()),
+            "health": summary.as_ref().map(|s| s["health"].clone()),
             "sealed_store": match &self.sealed_error {
                 None => json!({"ok": true}),
                 Some(e) => json!({"ok": false, "error": e}),

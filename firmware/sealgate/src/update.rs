@@ -36,6 +36,13 @@ pub enum UpdateError {
     NotAppliance,
     #[error("another update is being installed")]
     Busy,
+    #[error(
+        "slot {0} is running on trial (its health check has not passed yet): the other slot is \
+         the only known-good one and is not overwritten; retry once this boot is confirmed"
+    )]
+    RunningOnTrial(Slot),
+    #[error("the rollback floor rose to {floor} while {version} was written: not activated")]
+    FloorRose { version: Version, floor: Version },
     #[error("{0}")]
     Bundle(#[from] BundleError),
     #[error("boot control: {0}")]
@@ -55,7 +62,8 @@ impl UpdateError {
     pub fn check(&self) -> &'static str {
         match self {
             UpdateError::NotAppliance => "appliance",
-            UpdateError::Busy => "busy",
+            UpdateError::Busy | UpdateError::RunningOnTrial(_) => "busy",
+            UpdateError::FloorRose { .. } => "rollback-floor",
             UpdateError::Bundle(b) => match b {
                 BundleError::Truncated { .. } | BundleError::PayloadLength { .. } => "truncated",
                 BundleError::BadMagic
@@ -242,7 +250,11 @@ impl Installer {
             .map_err(io("open the inactive slot"))?;
         let capacity = dev.seek(SeekFrom::End(0)).map_err(io("size"))?;
         let room = capacity.saturating_sub(bundle::PREFIX_LEN as u64);
-        let floor = self.boot.load()?.floor;
+        let bc = self.boot.load()?;
+        if !bc.slot(self.running).successful {
+            return Err(UpdateError::RunningOnTrial(self.running));
+        }
+        let floor = bc.floor;
         let mut verified = bundle::parse_prefix(&prefix)?.verify(
             &self.keys,
             &self.board,
@@ -269,8 +281,23 @@ impl Installer {
         })();
         match written {
             Ok(h) => {
-                self.boot
-                    .modify(|bc| bc.install_commit(target, h.version))?;
+                // The floor may have risen meanwhile (a health check of this boot): a slot
+                // below it would never boot, so it is not activated.
+                let mut rose = None;
+                self.boot.modify(|bc| {
+                    if h.version < bc.floor {
+                        rose = Some(bc.floor);
+                        bc.mark_unbootable(target, "install: below the rollback floor");
+                    } else {
+                        bc.install_commit(target, h.version);
+                    }
+                })?;
+                if let Some(floor) = rose {
+                    return Err(UpdateError::FloorRose {
+                        version: h.version,
+                        floor,
+                    });
+                }
                 Ok(InstallOutcome {
                     slot: target,
                     version: h.version,
@@ -468,6 +495,22 @@ mod tests {
                     .all(|&b| b == 0)
             );
         }
+    }
+
+    #[test]
+    fn no_update_while_the_running_slot_is_on_trial() {
+        let r = rig("trial");
+        r.boot
+            .modify(|bc| {
+                let a = bc.slot_mut(Slot::A);
+                a.successful = false;
+                a.tries = 2;
+            })
+            .unwrap();
+        let b = bundle_of(&r.key, "1.1.0", bundle::BOARD_QEMU, &payload());
+        let e = r.installer.install(&mut Cursor::new(&b)).unwrap_err();
+        assert!(matches!(e, UpdateError::RunningOnTrial(Slot::A)), "{e}");
+        assert_eq!(r.boot.load().unwrap().slot(Slot::B).note, "empty");
     }
 
     #[test]
