@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,7 +75,10 @@ pub struct Appliance {
     pub installer: Arc<Installer>,
     pub trust: Vec<[u8; 32]>,
     pub admin_certs: Vec<PathBuf>,
-    watchdog: Option<Watchdog>,
+    watchdog: Option<Arc<Watchdog>>,
+    /// Set once the runtime's task pets the watchdog (or a `hang` fault stops petting): the
+    /// start-up thread that kept it alive through mounts and store opening then ends.
+    handed_over: Arc<AtomicBool>,
     /// This boot is a trial of its slot (not yet marked successful).
     trial: bool,
     fault: Option<Fault>,
@@ -85,7 +89,17 @@ impl Appliance {
     /// Finds the partitions, mounts `data` and `sealed`, reads the baked-in keys.
     pub fn prepare(slot: Slot, version: Version) -> Result<Appliance, ApplianceError> {
         // Take the watchdog over from the loader and pet it before anything slow.
-        let watchdog = Watchdog::from_env();
+        let watchdog = Watchdog::from_env().map(Arc::new);
+        let handed_over = Arc::new(AtomicBool::new(false));
+        if let Some(w) = &watchdog {
+            let (w, done) = (w.clone(), handed_over.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Acquire) {
+                    let _ = w.pet();
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+            });
+        }
         if let Some(w) = &watchdog
             && let Err(e) = w.pet()
         {
@@ -138,6 +152,7 @@ impl Appliance {
             trust,
             admin_certs,
             watchdog,
+            handed_over,
             trial,
             fault: fault_from_cmdline(),
             health: Mutex::new(Health {
@@ -162,6 +177,7 @@ impl Appliance {
     /// Pets the watchdog from the runtime (so a wedged runtime is reset) unless a `hang` fault
     /// is injected.
     pub fn spawn_watchdog(self: &Arc<Self>) {
+        self.handed_over.store(true, Ordering::Release);
         if self.fault == Some(Fault::Hang) {
             println!("sealgate: TEST FAULT hang: not petting the watchdog");
             return;

@@ -184,14 +184,14 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::Appliance { slot, version }) = cli.command {
-        return match runtime.block_on(appliance(slot, version)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                println!("sealgate: appliance start failed: {e}");
-                eprintln!("sealgate: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        // PID 1 never just exits (that is a kernel panic): it says why, syncs and reboots;
+        // on a trial boot that costs the slot a try.
+        match runtime.block_on(appliance(slot, version)) {
+            Ok(()) => println!("sealgate: the gateway stopped; rebooting"),
+            Err(e) => println!("sealgate: appliance start failed: {e}; rebooting"),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        sealgate_board::appliance::sync_and_reboot();
     }
     let source = match cli.config {
         Some(p) => ConfigSource::File(p),
