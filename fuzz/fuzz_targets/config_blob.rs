@@ -1,4 +1,4 @@
-//! Fuzz target: the signed config blob decoder (`sealgate::blob::decode`), and on every blob it
+//! Fuzz target: the signed config blob decoder (`sealgate_core::blob::decode`), and on every blob it
 //! accepts, the signature check against one fixed trusted key, the box's checks in several
 //! contexts, key rotation, and re-signing.
 #![no_main]
@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use sealgate::blob::{self, BlobError, Context, Ed25519KeyPair, Verdict};
+use sealgate_core::blob::{self, BlobError, Context, Ed25519KeyPair, Verdict};
 
 /// The trusted key's seed; `seeds/config_blob/` holds blobs signed with it (and some not).
 const SEED: [u8; 32] = [0x5e; 32];

@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 use sealgate_proto::policy::{self, Level, RouteFacts, Settings};
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok((table, _clients)) = sealgate::peers::parse(data, 64) {
+    if let Ok((table, _clients)) = sealgate_core::peers::parse(data, 64) {
         assert!(table.len() <= 64);
         let settings = Settings::default();
         for (key, record) in table.iter() {

@@ -1,4 +1,4 @@
-//! Fuzz target: the sealed store reader (`sealgate::sealed::unseal`) with one fixed key. The
+//! Fuzz target: the sealed store reader (`sealgate_core::sealed::unseal`) with one fixed key. The
 //! first byte picks what the rest is: even — a store file as read from disk (header checks,
 //! bounds, the AEAD); odd — the plaintext behind a valid tag (`seal_plaintext` with the fixed
 //! key), so the record decoder and its bounds are reached too. Whatever `unseal` accepts must
@@ -8,7 +8,7 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use sealgate::sealed::{self, SealError, SealingKey};
+use sealgate_core::sealed::{self, SealError, SealingKey};
 
 /// The fixed board; `seeds/sealed_store/` holds files sealed under its key.
 const SECRET: [u8; 32] = [0x5e; 32];

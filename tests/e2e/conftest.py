@@ -3,6 +3,7 @@
 import pytest
 
 from harness import GatewayFactory
+from pki import Spec, make_pki
 
 
 @pytest.fixture
@@ -13,6 +14,32 @@ def gateways(tmp_path, request):
     problems = f.close()
     if problems:
         pytest.fail("; ".join(problems))
+
+
+def _pki_spec(module) -> Spec:
+    spec = getattr(module, "PKI", None)
+    if not isinstance(spec, Spec):
+        pytest.fail(f"{module.__name__} takes the pki fixture but defines no `PKI = pki.Spec(...)`")
+    return spec
+
+
+@pytest.fixture(scope="module")
+def _module_pki(request, tmp_path_factory):
+    """The module's PKI made once (for `PKI = Spec(..., scope="module")`)."""
+    spec = _pki_spec(request.module)
+    return make_pki(tmp_path_factory.mktemp(f"{request.module.__name__}-pki"), spec)
+
+
+@pytest.fixture
+def pki(request, tmp_path):
+    """The test module's PKI (its `PKI = pki.Spec(...)`), as `pki.make_pki` returns it: fresh
+    in `tmp_path/pki` for each test, or made once per module when the spec says so."""
+    spec = _pki_spec(request.module)
+    if spec.scope == "module":
+        return request.getfixturevalue("_module_pki")
+    d = tmp_path / "pki"
+    d.mkdir()
+    return make_pki(d, spec)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -25,12 +25,12 @@ Bounds: one thread per connection, at most ``max_sessions`` at once; every read 
 short timeout and ends at ``idle_timeout``; lines are capped at 64 KiB and messages at
 ``max_message``. ``set(..., cut=True)`` and ``cut()`` end the open sessions (a sender's parked
 connection would otherwise keep the old behaviour); ``close()`` stops everything and joins the
-threads. It binds only inside 127.0.0.0/8.
+threads. It binds only inside 127.0.0.0/8. The listener, the accept loop and the thread per
+connection are netserver.ThreadedServer's.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import ssl
 import threading
@@ -38,16 +38,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from netserver import ThreadedServer
+
 HANDSHAKES = ("ok", "hang", "fail")
 LINE_CAP = 64 << 10
 POLL = 0.2
-
-
-def _loopback(ip: str) -> str:
-    a = ipaddress.ip_address(ip)
-    if a.version != 4 or not a.is_loopback:
-        raise ValueError(f"{ip}: the fake peer binds only inside 127.0.0.0/8")
-    return ip
 
 
 @dataclass
@@ -89,8 +84,10 @@ class _End(Exception):
     """The session is over."""
 
 
-class FakePeer:
+class FakePeer(ThreadedServer):
     """`FakePeer("127.0.0.5", cert=..., key=...)`; `.hop` is "127.0.0.5:PORT"."""
+
+    kind = "fakepeer"
 
     def __init__(
         self,
@@ -117,7 +114,6 @@ class FakePeer:
         self.idle_timeout = idle_timeout
         self.handshake_limit = handshake_limit
         self.hang_limit = hang_limit
-        self.max_sessions = max_sessions
         self.max_message = max_message
         self._ctx: ssl.SSLContext | None = None
         if cert is not None:
@@ -125,28 +121,12 @@ class FakePeer:
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(str(cert), str(key))
             self._ctx = ctx
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._sessions: list[Session] = []
         self._live: dict[int, threading.Event] = {}  # session n -> cut signal
-        self._threads: list[threading.Thread] = []
-        self.errors: list[str] = []  # unexpected exceptions in the server itself
-        self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._lsock.bind((_loopback(ip), int(port)))
-        self._lsock.listen(16)
-        self._lsock.settimeout(POLL)
-        self.addr: tuple[str, int] = self._lsock.getsockname()
-        self._accept_thread = threading.Thread(
-            target=self._accept_loop, name=f"fakepeer-accept-{self.addr[1]}", daemon=True
-        )
-        self._accept_thread.start()
+        super().__init__(ip, port, max_sessions=max_sessions, poll=POLL)
+        self.start()
 
     # --- control
-
-    @property
-    def hop(self) -> str:
-        return "%s:%d" % self.addr
 
     def set(self, *, cut: bool = True, **knobs) -> None:
         """Changes knobs (offer_starttls, handshake, close_after_data); with `cut`, ends the
@@ -208,56 +188,19 @@ class FakePeer:
                 )
             time.sleep(0.05)
 
-    # --- life cycle
+    # --- ThreadedServer
 
-    def close(self, timeout: float = 5.0) -> None:
-        self._stop.set()
+    def interrupt(self) -> None:
         self.cut()
-        try:
-            self._lsock.close()
-        except OSError:
-            pass
-        self._accept_thread.join(timeout)
+        super().interrupt()
+
+    def handle(self, conn: socket.socket, peer: tuple[str, int]):
         with self._lock:
-            threads = list(self._threads)
-        deadline = time.monotonic() + timeout
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        alive = [t.name for t in threads if t.is_alive()]
-        if alive or self._accept_thread.is_alive():
-            raise RuntimeError(f"fake peer threads still running after close(): {alive}")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                c, peer = self._lsock.accept()
-            except (socket.timeout, TimeoutError):
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self._threads = [t for t in self._threads if t.is_alive()]
-                busy = len(self._threads) >= self.max_sessions
-            if busy or not ipaddress.ip_address(peer[0]).is_loopback:
-                c.close()
-                continue
-            with self._lock:
-                s = Session(n=len(self._sessions) + 1, client=peer, started=time.time())
-                self._sessions.append(s)
-                cut = threading.Event()
-                self._live[s.n] = cut
-            t = threading.Thread(
-                target=_Conn(self, c, s, cut).run, name=f"fakepeer-{self.addr[1]}-{s.n}", daemon=True
-            )
-            with self._lock:
-                self._threads.append(t)
-            t.start()
+            s = Session(n=len(self._sessions) + 1, client=peer, started=time.time())
+            self._sessions.append(s)
+            cut = threading.Event()
+            self._live[s.n] = cut
+        return _Conn(self, conn, s, cut).run
 
 
 class _Conn:
@@ -297,7 +240,7 @@ class _Conn:
     # --- I/O
 
     def _check(self) -> None:
-        if self.cut.is_set() or self.p._stop.is_set():
+        if self.cut.is_set() or self.p.stopping:
             raise _End("cut")
 
     def _recv(self) -> bytes:

@@ -1,11 +1,15 @@
 """A test PKI made with the openssl CLI: CAs, leaf certificates (server, client or both) with
 DNS and IP subject alternative names, self-signed certificates, and their SHA-256 fingerprints
 (of the certificate and of its SubjectPublicKeyInfo), as the `fingerprint` TLS level pins them.
+
+A test module that needs a fixed set of them declares it as `PKI = Spec(...)` and takes the
+`pki` fixture (conftest.py), which builds the set with `make_pki`.
 """
 
 import hashlib
 import ssl
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -83,3 +87,44 @@ def spki_sha256(pem: Path) -> str:
     pub = _openssl("x509", "-in", str(pem), "-noout", "-pubkey", cwd=pem.parent)
     der = _openssl("pkey", "-pubin", "-outform", "DER", cwd=pem.parent, input=pub)
     return hashlib.sha256(der).hexdigest()
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A leaf certificate for `make_pki`: the arguments of `make_leaf` after the directory."""
+
+    ca: str
+    name: str  # file stem: name.pem, name.key
+    cn: str
+    usage: str = "clientAuth"
+    sans: tuple[str, ...] | None = None  # default: (cn,)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A test module's PKI: CAs (the first is `pki["ca"]`) and leaves by key.
+
+    `scope` is the `pki` fixture's lifetime for the module: "function" (fresh keys for each
+    test, under the test's tmp_path) or "module" (made once, shared by the module's tests)."""
+
+    cas: tuple[str, ...]
+    leaves: dict[str, Leaf] = field(default_factory=dict)
+    scope: str = "function"
+
+    def __post_init__(self):
+        assert self.cas, "a PKI needs at least one CA"
+        assert self.scope in ("function", "module"), self.scope
+        clash = {"dir", "ca", "cas"} & set(self.leaves)
+        assert not clash, f"leaf keys {clash} are taken by make_pki"
+
+
+def make_pki(d: Path, spec: Spec) -> dict:
+    """Builds `spec` in `d`. Returns {"dir": d, "ca": first CA's PEM, "cas": {name: PEM},
+    and for each leaf key: (cert, key) paths}."""
+    cas = {name: make_ca(d, name) for name in spec.cas}
+    out: dict = {"dir": d, "ca": cas[spec.cas[0]], "cas": cas}
+    for k, leaf in spec.leaves.items():
+        assert leaf.ca in cas, f"leaf {k!r}: CA {leaf.ca!r} is not in the spec"
+        out[k] = make_leaf(d, leaf.ca, leaf.name, leaf.cn, usage=leaf.usage,
+                           sans=list(leaf.sans) if leaf.sans else None)
+    return out

@@ -64,10 +64,9 @@ def test_overlong_command_line(gw):
     r.send(b"NOOP " + b"x" * (200 * 1024) + b"\r\n")
     rep = r.reply()
     assert_code(rep, 500, "5.5.2")
-    try:
-        r.expect("NOOP", 250)
-    except ConnectionError:
-        pass  # dropping such a client is fine too
+    # the line was dropped as it arrived and answered at its end: the session goes on (three
+    # error replies at most so far, below max_errors)
+    r.expect("NOOP", 250)
     r.close()
     fresh_session_works(gw)
 
@@ -201,13 +200,18 @@ def test_garbage_in_one_write(gw):
     try:
         r.send(blob)
     except OSError:
-        pass
+        pass  # the server may close (421) before it has read the whole blob
     codes = []
     try:
         while True:
-            codes.append(r.reply().code)
-    except (ConnectionError, OSError, AssertionError):
-        pass
+            codes.append(r.reply().code)  # a malformed reply line fails the test here
+    except ConnectionResetError:
+        pass  # closed with unread input: replies still in flight may be lost
+    except (socket.timeout, TimeoutError):
+        pytest.fail(f"the server kept the garbage client open (replies so far: {codes})")
+    except ConnectionError:
+        # an orderly close: every reply arrived, the last being the 421 for too many errors
+        assert codes and codes[-1] == 421, codes
     assert not any(200 <= c < 400 for c in codes), codes
     r.close()
     fresh_session_works(gw)

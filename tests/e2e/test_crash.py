@@ -16,10 +16,20 @@ PER_THREAD = 40
 ROUNDS = 3
 
 
-def _client(addr, rnd, t, acked, lock, attempts):
-    """Sends up to PER_THREAD messages; records every one that got a 250 after the dot."""
+def _client(addr, rnd, t, acked, lock, attempts, killed, failures):
+    """Sends up to PER_THREAD messages; records every one that got a 250 after the dot.
+
+    Stops at the first refusal or error. Once `killed` is set that is the crash (whatever was not
+    acknowledged may be lost); before it, the daemon was running normally, so the refusal or
+    error goes to `failures`."""
     tls = t % 2 == 0
     i = 0
+
+    def stop(what: str) -> None:
+        if not killed.is_set():
+            with lock:
+                failures.append(f"round {rnd} thread {t} message {i} (tls={tls}): {what}")
+
     while i < PER_THREAD:
         try:
             with smtplib.SMTP(*addr, local_hostname=f"crash{t}.test", timeout=10) as s:
@@ -40,20 +50,20 @@ def _client(addr, rnd, t, acked, lock, attempts):
                                    extra_body=f"payload {mark}\r\n" * 20)
                     with lock:
                         attempts[0] += 1
-                    code, _ = s.mail(f"sender{t}@a.test")
+                    code, text = s.mail(f"sender{t}@a.test")
                     if code != 250:
-                        return
-                    code, _ = s.rcpt(f"rcpt{t}@a.test")
+                        return stop(f"MAIL -> {code} {text!r}")
+                    code, text = s.rcpt(f"rcpt{t}@a.test")
                     if code != 250:
-                        return
+                        return stop(f"RCPT -> {code} {text!r}")
                     code, text = s.data(data)
                     if code == 250:
                         with lock:
                             acked[mark] = (queue_id(text.decode()), data)
                     else:
-                        return
-        except (smtplib.SMTPException, OSError):
-            return  # the daemon died under us: whatever was not acknowledged may be lost
+                        return stop(f"DATA -> {code} {text!r}")
+        except (smtplib.SMTPException, OSError) as e:
+            return stop(f"{type(e).__name__}: {e}")
 
 
 def test_sigkill_under_load_loses_nothing(gateways):
@@ -64,12 +74,15 @@ def test_sigkill_under_load_loses_nothing(gateways):
     acked: dict[str, tuple[str, bytes]] = {}
     lock = threading.Lock()
     kills = []
+    failures: list[str] = []  # refusals and errors while the daemon was running
     for rnd in range(ROUNDS):
         before = len(acked)
         attempts = [0]
+        killed = threading.Event()
         threshold = rng.randrange(40, 200)
         threads = [
-            threading.Thread(target=_client, args=(gw.addr, rnd, t, acked, lock, attempts), daemon=True)
+            threading.Thread(target=_client, args=(gw.addr, rnd, t, acked, lock, attempts, killed, failures),
+                             daemon=True)
             for t in range(THREADS)
         ]
         for th in threads:
@@ -80,11 +93,13 @@ def test_sigkill_under_load_loses_nothing(gateways):
             f"{threshold} acknowledged messages in round {rnd}",
             interval=0.005,
         )
+        killed.set()  # before the signal: any error a client sees from here on may be the kill
         gw.kill()
         kills.append((rnd, threshold, len(acked) - before, attempts[0]))
         for th in threads:
             th.join(30)
         assert not any(th.is_alive() for th in threads), "client threads hang after the kill"
+        assert not failures, f"seed={seed}: clients failed before the kill:\n" + "\n".join(failures[:20])
         assert len(acked) - before >= min(threshold, 20), f"round {rnd}: too few acks to test"
         # restart on the same state directory: the queue is recovered and delivered
         gw.start()

@@ -22,7 +22,7 @@ import pytest
 
 from clients import marker
 from harness import Raw, message, queue_id, received_headers, send_raw_message
-from pki import make_ca, make_leaf
+from pki import Leaf, Spec
 from postfix import POSTFIX, PostfixFactory, available
 
 pytestmark = pytest.mark.skipif(
@@ -33,18 +33,16 @@ PF_IP = "127.0.0.31"
 SG_IP = "127.0.0.30"
 
 
-@pytest.fixture
-def pki(tmp_path):
-    d = tmp_path / "pki"
-    d.mkdir()
-    make_ca(d, "test-ca")
-    return {
-        "ca": d / "test-ca.pem",
-        "postfix": make_leaf(d, "test-ca", "postfix", "postfix.pf.test", usage="serverAuth",
-                             sans=["postfix.pf.test", PF_IP]),
-        "sealgate": make_leaf(d, "test-ca", "sealgate", "gw.test", usage="serverAuth,clientAuth",
-                              sans=["gw.test", SG_IP]),
-    }
+# the `pki` fixture (conftest.py) makes these for each test
+PKI = Spec(
+    cas=("test-ca",),
+    leaves={
+        "postfix": Leaf("test-ca", "postfix", "postfix.pf.test", usage="serverAuth",
+                        sans=("postfix.pf.test", PF_IP)),
+        "sealgate": Leaf("test-ca", "sealgate", "gw.test", usage="serverAuth,clientAuth",
+                         sans=("gw.test", SG_IP)),
+    },
+)
 
 
 @pytest.fixture

@@ -288,6 +288,9 @@ def test_dsn_after_max_queue_time(gateways):
 
 
 def test_untrusted_bare_postmaster_is_not_relayed(gateways):
+    """RFC 5321 §4.1.1.3: the bare `<postmaster>` is the receiving gateway's own, so A accepts
+    it even from an untrusted client, stores it as postmaster@<its first local domain> and
+    delivers it locally; the `*` route never sends it to B."""
     b = gateways.simple("b", ip="127.0.0.2", hostname="gw-b.test", local_domains=["b.test"],
                         trusted_networks=["127.0.0.0/8"])
     a = gateways.simple("a", hostname="gw-a.test", local_domains=["a.test"],
@@ -296,8 +299,10 @@ def test_untrusted_bare_postmaster_is_not_relayed(gateways):
     r.expect("EHLO outsider.test", 250)
     r.expect("MAIL FROM:<spammer@evil.test>", 250)
     rep = r.cmd("RCPT TO:<postmaster>")
-    if rep.code != 250:
-        return  # refusing it is fine
+    assert rep.code == 250 and "2.1.5" in rep.lines[-1], rep
+    # the same client is refused relaying to another domain (the postmaster is not a way out)
+    rep = r.cmd("RCPT TO:<postmaster@b.test>")
+    assert rep.code == 554 and "5.7.1" in rep.lines[-1], rep
     r.expect("DATA", 354)
     mark = marker("postmaster")
     r.send(message(mark, "spammer@evil.test", "postmaster") + b".\r\n")
@@ -306,8 +311,14 @@ def test_untrusted_bare_postmaster_is_not_relayed(gateways):
     qid = queue_id(rep.text)
     r.expect("QUIT", 221)
     a.wait_log(rf"done queue_id={re.escape(qid)} ")
-    line = re.search(rf"delivery queue_id={re.escape(qid)} .*", a.log()).group(0)
-    assert "127.0.0.2" not in line, f"relayed for an untrusted client to the next hop: {line}"
+    lines = re.findall(rf"^.*\bdelivery queue_id={re.escape(qid)} .*$", a.log(), re.M)
+    assert len(lines) == 1, lines
+    assert "rcpt=postmaster@a.test" in lines[0] and "result=Delivered" in lines[0], lines[0]
+    assert "127.0.0.2" not in lines[0], f"relayed for an untrusted client to the next hop: {lines[0]}"
+    got = a.wait_message_with(mark.encode())
+    assert got.startswith(b"Return-Path: <spammer@evil.test>\r\nDelivered-To: postmaster@a.test\r\n"), got[:300]
+    assert not [v for v in b.messages().values() if mark.encode() in v], "B got the message"
+    assert "queued queue_id=" not in b.log(), "B accepted a message"
 
 
 def test_quoted_local_part_relayed_intact(gateways):

@@ -11,10 +11,8 @@ import ssl
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from clients import marker
-from pki import der_of, make_ca, make_leaf, make_self_signed
+from pki import Leaf, Spec, der_of, make_self_signed
 from harness import (
     Raw,
     _table,
@@ -26,18 +24,14 @@ from harness import (
 )
 
 
-@pytest.fixture
-def pki(tmp_path):
-    d = tmp_path / "pki"
-    d.mkdir()
-    make_ca(d, "vpn-ca")
-    make_ca(d, "other-ca")
-    return {
-        "dir": d,
-        "ca": d / "vpn-ca.pem",
-        "peer": make_leaf(d, "vpn-ca", "peer", "gw-b.vpn.test"),
-        "stranger": make_leaf(d, "other-ca", "stranger", "gw-x.evil.test"),
-    }
+# the `pki` fixture (conftest.py) makes these for each test; pki["ca"] is the VPN CA
+PKI = Spec(
+    cas=("vpn-ca", "other-ca"),
+    leaves={
+        "peer": Leaf("vpn-ca", "peer", "gw-b.vpn.test"),
+        "stranger": Leaf("other-ca", "stranger", "gw-x.evil.test"),
+    },
+)
 
 
 def client_ctx(cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:

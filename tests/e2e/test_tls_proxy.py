@@ -42,7 +42,7 @@ from harness import (
     submit_one,
     wait_until,
 )
-from pki import cert_sha256, make_ca, make_leaf
+from pki import Leaf, Spec, cert_sha256
 from tlsproxy import TlsProxy
 
 B_IP = "127.0.0.2"
@@ -53,18 +53,17 @@ EVIL = b"evil@x.test"
 # --- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("proxy-pki")
-    make_ca(d, "vpn-ca")
-    make_ca(d, "other-ca")
-    names = ["gw-b.vpn.test", B_IP, PROXY_IP]
-    return {
-        "ca": d / "vpn-ca.pem",
-        "b": make_leaf(d, "vpn-ca", "gw-b", "gw-b.vpn.test", usage="serverAuth,clientAuth", sans=names),
+_NAMES = ("gw-b.vpn.test", B_IP, PROXY_IP)
+# the `pki` fixture (conftest.py) makes these once for the module; pki["ca"] is the VPN CA
+PKI = Spec(
+    cas=("vpn-ca", "other-ca"),
+    leaves={
+        "b": Leaf("vpn-ca", "gw-b", "gw-b.vpn.test", usage="serverAuth,clientAuth", sans=_NAMES),
         # the impostor: same names, another CA
-        "mitm": make_leaf(d, "other-ca", "mitm", "gw-b.vpn.test", usage="serverAuth,clientAuth", sans=names),
-    }
+        "mitm": Leaf("other-ca", "mitm", "gw-b.vpn.test", usage="serverAuth,clientAuth", sans=_NAMES),
+    },
+    scope="module",
+)
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ from harness import (
     received_headers,
     submit_one,
 )
-from pki import cert_sha256, make_ca, make_leaf
+from pki import Leaf, Spec, cert_sha256
 
 IPS = {"a": "127.0.0.1", "b": "127.0.0.2", "c": "127.0.0.3"}
 SUBMITTER = "127.0.0.9"
@@ -52,15 +52,16 @@ def vpn_name(g: str) -> str:
     return f"gw-{g}.vpn.test"
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vpn-pki")
-    make_ca(d, CA_NAME)
-    out = {"ca": d / f"{CA_NAME}.pem"}
-    for g, ip in IPS.items():
-        out[g] = make_leaf(d, CA_NAME, f"gw-{g}", vpn_name(g), usage="serverAuth,clientAuth",
-                           sans=[vpn_name(g), ip])
-    return out
+# the `pki` fixture (conftest.py) makes these once for the module: the VPN CA and one
+# certificate per gateway (pki["a"] ... as (cert, key))
+PKI = Spec(
+    cas=(CA_NAME,),
+    leaves={
+        g: Leaf(CA_NAME, f"gw-{g}", vpn_name(g), usage="serverAuth,clientAuth", sans=(vpn_name(g), ip))
+        for g, ip in IPS.items()
+    },
+    scope="module",
+)
 
 
 @pytest.fixture

@@ -28,19 +28,20 @@ Everything is bounded: one thread per connection (at most ``max_sessions``), eve
 a timeout, a session lives at most ``session_timeout`` seconds, records are capped, and
 ``close()`` stops the listener and every session thread. Only 127.0.0.0/8 addresses are
 accepted. TLS toward both sides uses ``ssl.SSLObject`` over memory BIOs, so one thread drives
-each connection without sharing an SSL object between threads.
+each connection without sharing an SSL object between threads. The listener, the accept loop
+and the thread per connection are netserver.ThreadedServer's.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import select
 import socket
 import ssl
-import threading
 import time
 from pathlib import Path
+
+from netserver import ThreadedServer, loopback
 
 MODES = ("pass", "strip", "break", "inject-response", "inject-command", "mitm")
 
@@ -48,18 +49,14 @@ RECORD_CAP = 4 << 20  # bytes kept per record
 LINE_CAP = 64 << 10  # a plaintext line longer than this is forwarded as is
 
 
-def _loopback(ip: str) -> str:
-    if not ipaddress.ip_address(ip).is_loopback or ipaddress.ip_address(ip).version != 4:
-        raise ValueError(f"{ip}: the test proxy binds and connects only inside 127.0.0.0/8")
-    return ip
-
-
 class _Closed(Exception):
     """The session is over (EOF, error, or the mode ends it)."""
 
 
-class TlsProxy:
+class TlsProxy(ThreadedServer):
     """The proxy; `TlsProxy(("127.0.0.4", 0), ("127.0.0.2", 2525))`, then `.addr`."""
+
+    kind = "tlsproxy"
 
     def __init__(
         self,
@@ -77,7 +74,7 @@ class TlsProxy:
         max_sessions: int = 32,
     ):
         assert mode in MODES, mode
-        self.upstream = (_loopback(upstream[0]), int(upstream[1]))
+        self.upstream = (loopback(upstream[0]), int(upstream[1]))
         self.mode = mode
         self.mitm_cert = mitm_cert
         self.mitm_key = mitm_key
@@ -86,29 +83,11 @@ class TlsProxy:
         self.inject_command = inject_command
         self.timeout = timeout
         self.session_timeout = session_timeout
-        self.max_sessions = max_sessions
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._socks: set[socket.socket] = set()
         self.sessions: list[dict] = []  # per connection: mode, events, outcome
-        self.errors: list[str] = []
-        self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._lsock.bind((_loopback(listen[0]), int(listen[1])))
-        self._lsock.listen(16)
-        self._lsock.settimeout(0.1)
-        self.addr: tuple[str, int] = self._lsock.getsockname()
-        t = threading.Thread(target=self._accept_loop, name=f"tlsproxy-accept-{self.addr[1]}", daemon=True)
-        self._accept_thread = t
-        t.start()
+        super().__init__(listen[0], listen[1], max_sessions=max_sessions, poll=0.1)
+        self.start()
 
     # --- observation
-
-    @property
-    def hop(self) -> str:
-        """The proxy as a next hop: "127.0.0.4:PORT"."""
-        return "%s:%d" % self.addr
 
     def _join(self, kind: str, direction: str | None = None) -> bytes:
         with self._lock:
@@ -141,13 +120,7 @@ class TlsProxy:
         assert mode in MODES, mode
         self.mode = mode
         if cut:
-            with self._lock:
-                socks = list(self._socks)
-            for s in socks:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self.shutdown_connections()
 
     def reset(self) -> None:
         """Forgets every record of finished and running sessions."""
@@ -155,60 +128,14 @@ class TlsProxy:
             for s in self.sessions:
                 s["records"].clear()
 
-    # --- life cycle
+    # --- ThreadedServer
 
-    def close(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        try:
-            self._lsock.close()
-        except OSError:
-            pass
-        self._accept_thread.join(timeout)
+    def handle(self, conn: socket.socket, peer: tuple[str, int]):
+        conn.settimeout(self.timeout)
+        info = {"mode": self.mode, "peer": peer, "records": [], "events": [], "outcome": None}
         with self._lock:
-            socks = list(self._socks)
-            threads = list(self._threads)
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        deadline = time.monotonic() + timeout
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        alive = [t.name for t in threads if t.is_alive()]
-        if alive or self._accept_thread.is_alive():
-            raise RuntimeError(f"tlsproxy threads still running after close(): {alive}")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                c, peer = self._lsock.accept()
-            except (socket.timeout, TimeoutError):
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self._threads = [t for t in self._threads if t.is_alive()]
-                busy = len(self._threads) >= self.max_sessions
-            if busy or not ipaddress.ip_address(peer[0]).is_loopback:
-                c.close()
-                continue
-            c.settimeout(self.timeout)
-            info = {"mode": self.mode, "peer": peer, "records": [], "events": [], "outcome": None}
-            with self._lock:
-                self.sessions.append(info)
-            t = threading.Thread(
-                target=_Session(self, c, info).run, name=f"tlsproxy-{self.addr[1]}-{len(self.sessions)}", daemon=True
-            )
-            with self._lock:
-                self._threads.append(t)
-            t.start()
+            self.sessions.append(info)
+        return _Session(self, conn, info).run
 
 
 def _reply_complete(buf: bytes) -> int:
@@ -338,10 +265,9 @@ class _Session:
             self.s = socket.create_connection(
                 self.p.upstream, timeout=self.p.timeout, source_address=(self.p.addr[0], 0)
             )
-            with self.p._lock:
-                self.p._socks.update({self.c, self.s})
+            self.p.track(self.s)
             deadline = time.monotonic() + self.p.session_timeout
-            while not self.p._stop.is_set():
+            while not self.p.stopping:
                 if time.monotonic() > deadline:
                     raise _Closed("session timeout")
                 r, _, _ = select.select([self.c, self.s], [], [], 0.1)
@@ -370,8 +296,7 @@ class _Session:
                     sock.close()
                 except OSError:
                     pass
-                with self.p._lock:
-                    self.p._socks.discard(sock)
+                self.p.untrack(sock)
 
     # --- client → server
 

@@ -9,17 +9,17 @@ use sealgate_board::{Board, DevBoard};
 use tokio::net::TcpListener;
 
 use crate::appliance::Appliance;
-use crate::blob::Verdict;
-use crate::config::Config;
 use crate::delivery::Queue;
 use crate::live::{Live, Snapshot};
 use crate::peers::PeerStore;
-use crate::sealed::SealedStore;
-use crate::site::{self, SiteError};
 use crate::smtpd::Smtpd;
 use crate::spool::Spool;
 use crate::spool::unix_now;
 use crate::tls::{ServerTls, ensure_dev_certificate, export_chains};
+use sealgate_core::blob::Verdict;
+use sealgate_core::config::Config;
+use sealgate_core::sealed::SealedStore;
+use sealgate_core::site::{self, SiteError};
 
 /// How long SIGTERM waits for open SMTP sessions before the process exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -29,7 +29,7 @@ pub enum StartError {
     #[error(transparent)]
     Board(#[from] sealgate_board::BoardError),
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] sealgate_core::config::ConfigError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
@@ -131,7 +131,7 @@ pub async fn run_on(
         config.tls.max_peers,
         config.policy_settings(),
     ));
-    tokio::spawn(peers.clone().run());
+    tokio::spawn(crate::peers::flush_loop(peers.clone()));
     let queue = Queue::new(
         live.clone(),
         spool.clone(),
@@ -274,7 +274,7 @@ pub async fn run_on(
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] sealgate_core::config::ConfigError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -382,7 +382,7 @@ pub fn apply_blob(
     let s = guard.as_mut().ok_or(StartError::NoStore)?;
     let checked = site::verify(s, bytes, serial, unix_now(), origin)?;
     let sequence = checked.blob.header().sequence;
-    let key_id = crate::blob::key_id_hex(&checked.blob.header().key_id);
+    let key_id = sealgate_core::blob::key_id_hex(&checked.blob.header().key_id);
     if checked.verdict == Verdict::NoOp {
         return Ok(BlobApplied::AlreadyApplied { sequence, key_id });
     }

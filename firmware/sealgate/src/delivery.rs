@@ -27,15 +27,16 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsConnector;
 
-use crate::config::{Config, Destination, Route};
 use crate::conn::Conn;
 use crate::dns::{Dns, DnsFailure};
 use crate::live::{Live, Snapshot};
 use crate::maildir::Maildirs;
 use crate::peers::PeerStore;
 use crate::spool::{QueuedMessage, RcptStatus, Spool, unix_now};
-use crate::tls::{subject_of, suite_name, version_name};
+use crate::tls::{suite_name, version_name};
 use crate::tls_client::CertCheck;
+use sealgate_core::config::{Config, Destination, Route};
+use sealgate_core::x509::subject_of;
 
 /// Idle connections kept per next hop, and for how long.
 const POOL_PER_HOP: usize = 8;

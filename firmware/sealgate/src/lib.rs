@@ -1,11 +1,8 @@
 //! The Sealgate gateway daemon: the runtime layer that owns tokio, sockets, rustls I/O and
-//! files, around the I/O-free protocol machines of `sealgate-proto`.
+//! files, around the I/O-free protocol machines of `sealgate-proto` and the decisions and
+//! formats of `sealgate-core`.
 
 pub mod appliance;
-pub mod blob;
-pub mod certs;
-pub mod cidr;
-pub mod config;
 pub mod conn;
 pub mod daemon;
 pub mod delivery;
@@ -14,9 +11,6 @@ pub mod live;
 pub mod maildir;
 pub mod mgmt;
 pub mod peers;
-pub mod queue_list;
-pub mod sealed;
-pub mod site;
 pub mod smtpd;
 pub mod spool;
 pub mod tls;

@@ -153,7 +153,7 @@ fn main() -> ExitCode {
         command: QueueCommand::List { json },
     }) = cli.command
     {
-        return match sealgate::queue_list::print(&cli.state.join("queue"), json) {
+        return match sealgate_core::queue_list::print(&cli.state.join("queue"), json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sealgate queue list: {e}");
@@ -243,25 +243,28 @@ fn report(r: Result<String, String>) -> ExitCode {
 
 fn open_store(
     state: &std::path::Path,
-) -> Result<(DevBoard, sealgate::sealed::SealedStore), String> {
+) -> Result<(DevBoard, sealgate_core::sealed::SealedStore), String> {
     let board = DevBoard::open(state).map_err(|e| e.to_string())?;
-    let store =
-        sealgate::sealed::SealedStore::open(&board.sealed_dir(), board.secret(), board.serial())
-            .map_err(|e| e.to_string())?;
+    let store = sealgate_core::sealed::SealedStore::open(
+        &board.sealed_dir(),
+        board.secret(),
+        board.serial(),
+    )
+    .map_err(|e| e.to_string())?;
     Ok((board, store))
 }
 
 fn provision(state: &std::path::Path, files: &[PathBuf]) -> Result<String, String> {
     let keys = files
         .iter()
-        .map(|f| sealgate::blob::read_public_key(f).map_err(|e| e.to_string()))
+        .map(|f| sealgate_core::blob::read_public_key(f).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     let (board, mut store) = open_store(state)?;
-    sealgate::site::provision(&mut store, &keys).map_err(|e| e.to_string())?;
+    sealgate_core::site::provision(&mut store, &keys).map_err(|e| e.to_string())?;
     store.commit().map_err(|e| e.to_string())?;
     let ids: Vec<String> = keys
         .iter()
-        .map(|k| sealgate::blob::key_id_hex(&sealgate::blob::key_id(k)))
+        .map(|k| sealgate_core::blob::key_id_hex(&sealgate_core::blob::key_id(k)))
         .collect();
     Ok(format!(
         "provisioned {}: trusting config-signing key(s) {}\n",
@@ -272,19 +275,19 @@ fn provision(state: &std::path::Path, files: &[PathBuf]) -> Result<String, Strin
 
 fn device(state: &std::path::Path) -> Result<String, String> {
     let (board, store) = open_store(state)?;
-    let keys: Vec<String> = sealgate::site::trusted(&store)
+    let keys: Vec<String> = sealgate_core::site::trusted(&store)
         .keys()
-        .map(sealgate::blob::key_id_hex)
+        .map(sealgate_core::blob::key_id_hex)
         .collect();
-    let seq = sealgate::site::stored_sequence(&store)
+    let seq = sealgate_core::site::stored_sequence(&store)
         .map(|s| s.to_string())
         .unwrap_or_else(|| "none".into());
-    let identity = sealgate::site::identity_public(&store)
+    let identity = sealgate_core::site::identity_public(&store)
         .map(|k| {
             format!(
                 "{} (Ed25519, key id {})",
                 k.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-                sealgate::blob::key_id_hex(&sealgate::blob::key_id(&k))
+                sealgate_core::blob::key_id_hex(&sealgate_core::blob::key_id(&k))
             )
         })
         .unwrap_or_else(|| "not made yet (made at first start)".into());
@@ -331,7 +334,7 @@ fn keys_generate(
     csr: Option<&std::path::Path>,
 ) -> Result<String, String> {
     valid_name(name)?;
-    let new = sealgate::certs::generate(dns).map_err(|e| e.to_string())?;
+    let new = sealgate_core::certs::generate(dns).map_err(|e| e.to_string())?;
     let (_board, mut store) = open_store(state)?;
     store.put(&pending_key(name), new.key_pkcs8_der.to_vec());
     store.put(&pending_names(name), dns.join("\n").into_bytes());
@@ -369,7 +372,7 @@ fn certs_import(
     let (_board, mut store) = open_store(state)?;
     let (key_der, from_pending) = match key {
         Some(k) => (
-            sealgate::certs::external_key(&read(k)?)
+            sealgate_core::certs::external_key(&read(k)?)
                 .map_err(|e| format!("{}: {e}", k.display()))?
                 .to_vec(),
             false,
@@ -400,8 +403,9 @@ fn certs_import(
     if names.is_empty() {
         return Err("which names must the certificate carry? give --dns NAME".into());
     }
-    let info = sealgate::certs::check_import(&key_der, &pem, &names, sealgate::spool::unix_now())
-        .map_err(|e| format!("{}: refused: {e}", cert.display()))?;
+    let info =
+        sealgate_core::certs::check_import(&key_der, &pem, &names, sealgate::spool::unix_now())
+            .map_err(|e| format!("{}: refused: {e}", cert.display()))?;
     store.put(&sealgate::tls::key_record(name), key_der);
     store.put(&sealgate::tls::chain_record(name), pem);
     if from_pending {
@@ -412,7 +416,7 @@ fn certs_import(
         "imported {name}: {} (SAN {}), valid until {}, SHA-256 {}\n",
         info.subject,
         info.sans.join(", "),
-        sealgate::certs::rfc3339(info.not_after),
+        sealgate_core::certs::rfc3339(info.not_after),
         info.sha256
     ))
 }
@@ -428,14 +432,14 @@ fn certs_list(state: &std::path::Path) -> Result<String, String> {
             continue;
         };
         let chain = store.get(&rec).unwrap_or_default();
-        match sealgate::certs::info(chain) {
+        match sealgate_core::certs::info(chain) {
             Ok(i) => out.push_str(&format!(
                 "{name}: {} | SAN {} | issuer {} | valid {} .. {} | SHA-256 {}{}\n",
                 i.subject,
                 i.sans.join(", "),
                 i.issuer,
-                sealgate::certs::rfc3339(i.not_before),
-                sealgate::certs::rfc3339(i.not_after),
+                sealgate_core::certs::rfc3339(i.not_before),
+                sealgate_core::certs::rfc3339(i.not_after),
                 i.sha256,
                 if store.get(&pending_key(name)).is_some() {
                     " | a new key waits for its certificate"

@@ -11,7 +11,7 @@
 //!
 //! Bounded everything: connections ([`MAX_CONNECTIONS`], one request each), TLS handshake,
 //! header read and body idle timeouts, header size and count, config bodies up to
-//! [`crate::blob::MAX_BLOB`], update bundles streamed through a small channel into the
+//! [`sealgate_core::blob::MAX_BLOB`], update bundles streamed through a small channel into the
 //! installer (never held whole), listings capped.
 //!
 //! Architecture invariant: a pushed config goes through [`crate::daemon::apply_blob`], the very
@@ -46,10 +46,10 @@ use crate::daemon::{BlobApplied, StartError};
 use crate::delivery::{AdminError, Queue};
 use crate::live::Live;
 use crate::peers::PeerStore;
-use crate::sealed::SealedStore;
-use crate::site::{self, SiteError};
 use crate::spool::unix_now;
-use crate::tls::{OfferClientAuth, provider};
+use sealgate_core::sealed::SealedStore;
+use sealgate_core::site::{self, SiteError};
+use sealgate_core::verifiers::{OfferClientAuth, provider};
 
 /// Where the API listens without `mgmt.listen`: loopback on the dev board.
 pub const DEV_LISTEN: &str = "127.0.0.1:8443";
@@ -949,7 +949,7 @@ impl Mgmt {
         body: Incoming,
         info: &ConnInfo,
     ) -> Result<(StatusCode, Value), ApiError> {
-        let bytes = read_body(body, crate::blob::MAX_BLOB).await?;
+        let bytes = read_body(body, sealgate_core::blob::MAX_BLOB).await?;
         let (live, peers, store, serial) = (
             self.live.clone(),
             self.peers.clone(),
@@ -1069,7 +1069,7 @@ impl Mgmt {
         let list: Vec<Value> = all
             .iter()
             .take(MAX_QUEUE_LIST)
-            .map(crate::queue_list::to_json)
+            .map(sealgate_core::queue_list::to_json)
             .collect();
         json!({ "count": total, "truncated": total > MAX_QUEUE_LIST, "messages": list })
     }
@@ -1082,7 +1082,7 @@ impl Mgmt {
             .map_err(|e| queue_refusal(id, e))?;
         Ok((
             StatusCode::OK,
-            json!({ "released": true, "message": crate::queue_list::to_json(&m) }),
+            json!({ "released": true, "message": sealgate_core::queue_list::to_json(&m) }),
         ))
     }
 
@@ -1094,7 +1094,7 @@ impl Mgmt {
             .map_err(|e| queue_refusal(id, e))?;
         Ok((
             StatusCode::OK,
-            json!({ "deleted": true, "message": crate::queue_list::to_json(&m) }),
+            json!({ "deleted": true, "message": sealgate_core::queue_list::to_json(&m) }),
         ))
     }
 }
@@ -1262,7 +1262,7 @@ impl Read for ChannelReader {
 
 /// The HTTP answer to a refused config: which check failed and the reason.
 pub fn config_refusal(e: &StartError) -> ApiError {
-    use crate::blob::BlobError as B;
+    use sealgate_core::blob::BlobError as B;
     let unprocessable =
         |check: &'static str| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, check, e.to_string());
     match e {
@@ -1308,13 +1308,16 @@ struct SealedStatus {
     certificates: Vec<Value>,
 }
 
-fn sealed_status(store: Option<&SealedStore>, config: &crate::config::Config) -> SealedStatus {
+fn sealed_status(
+    store: Option<&SealedStore>,
+    config: &sealgate_core::config::Config,
+) -> SealedStatus {
     let mut certificates = Vec::new();
     let configured = |name: &str| config.tls.certificates.iter().any(|c| c.name == name);
     let cert_entry = |name: &str, source: &str, pem: &[u8]| -> Value {
-        let mut v = match crate::certs::info(pem) {
+        let mut v = match sealgate_core::certs::info(pem) {
             Ok(i) => {
-                let expires = crate::certs::rfc3339(i.not_after);
+                let expires = sealgate_core::certs::rfc3339(i.not_after);
                 let mut v = serde_json::to_value(&i).unwrap_or(Value::Null);
                 if let Some(o) = v.as_object_mut() {
                     o.insert("expires".into(), json!(expires));
@@ -1341,11 +1344,11 @@ fn sealed_status(store: Option<&SealedStore>, config: &crate::config::Config) ->
     if let Some(s) = store {
         let key_id = s
             .get(site::CURRENT)
-            .and_then(|b| crate::blob::decode(b).ok())
-            .map(|b| crate::blob::key_id_hex(&b.header().key_id));
+            .and_then(|b| sealgate_core::blob::decode(b).ok())
+            .map(|b| sealgate_core::blob::key_id_hex(&b.header().key_id));
         let trusted: Vec<String> = site::trusted(s)
             .keys()
-            .map(crate::blob::key_id_hex)
+            .map(sealgate_core::blob::key_id_hex)
             .collect();
         config_v = json!({
             "sealed_store": true,
@@ -1707,7 +1710,7 @@ mod tests {
 
     #[test]
     fn refusals_name_the_check() {
-        use crate::blob::BlobError;
+        use sealgate_core::blob::BlobError;
         let cases = [
             (BlobError::BadSignature, "signature"),
             (BlobError::Replayed { blob: 1, stored: 2 }, "sequence"),

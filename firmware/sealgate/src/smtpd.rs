@@ -21,7 +21,7 @@ use crate::live::{Live, Snapshot};
 use crate::peers::{ClientTlsSeen, PeerStore};
 use crate::spool::{BodySink, Spool, SpoolError, unix_now};
 use crate::tls::{ClientCheck, ServerTls, suite_name, version_name};
-use crate::tls_client::sha256_hex;
+use sealgate_core::x509::sha256_hex;
 
 /// Bodies are moved from the session machine to the spool sink in chunks of at least this.
 const BODY_CHUNK: usize = 64 * 1024;

@@ -24,7 +24,7 @@
 //! after the `fdatasync` of the segment holding the message (and of the directory for a new
 //! segment).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -33,102 +33,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sealgate_proto::{BodyType, Envelope};
+use sealgate_core::spool::*;
+pub use sealgate_core::spool::{
+    QueuedMessage, RcptStatus, Recipient, SpoolError, check_segment, scan, unix_now,
+};
+use sealgate_proto::Envelope;
 use tokio::sync::oneshot;
-
-const MAGIC: &[u8; 4] = b"SGR1";
-const HDR: usize = 16;
-const KIND_MESSAGE: u8 = 1;
-const KIND_STATE: u8 = 2;
-const KIND_DONE: u8 = 3;
-/// Bodies up to this size stay in memory until commit; larger ones spill to `tmp/`.
-const SPILL_BYTES: usize = 512 * 1024;
-/// A new segment is started once the active one is this large.
-const SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
-/// Most bytes gathered into one batch before it is written.
-const BATCH_BYTES: usize = 8 * 1024 * 1024;
-/// Largest record accepted when reading (a 4 GiB message plus its envelope).
-const MAX_RECORD: u32 = u32::MAX - 1;
-/// An old segment pinned by at most this many live messages is compacted.
-const COMPACT_LIVE: usize = 64;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SpoolError {
-    #[error("spool I/O on {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("queue segment {path} is damaged at offset {offset}: {reason}")]
-    Damaged {
-        path: PathBuf,
-        offset: u64,
-        reason: &'static str,
-    },
-    #[error("not enough free space in the spool")]
-    NoSpace,
-    #[error("envelope address contains a control character")]
-    BadAddress,
-    #[error("spool worker is gone")]
-    Gone,
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
-    move |source| SpoolError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Delivery status of one recipient.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RcptStatus {
-    Pending,
-    Delivered(String),
-    Failed(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recipient {
-    pub address: String,
-    pub status: RcptStatus,
-    /// The last temporary failure, for logs, queue listings and delay DSNs.
-    pub last_error: Option<String>,
-}
-
-/// A committed message and its delivery state (the body stays on disk).
-#[derive(Debug, Clone)]
-pub struct QueuedMessage {
-    pub id: String,
-    pub mail_from: String,
-    pub recipients: Vec<Recipient>,
-    pub body_type: BodyType,
-    pub smtputf8: bool,
-    /// Unix seconds of acceptance.
-    pub arrival: u64,
-    /// Bytes of the message (headers + body).
-    pub size: u64,
-    pub attempts: u32,
-    /// Unix seconds of the next attempt.
-    pub next_attempt: u64,
-}
-
-impl QueuedMessage {
-    pub fn pending(&self) -> impl Iterator<Item = (usize, &Recipient)> {
-        self.recipients
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.status == RcptStatus::Pending)
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.pending().next().is_none()
-    }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 fn create_new(path: &Path) -> Result<File, SpoolError> {
     OpenOptions::new()
@@ -136,70 +46,6 @@ fn create_new(path: &Path) -> Result<File, SpoolError> {
         .create_new(true)
         .open(path)
         .map_err(io_err(path))
-}
-
-fn check_addr(a: &str) -> Result<(), SpoolError> {
-    if a.bytes().any(|b| b < 0x20 || b == 0x7f) || a.len() > 1024 {
-        Err(SpoolError::BadAddress)
-    } else {
-        Ok(())
-    }
-}
-
-fn encode_trailer(m: &QueuedMessage) -> Vec<u8> {
-    let mut t = String::new();
-    t.push_str(&format!("from {}\n", m.mail_from));
-    for r in &m.recipients {
-        t.push_str(&format!("rcpt {}\n", r.address));
-    }
-    t.push_str(&format!("arrival {}\n", m.arrival));
-    let body = match m.body_type {
-        BodyType::SevenBit => "7bit",
-        BodyType::EightBitMime => "8bitmime",
-    };
-    t.push_str(&format!("body {body}\nsmtputf8 {}\n", u8::from(m.smtputf8)));
-    t.into_bytes()
-}
-
-/// Where a live message is.
-#[derive(Debug, Clone)]
-struct Loc {
-    seg: u64,
-    /// Offset of the record header.
-    rec: u64,
-    /// Record length including header.
-    rec_len: u64,
-    body_off: u64,
-    body_len: u64,
-    /// The latest state record's head, carried along when the message is copied forward.
-    state: Option<Vec<u8>>,
-}
-
-#[derive(Debug, Default)]
-struct Index {
-    live: HashMap<String, Loc>,
-    /// Live messages per segment (every existing segment has an entry).
-    seg_live: BTreeMap<u64, usize>,
-    active: u64,
-}
-
-impl Index {
-    fn add(&mut self, id: &str, loc: Loc) {
-        *self.seg_live.entry(loc.seg).or_insert(0) += 1;
-        if let Some(old) = self.live.insert(id.to_string(), loc)
-            && let Some(n) = self.seg_live.get_mut(&old.seg)
-        {
-            *n = n.saturating_sub(1);
-        }
-    }
-
-    fn done(&mut self, id: &str) {
-        if let Some(old) = self.live.remove(id)
-            && let Some(n) = self.seg_live.get_mut(&old.seg)
-        {
-            *n = n.saturating_sub(1);
-        }
-    }
 }
 
 /// Read handles of segments, shared by readers and the writer (which drops deleted ones).
@@ -289,306 +135,6 @@ impl Drop for BodySink {
             let _ = fs::remove_file(&self.path);
         }
     }
-}
-
-fn seg_path(dir: &Path, seg: u64) -> PathBuf {
-    dir.join(format!("{seg:012}.seg"))
-}
-
-fn segments(dir: &Path) -> Result<Vec<u64>, SpoolError> {
-    let mut segs = Vec::new();
-    for e in fs::read_dir(dir).map_err(io_err(dir))? {
-        let e = e.map_err(io_err(dir))?;
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if let Some(n) = name
-            .strip_suffix(".seg")
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            segs.push(n);
-        }
-    }
-    segs.sort_unstable();
-    Ok(segs)
-}
-
-fn encode_state(m: &QueuedMessage) -> Vec<u8> {
-    let mut s = format!("SGS1\nattempts {}\nnext {}\n", m.attempts, m.next_attempt);
-    for (i, r) in m.recipients.iter().enumerate() {
-        let (kind, text) = match &r.status {
-            RcptStatus::Pending => match &r.last_error {
-                Some(e) => ("deferred", e.as_str()),
-                None => continue,
-            },
-            RcptStatus::Delivered(t) => ("delivered", t.as_str()),
-            RcptStatus::Failed(t) => ("failed", t.as_str()),
-        };
-        let text: String = text.chars().filter(|c| !c.is_control()).take(900).collect();
-        s.push_str(&format!("{i} {kind} {text}\n"));
-    }
-    s.into_bytes()
-}
-
-fn parse_envelope(id: &str, head: &[u8], size: u64) -> Result<QueuedMessage, &'static str> {
-    let text = std::str::from_utf8(head).map_err(|_| "envelope not UTF-8")?;
-    let mut m = QueuedMessage {
-        id: id.to_string(),
-        mail_from: String::new(),
-        recipients: Vec::new(),
-        body_type: BodyType::SevenBit,
-        smtputf8: false,
-        arrival: 0,
-        size,
-        attempts: 0,
-        next_attempt: 0,
-    };
-    let mut have_from = false;
-    for line in text.lines() {
-        let (k, v) = line.split_once(' ').unwrap_or((line, ""));
-        match k {
-            "from" => {
-                m.mail_from = v.to_string();
-                have_from = true;
-            }
-            "rcpt" => m.recipients.push(Recipient {
-                address: v.to_string(),
-                status: RcptStatus::Pending,
-                last_error: None,
-            }),
-            "arrival" => m.arrival = v.parse().map_err(|_| "arrival")?,
-            "body" => {
-                m.body_type = if v == "8bitmime" {
-                    BodyType::EightBitMime
-                } else {
-                    BodyType::SevenBit
-                }
-            }
-            "smtputf8" => m.smtputf8 = v == "1",
-            _ => return Err("unknown envelope field"),
-        }
-    }
-    if !have_from || m.recipients.is_empty() {
-        return Err("envelope lacks sender or recipients");
-    }
-    m.next_attempt = m.arrival;
-    Ok(m)
-}
-
-/// Where and why a segment stopped being readable.
-pub type Torn = (u64, &'static str);
-
-/// One record read back from a segment.
-struct Scanned {
-    kind: u8,
-    id: String,
-    head: Vec<u8>,
-    rec: u64,
-    rec_len: u64,
-    body_off: u64,
-    body_len: u64,
-}
-
-/// Reads a segment's records in order, stopping at the first that fails a check.
-/// Returns the records and, if the segment did not end cleanly, the reason.
-fn scan_segment(path: &Path) -> Result<(Vec<Scanned>, Option<Torn>), SpoolError> {
-    let f = io::BufReader::with_capacity(256 * 1024, File::open(path).map_err(io_err(path))?);
-    let file_len = f.get_ref().metadata().map_err(io_err(path))?.len();
-    Ok(scan_records(f, file_len))
-}
-
-/// What a segment's bytes hold, for checks and the fuzzer: records read, messages whose
-/// envelope parses, and where and why reading stopped early.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SegmentCheck {
-    pub records: usize,
-    pub messages: usize,
-    pub torn: Option<Torn>,
-}
-
-/// Parses segment bytes the way recovery does (records, envelopes, delivery states).
-pub fn check_segment(bytes: &[u8]) -> SegmentCheck {
-    let (records, torn) = scan_records(bytes, bytes.len() as u64);
-    let mut messages = 0;
-    for r in &records {
-        match r.kind {
-            KIND_MESSAGE => {
-                if let Ok(mut m) = parse_envelope(&r.id, &r.head, r.body_len) {
-                    messages += 1;
-                    let _ = apply_state(&mut m, "SGS1\nattempts 1\n");
-                }
-            }
-            KIND_STATE => {
-                let mut m = QueuedMessage {
-                    id: r.id.clone(),
-                    mail_from: String::new(),
-                    recipients: Vec::new(),
-                    body_type: BodyType::SevenBit,
-                    smtputf8: false,
-                    arrival: 0,
-                    size: 0,
-                    attempts: 0,
-                    next_attempt: 0,
-                };
-                let _ = apply_state(&mut m, &String::from_utf8_lossy(&r.head));
-            }
-            _ => {}
-        }
-    }
-    SegmentCheck {
-        records: records.len(),
-        messages,
-        torn,
-    }
-}
-
-/// Reads records from `f` (holding `file_len` bytes) until the end or the first bad record.
-fn scan_records(mut f: impl Read, file_len: u64) -> (Vec<Scanned>, Option<Torn>) {
-    let mut out = Vec::new();
-    let mut off = 0u64;
-    let mut payload = Vec::new();
-    loop {
-        if off == file_len {
-            return (out, None);
-        }
-        let mut hdr = [0u8; HDR];
-        if file_len - off < HDR as u64 || f.read_exact(&mut hdr).is_err() {
-            return (out, Some((off, "truncated record header")));
-        }
-        let field = |a: usize| {
-            hdr.get(a..a + 4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_le_bytes)
-                .unwrap_or(0)
-        };
-        let (kind, len, crc) = (hdr[4], field(8), field(12));
-        if &hdr[..4] != MAGIC || !(KIND_MESSAGE..=KIND_DONE).contains(&kind) || len > MAX_RECORD {
-            return (out, Some((off, "bad record header")));
-        }
-        if file_len - off - (HDR as u64) < u64::from(len) {
-            return (out, Some((off, "truncated record")));
-        }
-        payload.clear();
-        payload.resize(len as usize, 0);
-        if f.read_exact(&mut payload).is_err() {
-            return (out, Some((off, "unreadable record")));
-        }
-        let mut h = crc32fast::Hasher::new();
-        h.update(&[kind]);
-        h.update(&payload);
-        if h.finalize() != crc {
-            return (out, Some((off, "checksum mismatch")));
-        }
-        let Some((id, head, body_at)) = split_payload(&payload) else {
-            return (out, Some((off, "malformed payload")));
-        };
-        let rec_len = HDR as u64 + u64::from(len);
-        out.push(Scanned {
-            kind,
-            id,
-            head: head.to_vec(),
-            rec: off,
-            rec_len,
-            body_off: off + HDR as u64 + body_at as u64,
-            body_len: u64::from(len) - body_at as u64,
-        });
-        off += rec_len;
-    }
-}
-
-/// `(id, head, offset of the body in the payload)`.
-fn split_payload(p: &[u8]) -> Option<(String, &[u8], usize)> {
-    let (&idlen, rest) = p.split_first()?;
-    let id = rest.get(..idlen as usize)?;
-    let id = std::str::from_utf8(id).ok()?;
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return None;
-    }
-    let at = 1 + idlen as usize;
-    let hl = u32::from_le_bytes(p.get(at..at + 4)?.try_into().ok()?) as usize;
-    let head = p.get(at + 4..at + 4 + hl)?;
-    Some((id.to_string(), head, at + 4 + hl))
-}
-
-/// The live messages of a queue directory, read without taking it over: recovery at start-up
-/// and `sealgate queue list` share this.
-pub fn scan(dir: &Path) -> Result<Vec<QueuedMessage>, SpoolError> {
-    Ok(recover(dir)?.0)
-}
-
-/// Scans every segment: live messages (with their latest state) and the index.
-fn recover(dir: &Path) -> Result<(Vec<QueuedMessage>, Index), SpoolError> {
-    let mut index = Index::default();
-    let mut msgs: HashMap<String, QueuedMessage> = HashMap::new();
-    let mut states: HashMap<String, Vec<u8>> = HashMap::new();
-    let segs = segments(dir)?;
-    let last = segs.last().copied();
-    for seg in segs {
-        let path = seg_path(dir, seg);
-        index.seg_live.entry(seg).or_insert(0);
-        let (records, torn) = scan_segment(&path)?;
-        if let Some((offset, reason)) = torn {
-            let e = SpoolError::Damaged {
-                path: path.clone(),
-                offset,
-                reason,
-            };
-            if Some(seg) == last {
-                tracing::warn!(error = %e, "queue log ends in a torn record (crash); ignored");
-            } else {
-                tracing::error!(error = %e, "queue segment damaged; records after it are lost");
-            }
-        }
-        for r in records {
-            match r.kind {
-                KIND_MESSAGE => match parse_envelope(&r.id, &r.head, r.body_len) {
-                    Ok(m) => {
-                        msgs.insert(r.id.clone(), m);
-                        let state = states.get(&r.id).cloned();
-                        index.add(
-                            &r.id,
-                            Loc {
-                                seg,
-                                rec: r.rec,
-                                rec_len: r.rec_len,
-                                body_off: r.body_off,
-                                body_len: r.body_len,
-                                state,
-                            },
-                        );
-                    }
-                    Err(reason) => {
-                        tracing::error!(queue_id = %r.id, segment = seg, reason, "bad envelope; message skipped");
-                    }
-                },
-                KIND_STATE => {
-                    if let Some(loc) = index.live.get_mut(&r.id) {
-                        loc.state = Some(r.head.clone());
-                    }
-                    states.insert(r.id, r.head);
-                }
-                _ => {
-                    index.done(&r.id);
-                    msgs.remove(&r.id);
-                    states.remove(&r.id);
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    for (id, mut m) in msgs {
-        if !index.live.contains_key(&id) {
-            continue;
-        }
-        if let Some(st) = states.get(&id) {
-            let text = String::from_utf8_lossy(st);
-            if let Err(reason) = apply_state(&mut m, &text) {
-                tracing::error!(queue_id = %id, reason, "bad delivery state ignored");
-            }
-        }
-        out.push(m);
-    }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok((out, index))
 }
 
 impl Spool {
@@ -847,7 +393,15 @@ impl Writer {
                 File::open(p)?.read_to_end(&mut body)?;
             }
             let rec = self.size + buf.len() as u64;
-            let (body_off, rec_len) = encode(&mut buf, r, &body);
+            let (body_off, rec_len) = encode(
+                &mut buf,
+                RecordParts {
+                    kind: r.kind,
+                    id: &r.id,
+                    head: &r.head,
+                    body: &[&body, &r.body],
+                },
+            );
             let loc = (r.kind == KIND_MESSAGE).then(|| Loc {
                 seg,
                 rec,
@@ -948,14 +502,15 @@ impl Writer {
                 state: l.state.clone(),
             };
             if let Some(st) = &l.state {
-                let r = Record {
-                    kind: KIND_STATE,
-                    id: id.clone(),
-                    head: st.clone(),
-                    body: Vec::new(),
-                    spill: None,
-                };
-                encode(buf, &r, &[]);
+                encode(
+                    buf,
+                    RecordParts {
+                        kind: KIND_STATE,
+                        id: &id,
+                        head: st,
+                        body: &[],
+                    },
+                );
             }
             loc.state = l.state;
             moved.push((id, loc));
@@ -996,63 +551,6 @@ impl Writer {
             let _ = File::open(&self.dir).and_then(|d| d.sync_all());
         }
     }
-}
-
-/// Appends one record to `buf`; returns (body offset within the record, record length).
-fn encode(buf: &mut Vec<u8>, r: &Record, spilled: &[u8]) -> (u64, u64) {
-    let idb = r.id.as_bytes();
-    let idlen = idb.len().min(255);
-    let payload_len = 1 + idlen + 4 + r.head.len() + spilled.len() + r.body.len();
-    let start = buf.len();
-    buf.extend_from_slice(MAGIC);
-    buf.extend_from_slice(&[r.kind, 0, 0, 0]);
-    buf.extend_from_slice(&(payload_len as u32).to_le_bytes());
-    buf.extend_from_slice(&[0; 4]); // CRC, filled in below
-    let p = buf.len();
-    buf.push(idlen as u8);
-    buf.extend_from_slice(idb.get(..idlen).unwrap_or(idb));
-    buf.extend_from_slice(&(r.head.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&r.head);
-    let body_off = (buf.len() - start) as u64;
-    buf.extend_from_slice(spilled);
-    buf.extend_from_slice(&r.body);
-    let mut h = crc32fast::Hasher::new();
-    h.update(&[r.kind]);
-    h.update(buf.get(p..).unwrap_or(&[]));
-    let crc = h.finalize().to_le_bytes();
-    if let Some(slot) = buf.get_mut(start + 12..start + 16) {
-        slot.copy_from_slice(&crc);
-    }
-    (body_off, (buf.len() - start) as u64)
-}
-
-fn apply_state(m: &mut QueuedMessage, s: &str) -> Result<(), &'static str> {
-    let mut lines = s.lines();
-    if lines.next() != Some("SGS1") {
-        return Err("bad state magic");
-    }
-    for line in lines {
-        let (k, rest) = line.split_once(' ').ok_or("bad state line")?;
-        match k {
-            "attempts" => m.attempts = rest.parse().map_err(|_| "attempts")?,
-            "next" => m.next_attempt = rest.parse().map_err(|_| "next")?,
-            idx => {
-                let i: usize = idx.parse().map_err(|_| "recipient index")?;
-                let (kind, text) = rest.split_once(' ').unwrap_or((rest, ""));
-                let r = m
-                    .recipients
-                    .get_mut(i)
-                    .ok_or("recipient index out of range")?;
-                match kind {
-                    "delivered" => r.status = RcptStatus::Delivered(text.into()),
-                    "failed" => r.status = RcptStatus::Failed(text.into()),
-                    "deferred" => r.last_error = Some(text.into()),
-                    _ => return Err("recipient state"),
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -22,18 +22,18 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, ServerConfig, SignatureScheme};
 
-use crate::cidr::Cidr;
-use crate::config::Config;
-use crate::sealed::SealedStore;
+use sealgate_core::cidr::Cidr;
+use sealgate_core::config::Config;
+use sealgate_core::sealed::SealedStore;
+use sealgate_core::verifiers::{OfferClientAuth, provider};
+use sealgate_core::x509::subject_of;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -59,10 +59,6 @@ pub enum TlsError {
     Ca { name: String, reason: String },
     #[error("client certificate {name}: {reason}")]
     ClientCertificate { name: String, reason: String },
-}
-
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Server TLS for all listeners: one rustls config per local address with its own certificate,
@@ -144,86 +140,6 @@ fn peer_verifiers(config: &Config) -> Result<PeerVerifiers, TlsError> {
         .to_vec();
     let offer: Arc<dyn ClientCertVerifier> = Arc::new(OfferClientAuth::new(hints));
     Ok((peers, Some(offer)))
-}
-
-/// The handshake signature checks every verifier of ours keeps, whatever it decides about the
-/// certificate itself: the peer must prove possession of the certificate's key.
-#[derive(Debug)]
-struct HandshakeSignatures(Arc<CryptoProvider>);
-
-/// The handshake-signature methods of a rustls verifier, the same in a
-/// [`ClientCertVerifier`] and a [`ServerCertVerifier`]: expands, inside either impl for a type
-/// with a `signatures: HandshakeSignatures` field, to `verify_tls12_signature`,
-/// `verify_tls13_signature` (each calling the `rustls::crypto` function of its name) and
-/// `supported_verify_schemes`, all with the provider's algorithms.
-macro_rules! handshake_signature_methods {
-    () => {
-        handshake_signature_methods!(verify_tls12_signature);
-        handshake_signature_methods!(verify_tls13_signature);
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.signatures
-                .0
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
-    };
-    ($verify:ident) => {
-        fn $verify(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            let algorithms = &self.signatures.0.signature_verification_algorithms;
-            rustls::crypto::$verify(message, cert, dss, algorithms)
-        }
-    };
-}
-
-/// Asks every client for a certificate (optional), hinting `hints` (the peers' CAs; none for
-/// the management API). Any certificate is accepted in the handshake as long as the client
-/// proves possession of its key; the certificate is judged after the handshake: per peer
-/// ([`ServerTls::check_client`]), or by its pin per request (the management API).
-#[derive(Debug)]
-pub(crate) struct OfferClientAuth {
-    hints: Vec<rustls::DistinguishedName>,
-    signatures: HandshakeSignatures,
-}
-
-impl OfferClientAuth {
-    /// Hinting `hints`, checking handshake signatures with [`provider`]'s algorithms.
-    pub(crate) fn new(hints: Vec<rustls::DistinguishedName>) -> Self {
-        Self {
-            hints,
-            signatures: HandshakeSignatures(provider()),
-        }
-    }
-}
-
-impl ClientCertVerifier for OfferClientAuth {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &self.hints
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
-    }
-
-    handshake_signature_methods!();
 }
 
 impl ServerTls {
@@ -485,140 +401,6 @@ pub fn export_chains(store: &SealedStore, state_dir: &Path) {
     }
 }
 
-/// How [`ServerCertCheck`] judges the server's end-entity certificate.
-type EndEntityCheck = dyn Fn(&CertificateDer<'_>) -> Result<(), rustls::Error> + Send + Sync;
-
-/// A server certificate verifier that checks the handshake signatures as always (the server
-/// must prove possession of its certificate's key) and judges the certificate by a check of
-/// the caller's alone: chain, name and OCSP response are not looked at.
-///
-/// [`ServerCertCheck::accept_any`] accepts every certificate, for callers that judge it after
-/// the handshake or not at all; [`ServerCertCheck::new`] takes the check, e.g. a pin.
-pub struct ServerCertCheck {
-    signatures: HandshakeSignatures,
-    check: Box<EndEntityCheck>,
-}
-
-impl ServerCertCheck {
-    /// Accepts the end-entity certificate when `check` returns `Ok`; its error fails the
-    /// handshake. Handshake signatures are checked with `provider`'s algorithms.
-    pub fn new(
-        provider: Arc<CryptoProvider>,
-        check: impl Fn(&CertificateDer<'_>) -> Result<(), rustls::Error> + Send + Sync + 'static,
-    ) -> Self {
-        Self {
-            signatures: HandshakeSignatures(provider),
-            check: Box::new(check),
-        }
-    }
-
-    /// Accepts every certificate (DANGEROUS unless it is judged after the handshake);
-    /// handshake signatures are still checked with `provider`'s algorithms.
-    pub fn accept_any(provider: Arc<CryptoProvider>) -> Self {
-        Self::new(provider, |_| Ok(()))
-    }
-}
-
-impl std::fmt::Debug for ServerCertCheck {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerCertCheck")
-            .field("signatures", &self.signatures)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ServerCertVerifier for ServerCertCheck {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        (self.check)(end_entity).map(|()| ServerCertVerified::assertion())
-    }
-
-    handshake_signature_methods!();
-}
-
-/// One DER TLV: (tag, content, rest). Lengths up to 4 octets.
-pub(crate) fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let (bytes, rest) = rest.split_at(n);
-        (
-            bytes
-                .iter()
-                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b)),
-            rest,
-        )
-    };
-    if rest.len() < len {
-        return None;
-    }
-    let (content, rest) = rest.split_at(len);
-    Some((tag, content, rest))
-}
-
-/// The subject of an X.509 certificate as `CN=…, O=…` (attributes in certificate order;
-/// unknown attribute types and non-string values are left out, unprintable characters become
-/// `?`). `None` when the DER does not have the expected shape.
-pub fn subject_of(cert: &[u8]) -> Option<String> {
-    let (_, certificate, _) = der_tlv(cert)?;
-    let (_, tbs, _) = der_tlv(certificate)?;
-    let mut rest = tbs;
-    // [0] version (optional), serial, signature algorithm, issuer, validity, subject
-    let (tag, _, r) = der_tlv(rest)?;
-    if tag == 0xa0 {
-        rest = r;
-    }
-    for _ in 0..4 {
-        rest = der_tlv(rest)?.2;
-    }
-    let (tag, mut name, _) = der_tlv(rest)?;
-    if tag != 0x30 {
-        return None;
-    }
-    let mut parts = Vec::new();
-    while !name.is_empty() {
-        let (_, mut set, r) = der_tlv(name)?;
-        name = r;
-        while !set.is_empty() {
-            let (_, atv, r) = der_tlv(set)?;
-            set = r;
-            let (_, oid, r) = der_tlv(atv)?;
-            let (vtag, value, _) = der_tlv(r)?;
-            let label = match oid {
-                [0x55, 0x04, 0x03] => "CN",
-                [0x55, 0x04, 0x06] => "C",
-                [0x55, 0x04, 0x07] => "L",
-                [0x55, 0x04, 0x08] => "ST",
-                [0x55, 0x04, 0x0a] => "O",
-                [0x55, 0x04, 0x0b] => "OU",
-                _ => continue,
-            };
-            // UTF8String, PrintableString, T61String, IA5String
-            if !matches!(vtag, 0x0c | 0x13 | 0x14 | 0x16) {
-                continue;
-            }
-            let text: String = String::from_utf8_lossy(value)
-                .chars()
-                .map(|c| if c.is_control() { '?' } else { c })
-                .collect();
-            parts.push(format!("{label}={text}"));
-        }
-    }
-    Some(parts.join(", "))
-}
-
 /// `TLSv1.3` style name of a negotiated version.
 pub fn version_name(v: Option<rustls::ProtocolVersion>) -> String {
     match v {
@@ -639,27 +421,4 @@ pub fn suite_name(s: Option<rustls::SupportedCipherSuite>) -> String {
             None => n.to_string(),
         })
         .unwrap_or_else(|| "unknown".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subject_of_generated_certificate() {
-        let mut params =
-            rcgen::CertificateParams::new(vec!["peer.test".to_string()]).expect("params");
-        let mut dn = rcgen::DistinguishedName::new();
-        dn.push(rcgen::DnType::CommonName, "gw-b.vpn.test");
-        dn.push(rcgen::DnType::OrganizationName, "Partner\nInc");
-        params.distinguished_name = dn;
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = params.self_signed(&key).expect("cert");
-        assert_eq!(
-            subject_of(cert.der()).as_deref(),
-            Some("CN=gw-b.vpn.test, O=Partner?Inc")
-        );
-        assert_eq!(subject_of(b"\x30\x03\x02\x01"), None);
-        assert_eq!(subject_of(b""), None);
-    }
 }

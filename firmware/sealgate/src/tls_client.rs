@@ -24,8 +24,10 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, ClientConfig, SignatureScheme};
 use sealgate_proto::policy::{CertFacts, Level};
 
-use crate::config::Config;
-use crate::tls::{ServerCertCheck, ServerTls, TlsError, der_tlv, provider};
+use crate::tls::{ServerTls, TlsError};
+use sealgate_core::config::Config;
+use sealgate_core::verifiers::{ServerCertCheck, provider};
+use sealgate_core::x509::{sha256_hex, spki_of};
 
 /// Sessions remembered per client configuration (rustls keys them by server name).
 const SESSION_CACHE: usize = 1024;
@@ -250,29 +252,6 @@ fn system_roots(path: &Path) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
             name,
             reason: e.to_string(),
         })
-}
-
-/// SHA-256 of `der`, lower-case hex.
-pub fn sha256_hex(der: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, der);
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The DER of a certificate's SubjectPublicKeyInfo (tag and length included).
-fn spki_of(cert: &[u8]) -> Option<&[u8]> {
-    let (_, certificate, _) = der_tlv(cert)?;
-    let (_, tbs, _) = der_tlv(certificate)?;
-    let mut rest = tbs;
-    // [0] version (optional), serial, signature algorithm, issuer, validity, subject, SPKI
-    let (tag, _, r) = der_tlv(rest)?;
-    if tag == 0xa0 {
-        rest = r;
-    }
-    for _ in 0..5 {
-        rest = der_tlv(rest)?.2;
-    }
-    let (tag, _, after) = der_tlv(rest)?;
-    (tag == 0x30).then(|| &rest[..rest.len() - after.len()])
 }
 
 /// Presents one certificate to every server that asks.

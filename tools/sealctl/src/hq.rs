@@ -1,6 +1,6 @@
 //! `sealctl keygen` and `sealctl config {sign,verify,show}`: HQ's config-signing keys and the
 //! signed config blobs (F-CONFIG) made with them. The blob format and every check live in
-//! `sealgate::blob`, shared with the box; this module reads and writes files and reports.
+//! `sealgate_core::blob`, shared with the box; this module reads and writes files and reports.
 //!
 //! Exit status: 0 success, 1 a check failed (or a file could not be written), 2 usage or an
 //! unreadable input file.
@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use sealgate::blob::{self, BlobError, Header, KeyFileError};
-use sealgate::config::Config;
+use sealgate_core::blob::{self, BlobError, Header, KeyFileError};
+use sealgate_core::config::Config;
 
 /// Exit status: a check failed.
 const EXIT_CHECK: u8 = 1;

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use sealgate::peers::{self, PeersError};
 use sealgate_board::{BoardError, DevBoard};
+use sealgate_core::peers::{self, PeersError};
 use sealgate_proto::policy::PeerMatch;
 
 /// Bound of a table read by sealctl (the daemon's own bound is `tls.max_peers`).

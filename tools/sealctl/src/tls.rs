@@ -8,7 +8,7 @@ use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::{ClientConfig, ServerConfig};
-use sealgate::tls::ServerCertCheck;
+use sealgate_core::verifiers::ServerCertCheck;
 use thiserror::Error;
 
 /// Why a TLS configuration could not be built.

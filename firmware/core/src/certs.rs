@@ -43,7 +43,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 use zeroize::Zeroizing;
 
-use crate::tls::der_tlv;
+use crate::der::der_tlv;
 
 /// Largest chain PEM accepted (a real chain is a few KiB).
 pub const MAX_CHAIN_PEM: usize = 256 * 1024;
