@@ -1,18 +1,19 @@
 //! The Sealgate gateway daemon: the runtime layer that owns tokio, sockets, rustls I/O and
 //! files, around the I/O-free protocol machines of `sealgate-proto` and the decisions and
 //! formats of `sealgate-core`.
+//!
+//! [`service`] is the composition root (start-up, listeners, shutdown); [`control`] owns
+//! applying a config (SIGHUP, the management API), so neither `service` nor `mgmt` imports the
+//! other.
 
 pub mod appliance;
 pub mod conn;
-pub mod daemon;
+pub mod control;
 pub mod delivery;
-pub mod dns;
 pub mod live;
-pub mod maildir;
 pub mod mgmt;
 pub mod peers;
-pub mod smtpd;
+pub mod service;
+pub mod smtp;
 pub mod spool;
 pub mod tls;
-pub mod tls_client;
-pub mod update;

@@ -11,8 +11,8 @@ use std::sync::{Arc, RwLock};
 
 use sealgate_proto::server::{ServerLimits, ServerParams};
 
+use crate::tls::client::ClientTls;
 use crate::tls::{ServerTls, TlsError};
-use crate::tls_client::ClientTls;
 use sealgate_core::config::Config;
 
 /// One consistent view of the configuration.

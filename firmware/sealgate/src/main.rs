@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use sealgate::daemon::{ConfigSource, run};
+use sealgate::service::{ConfigSource, run};
 use sealgate_board::{Board, DevBoard};
 
 /// Sealgate secure mail gateway.
@@ -223,7 +223,7 @@ async fn appliance(
             .map_err(|e| e.to_string())?;
     let board = sealgate_board::QemuBoard::appliance().map_err(|e| e.to_string())?;
     println!("sealgate: board serial {}", board.serial());
-    sealgate::daemon::run_on(Box::new(board), ConfigSource::Embedded, Some(Arc::new(a)))
+    sealgate::service::run_on(Box::new(board), ConfigSource::Embedded, Some(Arc::new(a)))
         .await
         .map_err(|e| e.to_string())
 }

@@ -6,6 +6,9 @@
 //! hop's `250` (or the Maildir file's fsync); a message leaves the spool only when every
 //! recipient is delivered or failed for good (and its DSN, if any, is itself queued).
 
+pub mod dns;
+pub mod maildir;
+
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,13 +31,13 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use crate::conn::Conn;
-use crate::dns::{Dns, DnsFailure};
+use crate::delivery::dns::{Dns, DnsFailure};
+use crate::delivery::maildir::Maildirs;
 use crate::live::{Live, Snapshot};
-use crate::maildir::Maildirs;
 use crate::peers::PeerStore;
 use crate::spool::{QueuedMessage, RcptStatus, Spool, unix_now};
+use crate::tls::client::CertCheck;
 use crate::tls::{suite_name, version_name};
-use crate::tls_client::CertCheck;
 use sealgate_core::config::{Config, Destination, Route};
 use sealgate_core::x509::subject_of;
 

@@ -8,6 +8,8 @@
 //! write + fsync. Only then is the slot marked successful. A failed check logs why and reboots,
 //! which costs the slot one of its tries; after the last one the loader falls back.
 
+pub mod update;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +22,7 @@ use sealgate_image::version::Version;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 
-use crate::update::{BootDev, Installer};
+use crate::appliance::update::{BootDev, Installer};
 
 /// Where the loader leaves the files it baked into the initramfs.
 pub const ETC: &str = "/etc/sealgate";

@@ -14,6 +14,8 @@
 //! not refused, and a certificate from one peer's CA is worth nothing from another peer's
 //! network.
 
+pub mod client;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;

@@ -14,7 +14,7 @@
 //! [`sealgate_core::blob::MAX_BLOB`], update bundles streamed through a small channel into the
 //! installer (never held whole), listings capped.
 //!
-//! Architecture invariant: a pushed config goes through [`crate::daemon::apply_blob`], the very
+//! Architecture invariant: a pushed config goes through [`crate::control::apply_blob`], the very
 //! path of SIGHUP; nothing here verifies or applies a config itself. Tokens and the token file
 //! never reach a log line.
 
@@ -42,7 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 
-use crate::daemon::{BlobApplied, StartError};
+use crate::control::{BlobApplied, ControlError};
 use crate::delivery::{AdminError, Queue};
 use crate::live::Live;
 use crate::peers::PeerStore;
@@ -141,7 +141,7 @@ impl ApplianceOps for crate::appliance::Appliance {
     }
 
     fn install(&self, body: &mut dyn Read) -> Result<Value, ApiError> {
-        use crate::update::UpdateError as U;
+        use crate::appliance::update::UpdateError as U;
         match self.installer.install(body) {
             Ok(outcome) => Ok(serde_json::to_value(outcome).unwrap_or(Value::Null)),
             Err(e) => {
@@ -958,7 +958,7 @@ impl Mgmt {
         );
         let origin = format!("management API push from {}", info.peer);
         let outcome = tokio::task::spawn_blocking(move || {
-            crate::daemon::apply_blob(&live, &peers, &store, &serial, &bytes, &origin)
+            crate::control::apply_blob(&live, &peers, &store, &serial, &bytes, &origin)
         })
         .await
         .map_err(|e| internal(&e))?;
@@ -1261,12 +1261,12 @@ impl Read for ChannelReader {
 }
 
 /// The HTTP answer to a refused config: which check failed and the reason.
-pub fn config_refusal(e: &StartError) -> ApiError {
+pub fn config_refusal(e: &ControlError) -> ApiError {
     use sealgate_core::blob::BlobError as B;
     let unprocessable =
         |check: &'static str| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, check, e.to_string());
     match e {
-        StartError::Site(SiteError::Blob(b)) => unprocessable(match b {
+        ControlError::Site(SiteError::Blob(b)) => unprocessable(match b {
             B::Truncated
             | B::BadMagic
             | B::UnsupportedFormat(_)
@@ -1281,10 +1281,10 @@ pub fn config_refusal(e: &StartError) -> ApiError {
             B::NeedsFirmware { .. } => "firmware",
             B::LastKeyRetired => "key-rotation",
         }),
-        StartError::Site(SiteError::Config(_)) => unprocessable("semantic"),
-        StartError::Site(SiteError::NotProvisioned) => unprocessable("provisioning"),
-        StartError::Apply(_) => unprocessable("apply"),
-        StartError::NoStore => ApiError::new(
+        ControlError::Site(SiteError::Config(_)) => unprocessable("semantic"),
+        ControlError::Site(SiteError::NotProvisioned) => unprocessable("provisioning"),
+        ControlError::Apply(_) => unprocessable("apply"),
+        ControlError::NoStore => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "sealed-store",
             e.to_string(),
@@ -1724,7 +1724,7 @@ mod tests {
             ),
         ];
         for (b, check) in cases {
-            let e = config_refusal(&StartError::Site(SiteError::Blob(b.clone())));
+            let e = config_refusal(&ControlError::Site(SiteError::Blob(b.clone())));
             assert_eq!(
                 (e.status, e.check),
                 (StatusCode::UNPROCESSABLE_ENTITY, check)
@@ -1732,7 +1732,7 @@ mod tests {
             assert_eq!(e.error, b.to_string());
         }
         assert_eq!(
-            config_refusal(&StartError::NoStore).status,
+            config_refusal(&ControlError::NoStore).status,
             StatusCode::SERVICE_UNAVAILABLE
         );
     }
