@@ -8,6 +8,7 @@ pub mod blob;
 pub mod certs;
 pub mod cidr;
 pub mod config;
+pub mod delivery;
 pub mod der;
 pub mod hex;
 pub mod peers;

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::json;
 
+use crate::delivery::Status;
 use crate::spool::{QueuedMessage, RcptStatus, SpoolError, scan};
 
 /// Prints the live messages of the queue in `dir`; an absent queue is an empty one.
@@ -23,11 +24,12 @@ pub fn print(dir: &Path, as_json: bool) -> Result<(), SpoolError> {
     Ok(())
 }
 
-fn status(r: &crate::spool::Recipient) -> (&'static str, Option<&str>) {
+/// A recipient's state word and its last status, if any.
+fn status(r: &crate::spool::Recipient) -> (&'static str, Option<&Status>) {
     match &r.status {
-        RcptStatus::Pending => ("pending", r.last_error.as_deref()),
-        RcptStatus::Delivered(t) => ("delivered", Some(t.as_str())),
-        RcptStatus::Failed(t) => ("failed", Some(t.as_str())),
+        RcptStatus::Pending => ("pending", r.last_error.as_ref()),
+        RcptStatus::Delivered(t) => ("delivered", Some(t)),
+        RcptStatus::Failed(t) => ("failed", Some(t)),
     }
 }
 
@@ -42,7 +44,12 @@ pub fn to_json(m: &QueuedMessage) -> serde_json::Value {
         "next_attempt": m.next_attempt,
         "recipients": m.recipients.iter().map(|r| {
             let (s, detail) = status(r);
-            json!({"address": r.address, "status": s, "detail": detail})
+            json!({
+                "address": r.address,
+                "status": s,
+                "detail": detail.map(Status::to_string),
+                "source": detail.map(|d| d.source.name()),
+            })
         }).collect::<Vec<_>>(),
     })
 }

@@ -16,7 +16,8 @@
 //! payload length (u32 LE), CRC-32 of kind byte + payload (u32 LE) — then the payload:
 //! id length (u8), id, head length (u32 LE), head, body. A message's head is its envelope
 //! (`from`, `rcpt`, `arrival`, `body`, `smtputf8` lines), its body the message bytes; a state's
-//! head is the delivery state (`SGS1`, `attempts`, `next`, per-recipient lines), which replaces
+//! head is the delivery state (`SGS2`, `attempts`, `next`, per-recipient lines `INDEX KIND SOURCE
+//! STATUS`; `SGS1` without the source is still read), which replaces
 //! earlier ones; `done` has neither.
 //!
 //! Recovery reads the segments in order and stops a segment at the first record that fails its
@@ -34,6 +35,8 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use sealgate_proto::BodyType;
+
+use crate::delivery::{Source, Status};
 
 pub use crate::time::unix_now;
 
@@ -82,8 +85,8 @@ pub fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptStatus {
     Pending,
-    Delivered(String),
-    Failed(String),
+    Delivered(Status),
+    Failed(Status),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +94,7 @@ pub struct Recipient {
     pub address: String,
     pub status: RcptStatus,
     /// The last temporary failure, for logs, queue listings and delay DSNs.
-    pub last_error: Option<String>,
+    pub last_error: Option<Status>,
 }
 
 /// A committed message and its delivery state (the body stays on disk).
@@ -210,18 +213,17 @@ pub fn segments(dir: &Path) -> Result<Vec<u64>, SpoolError> {
 }
 
 pub fn encode_state(m: &QueuedMessage) -> Vec<u8> {
-    let mut s = format!("SGS1\nattempts {}\nnext {}\n", m.attempts, m.next_attempt);
+    let mut s = format!("SGS2\nattempts {}\nnext {}\n", m.attempts, m.next_attempt);
     for (i, r) in m.recipients.iter().enumerate() {
-        let (kind, text) = match &r.status {
+        let (kind, status) = match &r.status {
             RcptStatus::Pending => match &r.last_error {
-                Some(e) => ("deferred", e.as_str()),
+                Some(e) => ("deferred", e),
                 None => continue,
             },
-            RcptStatus::Delivered(t) => ("delivered", t.as_str()),
-            RcptStatus::Failed(t) => ("failed", t.as_str()),
+            RcptStatus::Delivered(t) => ("delivered", t),
+            RcptStatus::Failed(t) => ("failed", t),
         };
-        let text: String = text.chars().filter(|c| !c.is_control()).take(900).collect();
-        s.push_str(&format!("{i} {kind} {text}\n"));
+        s.push_str(&format!("{i} {kind} {}\n", status.encode()));
     }
     s.into_bytes()
 }
@@ -530,7 +532,8 @@ pub fn encode(buf: &mut Vec<u8>, r: RecordParts<'_>) -> (u64, u64) {
 
 pub fn apply_state(m: &mut QueuedMessage, s: &str) -> Result<(), &'static str> {
     let mut lines = s.lines();
-    if lines.next() != Some("SGS1") {
+    // SGS1: statuses as displayed text (before they were typed); SGS2: with their source.
+    if !matches!(lines.next(), Some("SGS1" | "SGS2")) {
         return Err("bad state magic");
     }
     for line in lines {
@@ -545,10 +548,16 @@ pub fn apply_state(m: &mut QueuedMessage, s: &str) -> Result<(), &'static str> {
                     .recipients
                     .get_mut(i)
                     .ok_or("recipient index out of range")?;
+                let status = Status::decode(text).unwrap_or_else(|| Status {
+                    code: None,
+                    enhanced: None,
+                    text: text.to_string(),
+                    source: Source::Local,
+                });
                 match kind {
-                    "delivered" => r.status = RcptStatus::Delivered(text.into()),
-                    "failed" => r.status = RcptStatus::Failed(text.into()),
-                    "deferred" => r.last_error = Some(text.into()),
+                    "delivered" => r.status = RcptStatus::Delivered(status),
+                    "failed" => r.status = RcptStatus::Failed(status),
+                    "deferred" => r.last_error = Some(status),
                     _ => return Err("recipient state"),
                 }
             }

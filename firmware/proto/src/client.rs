@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use crate::reply::{Reply, ReplyError, ReplyParser};
 
 /// Whether to use STARTTLS on this session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StartTlsMode {
     /// Never send STARTTLS.
     Never,

@@ -556,6 +556,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sealgate_core::delivery::{Source, Status};
 
     fn tempdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -588,8 +589,9 @@ mod tests {
             .commit(sink, &env(&["x@y.test", "z@y.test"]))
             .await
             .unwrap();
-        m.recipients[0].status = RcptStatus::Delivered("250 ok".into());
-        m.recipients[1].last_error = Some("451 later".into());
+        let status = |t: &str| Status::parse(Source::Remote, t).unwrap();
+        m.recipients[0].status = RcptStatus::Delivered(status("250 2.0.0 ok"));
+        m.recipients[1].last_error = Some(status("451 later"));
         m.attempts = 1;
         m.next_attempt = 42;
         spool.save_state(&m).await.unwrap();

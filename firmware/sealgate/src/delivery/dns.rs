@@ -10,15 +10,12 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RData;
 
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-pub enum DnsFailure {
-    /// The domain does not exist (NXDOMAIN) or publishes a null MX: a permanent failure.
-    #[error("{0}")]
-    Permanent(String),
-    /// Anything else (timeout, SERVFAIL): try again later.
-    #[error("{0}")]
-    Temporary(String),
-}
+use sealgate_core::delivery::{self as decide, Source, Status};
+
+/// The resolver could not be set up (no system configuration, bad name server).
+#[derive(Debug, thiserror::Error)]
+#[error("DNS resolver: {0}")]
+pub struct ResolverError(#[from] NetError);
 
 #[derive(Debug, Clone)]
 pub struct Dns {
@@ -27,9 +24,9 @@ pub struct Dns {
 
 impl Dns {
     /// Uses the given name servers, or the system's when `servers` is empty.
-    pub fn new(servers: &[SocketAddr]) -> Result<Dns, String> {
+    pub fn new(servers: &[SocketAddr]) -> Result<Dns, ResolverError> {
         let builder = if servers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| e.to_string())?
+            TokioResolver::builder_tokio()?
         } else {
             let ns = servers
                 .iter()
@@ -46,16 +43,18 @@ impl Dns {
                 Default::default(),
             )
         };
-        let resolver = builder.build().map_err(|e| e.to_string())?;
+        let resolver = builder.build()?;
         Ok(Dns { resolver })
     }
 
-    /// Mail exchangers of `domain`, best first; the domain itself when it has no MX.
-    pub async fn mx_hosts(&self, domain: &str) -> Result<Vec<String>, DnsFailure> {
+    /// Mail exchangers of `domain`, best first; the domain itself when it has no MX. A
+    /// domain that does not exist or publishes a null MX is a permanent failure (`550 5.1.x`),
+    /// anything else (timeout, SERVFAIL) a temporary one (`4.4.3`).
+    pub async fn mx_hosts(&self, domain: &str) -> Result<Vec<String>, Status> {
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
         match self.resolver.mx_lookup(fqdn.as_str()).await {
             Ok(lookup) => {
-                let mut mx: Vec<(u16, String)> = lookup
+                let answer = lookup
                     .answers()
                     .iter()
                     .filter_map(|r| match &r.data {
@@ -63,27 +62,14 @@ impl Dns {
                         _ => None,
                     })
                     .collect();
-                if mx.len() == 1 && mx.first().is_some_and(|(_, h)| h == "." || h.is_empty()) {
-                    return Err(DnsFailure::Permanent(format!(
-                        "5.1.10 {domain} does not accept mail (null MX, RFC 7505)"
-                    )));
-                }
-                mx.retain(|(_, h)| h != "." && !h.is_empty());
-                mx.sort_by_key(|(p, _)| *p);
-                if mx.is_empty() {
-                    return Ok(vec![domain.to_string()]);
-                }
-                Ok(mx
-                    .into_iter()
-                    .map(|(_, h)| h.trim_end_matches('.').to_string())
-                    .collect())
+                decide::mx_hosts(domain, answer)
             }
             Err(e) => classify(domain, e).map(|()| vec![domain.to_string()]),
         }
     }
 
     /// Addresses of a host name (an IP literal resolves to itself).
-    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsFailure> {
+    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, Status> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![ip]);
         }
@@ -91,9 +77,12 @@ impl Dns {
         match self.resolver.lookup_ip(fqdn.as_str()).await {
             Ok(l) => Ok(l.iter().collect()),
             Err(e) => match classify(host, e) {
-                Ok(()) => Err(DnsFailure::Permanent(format!(
-                    "5.4.4 host {host} has no address"
-                ))),
+                Ok(()) => Err(Status::permanent(
+                    Source::Dns,
+                    4,
+                    4,
+                    format!("host {host} has no address"),
+                )),
                 Err(f) => Err(f),
             },
         }
@@ -101,19 +90,25 @@ impl Dns {
 }
 
 /// `Ok(())` for "exists but has no records of that type" (then implicit MX applies).
-fn classify(name: &str, e: NetError) -> Result<(), DnsFailure> {
+fn classify(name: &str, e: NetError) -> Result<(), Status> {
     match e {
         NetError::Dns(DnsError::NoRecordsFound(nr)) => {
             if nr.response_code == ResponseCode::NXDomain {
-                Err(DnsFailure::Permanent(format!(
-                    "5.1.2 domain {name} does not exist"
-                )))
+                Err(Status::permanent(
+                    Source::Dns,
+                    1,
+                    2,
+                    format!("domain {name} does not exist"),
+                ))
             } else {
                 Ok(())
             }
         }
-        other => Err(DnsFailure::Temporary(format!(
-            "4.4.3 DNS lookup of {name} failed: {other}"
-        ))),
+        other => Err(Status::transient(
+            Source::Dns,
+            4,
+            3,
+            format!("DNS lookup of {name} failed: {other}"),
+        )),
     }
 }

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
-use sealgate_proto::client::{ClientError, ClientEvent, ClientParams, ClientSession, Transaction};
+use sealgate_proto::client::{
+    ClientError, ClientEvent, ClientParams, ClientSession, StartTlsMode, Transaction,
+};
 use sealgate_proto::dsn::{self, Action, DsnParams, RecipientStatus};
 use sealgate_proto::envelope::domain_of;
 use sealgate_proto::policy::{
@@ -31,7 +33,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use crate::conn::Conn;
-use crate::delivery::dns::{Dns, DnsFailure};
+use crate::delivery::dns::Dns;
 use crate::delivery::maildir::Maildirs;
 use crate::live::{Live, Snapshot};
 use crate::peers::PeerStore;
@@ -39,6 +41,7 @@ use crate::spool::{QueuedMessage, RcptStatus, Spool, unix_now};
 use crate::tls::client::CertCheck;
 use crate::tls::{suite_name, version_name};
 use sealgate_core::config::{Config, Destination, Route};
+use sealgate_core::delivery::{self as decide, Group, Outcome, Source, Status};
 use sealgate_core::x509::subject_of;
 
 /// Idle connections kept per next hop, and for how long.
@@ -46,14 +49,6 @@ const POOL_PER_HOP: usize = 8;
 const POOL_IDLE: Duration = Duration::from_secs(20);
 /// Header bytes of the original returned in a DSN.
 const DSN_HEADER_MAX: usize = 64 * 1024;
-
-/// The result of one delivery attempt for one recipient.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
-    Delivered(String),
-    Failed(String),
-    Deferred(String),
-}
 
 /// Queue counts for the status API.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -79,8 +74,33 @@ pub enum AdminError {
     Spool(#[from] crate::spool::SpoolError),
 }
 
-/// A parked connection's key: the address and [`pool_tag`].
-type PoolKey = (SocketAddr, String);
+/// A parked connection's key: the address and everything its TLS state was judged under —
+/// peer name, STARTTLS mode, level, CA, pins and client certificate — so a plaintext or
+/// unverified connection never serves a route that asks for more.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    addr: SocketAddr,
+    peer_name: String,
+    starttls: StartTlsMode,
+    level: Level,
+    ca: Option<String>,
+    pins: Vec<String>,
+    client_certificate: Option<String>,
+}
+
+impl PoolKey {
+    fn new(addr: SocketAddr, route: &Route, attempt: &Attempt) -> Self {
+        Self {
+            addr,
+            peer_name: attempt.peer().name.clone(),
+            starttls: attempt.starttls(),
+            level: attempt.level(),
+            ca: route.ca.clone(),
+            pins: route.fingerprints.clone(),
+            client_certificate: route.client_certificate.clone(),
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 struct QueueState {
@@ -330,49 +350,24 @@ impl Queue {
                 return;
             }
         };
-        // Group pending recipients by route.
         let config = self.live.get().config.clone();
-        let mut groups: Vec<(Option<Route>, String, Vec<usize>)> = Vec::new();
-        for (i, r) in msg.pending() {
-            // A recipient without a domain matches no route (not even `*`): never relayed.
-            let domain = domain_of(&r.address);
-            let route = domain.as_deref().and_then(|d| config.route_for(d)).cloned();
-            let domain = domain.unwrap_or_default();
-            let key = match &route {
-                Some(Route {
-                    destination: Destination::Mx(_),
-                    ..
-                }) => format!("mx:{domain}"),
-                Some(r) => format!("{:?}", r.domain),
-                None => "none".into(),
-            };
-            match groups.iter_mut().find(|(_, k, _)| *k == key) {
-                Some((_, _, v)) => v.push(i),
-                None => groups.push((route, key, vec![i])),
-            }
-        }
-        for (route, key, idx) in groups {
-            let outcomes = match route {
-                None => idx
+        let pending = msg.pending().map(|(i, r)| (i, r.address.as_str()));
+        let groups = decide::group_by_route(&config, pending);
+        for group in groups {
+            let outcomes = match &group.route {
+                None => group
+                    .recipients
                     .iter()
-                    .map(|&i| {
-                        (
-                            i,
-                            Outcome::Failed("550 5.4.4 No route to this domain".into()),
-                        )
-                    })
+                    .map(|&i| (i, Outcome::Failed(decide::no_route())))
                     .collect(),
-                Some(route) => {
-                    let domain = key.strip_prefix("mx:").unwrap_or_default().to_string();
-                    self.deliver_group(&msg, &body, &route, &domain, &idx).await
-                }
+                Some(route) => self.deliver_group(&msg, &body, route, &group).await,
             };
             for (i, o) in outcomes {
                 if let Some(r) = msg.recipients.get_mut(i) {
                     tracing::info!(
                         queue_id = %msg.id,
                         rcpt = %r.address,
-                        result = ?o,
+                        result = %o,
                         "delivery"
                     );
                     match o {
@@ -392,19 +387,12 @@ impl Queue {
     async fn reschedule(&self, mut msg: QueuedMessage, body: Option<&[u8]>) {
         let now = unix_now();
         let config = self.live.get().config.clone();
-        let expired = now >= msg.arrival + config.queue.max_queue_time.as_secs();
+        let expired = decide::is_expired(msg.arrival, config.queue.max_queue_time, now);
         if expired && body.is_some() {
             for r in msg.recipients.iter_mut() {
                 if r.status == RcptStatus::Pending {
-                    let why = r
-                        .last_error
-                        .clone()
-                        .unwrap_or_else(|| "no attempt succeeded".into());
-                    r.status = RcptStatus::Failed(format!(
-                        "{} gave up after {} attempts over the maximum queue time; last error: {why}",
-                        expiry_status(&why),
-                        msg.attempts
-                    ));
+                    let why = Status::expired(r.last_error.as_ref(), msg.attempts);
+                    r.status = RcptStatus::Failed(why);
                 }
             }
         }
@@ -412,7 +400,7 @@ impl Queue {
             if let Err(e) = self.bounce(&msg, body.unwrap_or_default()).await {
                 // Keep the message: better a late DSN than a lost one.
                 tracing::error!(queue_id = %msg.id, error = %e, "cannot queue DSN; keeping message");
-                return self.put_back(msg, now + 60).await;
+                return self.put_back(msg, now.saturating_add(60)).await;
             }
             if let Err(e) = self.spool.remove(&msg.id).await {
                 tracing::error!(queue_id = %msg.id, error = %e, "cannot remove finished message");
@@ -423,13 +411,7 @@ impl Queue {
             tracing::info!(queue_id = %msg.id, attempts = msg.attempts, "done");
             return;
         }
-        let sched = &config.queue.retry_schedule;
-        let step = sched
-            .get((msg.attempts.max(1) - 1) as usize)
-            .or(sched.last())
-            .copied()
-            .unwrap_or(Duration::from_secs(300));
-        let next = now + step.as_secs().max(1);
+        let next = decide::next_attempt(&config.queue.retry_schedule, msg.attempts, now);
         msg.next_attempt = next;
         if let Err(e) = self.spool.save_state(&msg).await {
             tracing::error!(queue_id = %msg.id, error = %e, "cannot save delivery state");
@@ -458,8 +440,10 @@ impl Queue {
                 RcptStatus::Failed(why) => Some(RecipientStatus {
                     recipient: r.address.clone(),
                     action: Action::Failed,
-                    status: status_of(why).unwrap_or("5.0.0").to_string(),
-                    diagnostic: why.clone(),
+                    status: why
+                        .enhanced
+                        .map_or_else(|| "5.0.0".to_string(), |e| e.to_string()),
+                    diagnostic: why.to_string(),
                     remote_mta: None,
                 }),
                 _ => None,
@@ -501,46 +485,28 @@ impl Queue {
         msg: &QueuedMessage,
         body: &[u8],
         route: &Route,
-        domain: &str,
-        idx: &[usize],
+        group: &Group,
     ) -> Vec<(usize, Outcome)> {
+        let idx = group.recipients.as_slice();
         let all = |o: Outcome| idx.iter().map(|&i| (i, o.clone())).collect::<Vec<_>>();
         let hosts: Vec<(String, u16)> = match &route.destination {
             Destination::Maildir(dir) => return self.deliver_maildir(msg, body, dir, idx).await,
             Destination::NextHops(h) => h.clone(),
-            Destination::Mx(port) => {
-                let Some(dns) = &self.dns else {
-                    return all(Outcome::Deferred("4.4.3 no DNS resolver available".into()));
-                };
-                match dns.mx_hosts(domain).await {
-                    Ok(h) => h.into_iter().map(|h| (h, *port)).collect(),
-                    Err(DnsFailure::Permanent(e)) => {
-                        return all(Outcome::Failed(format!("550 {e}")));
-                    }
-                    Err(DnsFailure::Temporary(e)) => return all(Outcome::Deferred(e)),
-                }
-            }
+            Destination::Mx(port) => match self.mx_hosts(group.mx_domain()).await {
+                Ok(h) => h.into_iter().map(|h| (h, *port)).collect(),
+                Err(o) => return all(o),
+            },
         };
-        let mut last_error = String::from("4.4.1 no next hop reachable");
+        let mut last_error = Status::transient(Source::Connection, 4, 1, "no next hop reachable");
         // RFC 5321 §5.1: when no host of the list has an address at all, that is an error to
         // report (bounce), not a reason to retry for days.
         let mut all_unresolvable = !hosts.is_empty();
         for (host, port) in &hosts {
-            let addrs = match &self.dns {
-                _ if host.parse::<std::net::IpAddr>().is_ok() => {
-                    host.parse().map(|ip| vec![ip]).unwrap_or_default()
-                }
-                Some(dns) => match dns.addresses(host).await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        all_unresolvable &= matches!(e, DnsFailure::Permanent(_));
-                        last_error = e.to_string();
-                        continue;
-                    }
-                },
-                None => {
-                    all_unresolvable = false;
-                    last_error = format!("4.4.3 cannot resolve {host}: no DNS resolver");
+            let addrs = match self.addresses(host).await {
+                Ok(a) => a,
+                Err(status) => {
+                    all_unresolvable &= status.class() == decide::Class::Permanent;
+                    last_error = status;
                     continue;
                 }
             };
@@ -557,9 +523,39 @@ impl Queue {
             }
         }
         if all_unresolvable {
-            return all(Outcome::Failed(format!("550 {last_error}")));
+            return all(Outcome::Failed(last_error.with_code(550)));
         }
         all(Outcome::Deferred(last_error))
+    }
+
+    /// The MX hosts of `domain`, best first; the outcome for every recipient when there are
+    /// none to try.
+    async fn mx_hosts(&self, domain: &str) -> Result<Vec<String>, Outcome> {
+        let Some(dns) = &self.dns else {
+            return Err(Outcome::Deferred(Status::transient(
+                Source::Dns,
+                4,
+                3,
+                "no DNS resolver available",
+            )));
+        };
+        dns.mx_hosts(domain).await.map_err(Outcome::of)
+    }
+
+    /// The addresses of a next hop (an IP literal is its own).
+    async fn addresses(&self, host: &str) -> Result<Vec<std::net::IpAddr>, Status> {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        match &self.dns {
+            Some(dns) => dns.addresses(host).await,
+            None => Err(Status::transient(
+                Source::Dns,
+                4,
+                3,
+                format!("cannot resolve {host}: no DNS resolver"),
+            )),
+        }
     }
 
     /// Delivers to one server. `Err` means "try the next hop" (nothing was accepted).
@@ -571,7 +567,7 @@ impl Queue {
         host: &str,
         addr: SocketAddr,
         idx: &[usize],
-    ) -> Result<Vec<(usize, Outcome)>, String> {
+    ) -> Result<Vec<(usize, Outcome)>, Status> {
         let snap = self.live.get();
         let key = PeerKey::new(addr.ip(), host);
         let facts = RouteFacts {
@@ -583,12 +579,12 @@ impl Queue {
             Plan::Connect(a) => a,
             Plan::Defer(d) => {
                 tracing::info!(queue_id = %msg.id, peer = %addr, host, policy = %d, "delivery deferred by the TLS policy");
-                return Err(d.to_string());
+                return Err(policy_status(&d));
             }
         };
-        let tag = pool_tag(route, &attempt);
+        let tag = PoolKey::new(addr, route, &attempt);
         let pooled = self.pool.lock().ok().and_then(|mut p| {
-            let v = p.get_mut(&(addr, tag.clone()))?;
+            let v = p.get_mut(&tag)?;
             while let Some((t, c)) = v.pop() {
                 if t.elapsed() < POOL_IDLE {
                     return Some(c);
@@ -599,27 +595,26 @@ impl Queue {
         if let Some(conn) = pooled {
             // A parked connection may have been closed by the server meanwhile; `Err` means
             // nothing was sent, so a fresh connection is safe.
-            match self.transact(conn, msg, body, host, addr, &tag, idx).await {
+            match self.transact(conn, msg, body, host, &tag, idx).await {
                 Ok(v) => return Ok(v),
                 Err(e) => tracing::debug!(peer = %addr, error = %e, "reused connection failed"),
             }
         }
         let conn = self.connect(&snap, route, attempt, host, addr).await?;
-        self.transact(conn, msg, body, host, addr, &tag, idx).await
+        self.transact(conn, msg, body, host, &tag, idx).await
     }
 
     /// Runs one transaction on a ready connection and parks it afterwards.
-    #[allow(clippy::too_many_arguments)]
     async fn transact(
         &self,
         mut conn: ClientConn,
         msg: &QueuedMessage,
         body: &[u8],
         host: &str,
-        addr: SocketAddr,
-        tag: &str,
+        key: &PoolKey,
         idx: &[usize],
-    ) -> Result<Vec<(usize, Outcome)>, String> {
+    ) -> Result<Vec<(usize, Outcome)>, Status> {
+        let addr = key.addr;
         let rcpts: Vec<String> = idx
             .iter()
             .filter_map(|&i| msg.recipients.get(i).map(|r| r.address.clone()))
@@ -633,15 +628,24 @@ impl Queue {
         };
         if let Err(e) = conn.session.send_transaction(tx, Instant::now()) {
             let o = match e {
-                ClientError::TooLarge(_) => Outcome::Failed(format!("552 5.3.4 {e}")),
-                ClientError::NoSmtpUtf8 => Outcome::Failed(format!("550 5.6.7 {e}")),
-                other => Outcome::Deferred(format!("4.4.2 {other}")),
+                ClientError::TooLarge(_) => Outcome::Failed(
+                    Status::permanent(Source::Remote, 3, 4, e.to_string()).with_code(552),
+                ),
+                ClientError::NoSmtpUtf8 => {
+                    Outcome::Failed(Status::permanent(Source::Remote, 6, 7, e.to_string()))
+                }
+                other => Outcome::Deferred(Status::transient(
+                    Source::Connection,
+                    4,
+                    2,
+                    other.to_string(),
+                )),
             };
             return Ok(idx.iter().map(|&i| (i, o.clone())).collect());
         }
         let mut sent = false;
         loop {
-            let failure: String = match conn.next_event().await {
+            let failure: Status = match conn.next_event().await {
                 Ok(ClientEvent::SendBody) => {
                     conn.session.send_body(body, Instant::now());
                     sent = true;
@@ -655,9 +659,16 @@ impl Queue {
                         .map(|(k, &i)| {
                             let r = mail.as_ref().or(rcpt.get(k));
                             let o = match (r, &data) {
-                                (Some(r), _) if !r.is_positive() => reply_outcome(r, &peer),
-                                (_, Some(d)) => reply_outcome(d, &peer),
-                                (_, None) => Outcome::Deferred("4.4.2 no reply to DATA".into()),
+                                (Some(r), _) if !r.is_positive() => {
+                                    Outcome::of(Status::from_reply(r, &peer))
+                                }
+                                (_, Some(d)) => Outcome::of(Status::from_reply(d, &peer)),
+                                (_, None) => Outcome::Deferred(Status::transient(
+                                    Source::Connection,
+                                    4,
+                                    2,
+                                    "no reply to DATA",
+                                )),
                             };
                             (i, o)
                         })
@@ -683,7 +694,7 @@ impl Queue {
                     if let Ok(ClientEvent::Ready(_)) = conn.next_event().await
                         && let Ok(mut p) = self.pool.lock()
                     {
-                        let v = p.entry((addr, tag.to_string())).or_default();
+                        let v = p.entry(key.clone()).or_default();
                         if v.len() < POOL_PER_HOP {
                             v.push((Instant::now(), conn));
                         }
@@ -691,9 +702,9 @@ impl Queue {
                     return Ok(outcomes);
                 }
                 Ok(ClientEvent::Ready(_)) => continue,
-                Ok(ClientEvent::StartTls) => "unexpected STARTTLS state".into(),
-                Ok(ClientEvent::Failed(e)) => e.to_string(),
-                Ok(ClientEvent::Closed) => "connection closed".into(),
+                Ok(ClientEvent::StartTls) => session_failure(addr, "unexpected STARTTLS state"),
+                Ok(ClientEvent::Failed(e)) => session_failure(addr, e),
+                Ok(ClientEvent::Closed) => session_failure(addr, "connection closed"),
                 Err(e) => e,
             };
             tracing::info!(
@@ -709,10 +720,10 @@ impl Queue {
             return if sent {
                 Ok(idx
                     .iter()
-                    .map(|&i| (i, Outcome::Deferred(format!("4.4.2 {addr}: {failure}"))))
+                    .map(|&i| (i, Outcome::Deferred(failure.clone())))
                     .collect())
             } else {
-                Err(format!("4.4.2 {addr}: {failure}"))
+                Err(failure)
             };
         }
     }
@@ -728,15 +739,12 @@ impl Queue {
         mut attempt: Attempt,
         host: &str,
         addr: SocketAddr,
-    ) -> Result<ClientConn, String> {
+    ) -> Result<ClientConn, Status> {
         let key = attempt.peer().clone();
         let mut reconnected = false;
         loop {
             let mut conn = self.open(&snap.config, addr, &attempt).await?;
-            let event = conn
-                .next_event()
-                .await
-                .map_err(|e| format!("4.4.2 {addr}: {e}"))?;
+            let event = conn.next_event().await?;
             let now = unix_now();
             match event {
                 ClientEvent::StartTls => {
@@ -763,7 +771,9 @@ impl Queue {
                             if let AfterHandshake::Defer(d) = d.action {
                                 let detail = detail.map(|x| format!(" [{x}]")).unwrap_or_default();
                                 tracing::warn!(peer = %addr, host, policy = %d, detail = %detail, "TLS peer rejected");
-                                return Err(format!("{d}{detail}"));
+                                let mut status = policy_status(&d);
+                                status.text.push_str(&detail);
+                                return Err(status);
                             }
                             tracing::debug!(peer = %addr, host, policy = attempt.reason(), "TLS established");
                             conn.tls = Some(TlsInfo {
@@ -781,9 +791,11 @@ impl Queue {
                             conn.session.tls_established(Instant::now());
                             return match conn.next_event().await {
                                 Ok(ClientEvent::Ready(_)) => Ok(conn),
-                                Ok(ClientEvent::Failed(e)) => Err(format!("4.4.2 {addr}: {e}")),
-                                Ok(other) => Err(format!("4.4.2 {addr}: unexpected {other:?}")),
-                                Err(e) => Err(format!("4.4.2 {addr}: {e}")),
+                                Ok(ClientEvent::Failed(e)) => Err(session_failure(addr, e)),
+                                Ok(other) => {
+                                    Err(session_failure(addr, format!("unexpected {other:?}")))
+                                }
+                                Err(e) => Err(e),
                             };
                         }
                         Err(failure) => {
@@ -801,11 +813,16 @@ impl Queue {
                                     continue;
                                 }
                                 AfterFailure::ReconnectPlaintext { reason, .. } => {
-                                    return Err(format!("4.7.5 {addr}: {reason}"));
+                                    return Err(Status::transient(
+                                        Source::TlsPolicy,
+                                        7,
+                                        5,
+                                        format!("{addr}: {reason}"),
+                                    ));
                                 }
                                 AfterFailure::Defer(d) => {
                                     tracing::warn!(peer = %addr, host, policy = %d, "TLS handshake failed");
-                                    return Err(d.to_string());
+                                    return Err(policy_status(&d));
                                 }
                             }
                         }
@@ -819,9 +836,10 @@ impl Queue {
                             tracing::info!(peer = %addr, host, policy = %reason, "plaintext session");
                             Ok(conn)
                         }
-                        AfterEhlo::Defer(d) => Err(d.to_string()),
-                        AfterEhlo::UseTls => Err(format!(
-                            "4.4.2 {addr}: the session went on without the STARTTLS the policy asked for"
+                        AfterEhlo::Defer(d) => Err(policy_status(&d)),
+                        AfterEhlo::UseTls => Err(session_failure(
+                            addr,
+                            "the session went on without the STARTTLS the policy asked for",
                         )),
                     };
                 }
@@ -831,17 +849,27 @@ impl Queue {
                     return Err(match d.action {
                         AfterEhlo::Defer(d) => {
                             tracing::warn!(peer = %addr, host, policy = %d, "STARTTLS missing");
-                            d.to_string()
+                            policy_status(&d)
                         }
-                        _ => format!("4.7.4 {addr}: the server did not offer STARTTLS"),
+                        _ => Status::transient(
+                            Source::TlsPolicy,
+                            7,
+                            4,
+                            format!("{addr}: the server did not offer STARTTLS"),
+                        ),
                     });
                 }
                 ClientEvent::Failed(e @ ClientError::ResponseInjection) => {
                     tracing::warn!(peer = %addr, host, error = %e, "STARTTLS response injection; session aborted");
-                    return Err(format!("4.7.0 {addr}: {e}"));
+                    return Err(Status::transient(
+                        Source::TlsPolicy,
+                        7,
+                        0,
+                        format!("{addr}: {e}"),
+                    ));
                 }
-                ClientEvent::Failed(e) => return Err(format!("4.4.2 {addr}: {e}")),
-                other => return Err(format!("4.4.2 {addr}: unexpected {other:?}")),
+                ClientEvent::Failed(e) => return Err(session_failure(addr, e)),
+                other => return Err(session_failure(addr, format!("unexpected {other:?}"))),
             }
         }
     }
@@ -852,11 +880,12 @@ impl Queue {
         config: &Config,
         addr: SocketAddr,
         attempt: &Attempt,
-    ) -> Result<ClientConn, String> {
+    ) -> Result<ClientConn, Status> {
+        let failed = |why: String| Status::transient(Source::Connection, 4, 1, why);
         let tcp = tokio::time::timeout(config.queue.connect_timeout, tcp_connect(config, addr))
             .await
-            .map_err(|_| format!("4.4.1 connect to {addr} timed out"))?
-            .map_err(|e| format!("4.4.1 connect to {addr}: {e}"))?;
+            .map_err(|_| failed(format!("connect to {addr} timed out")))?
+            .map_err(|e| failed(format!("connect to {addr}: {e}")))?;
         let _ = tcp.set_nodelay(true);
         let params = ClientParams {
             helo: config.hostname.clone(),
@@ -865,6 +894,7 @@ impl Queue {
         };
         Ok(ClientConn {
             conn: Conn::Plain(tcp),
+            addr,
             session: ClientSession::new(params, Instant::now()),
             buf: vec![0; 8192],
             tls: None,
@@ -898,10 +928,20 @@ impl Queue {
             data.extend_from_slice(body);
             let name = format!("{}.{}_{}.{}", unix_now(), msg.id, i, hostname);
             let o = match self.maildirs.deliver(&dir, name, data).await {
-                Ok(()) => {
-                    Outcome::Delivered(format!("250 2.0.0 delivered to Maildir {}", dir.display()))
-                }
-                Err(e) => Outcome::Deferred(format!("4.3.0 Maildir {}: {e}", dir.display())),
+                Ok(()) => Outcome::Delivered(
+                    Status::new(
+                        Source::Local,
+                        decide::Enhanced(2, 0, 0),
+                        format!("delivered to Maildir {}", dir.display()),
+                    )
+                    .with_code(250),
+                ),
+                Err(e) => Outcome::Deferred(Status::transient(
+                    Source::Local,
+                    3,
+                    0,
+                    format!("Maildir {}: {e}", dir.display()),
+                )),
             };
             out.push((i, o));
         }
@@ -924,42 +964,23 @@ async fn tcp_connect(config: &Config, addr: SocketAddr) -> std::io::Result<TcpSt
     socket.connect(addr).await
 }
 
-/// Maps a reply to an outcome, naming the peer for logs and DSNs.
-fn reply_outcome(r: &Reply, peer: &str) -> Outcome {
-    let text = format!("{} (from {peer})", r.one_line());
-    if r.is_positive() {
-        Outcome::Delivered(text)
-    } else if r.is_permanent() {
-        Outcome::Failed(text)
-    } else {
-        Outcome::Deferred(text)
-    }
+/// A policy deferral (`4.7.4 …`, `4.7.5 …`) as a status.
+fn policy_status(d: &sealgate_proto::policy::Deferral) -> Status {
+    let enhanced = decide::parse_enhanced(d.status).unwrap_or(decide::Enhanced(4, 7, 0));
+    Status::new(Source::TlsPolicy, enhanced, d.reason.clone())
 }
 
-/// The permanent status of a recipient given up at `max_queue_time`: the last transient error's
-/// class made permanent (`4.7.4` TLS required but not offered → `5.7.4`), so the DSN says what
-/// kept the message, else `5.4.7` (delivery time expired).
-fn expiry_status(last_error: &str) -> String {
-    match status_of(last_error).and_then(|s| s.strip_prefix("4.")) {
-        Some(rest) => format!("5.{rest}"),
-        None => "5.4.7".into(),
-    }
-}
-
-/// The enhanced status code inside a stored reason text (`550 5.1.1 …` → `5.1.1`).
-fn status_of(text: &str) -> Option<&str> {
-    text.split_whitespace().take(2).find(|w| {
-        let mut p = w.split('.');
-        matches!((p.next(), p.next(), p.next(), p.next()), (Some(a), Some(b), Some(c), None)
-            if ["2", "4", "5"].contains(&a) && !b.is_empty() && !c.is_empty()
-            && b.bytes().chain(c.bytes()).all(|x| x.is_ascii_digit()))
-    })
+/// A session that failed on the way (closed, timed out, malformed replies): `4.4.2 ADDR: why`.
+fn session_failure(addr: SocketAddr, why: impl std::fmt::Display) -> Status {
+    Status::transient(Source::Connection, 4, 2, format!("{addr}: {why}"))
 }
 
 /// One outbound SMTP connection and its session machine.
 #[derive(Debug)]
 struct ClientConn {
     conn: Conn,
+    /// The next hop it is connected to.
+    addr: SocketAddr,
     session: ClientSession,
     buf: Vec<u8>,
     tls: Option<TlsInfo>,
@@ -997,12 +1018,19 @@ impl ClientConn {
     }
 
     /// Drives I/O until the machine has an event.
-    async fn next_event(&mut self) -> Result<ClientEvent, String> {
+    async fn next_event(&mut self) -> Result<ClientEvent, Status> {
+        let addr = self.addr;
         loop {
             let out = self.session.take_output();
             if !out.is_empty() {
-                self.conn.write_all(&out).await.map_err(|e| e.to_string())?;
-                self.conn.flush().await.map_err(|e| e.to_string())?;
+                self.conn
+                    .write_all(&out)
+                    .await
+                    .map_err(|e| session_failure(addr, e))?;
+                self.conn
+                    .flush()
+                    .await
+                    .map_err(|e| session_failure(addr, e))?;
             }
             if let Some(ev) = self.session.poll_event() {
                 return Ok(ev);
@@ -1020,12 +1048,12 @@ impl ClientConn {
                 None => self.conn.read(&mut self.buf).await,
             };
             match read {
-                Ok(0) => return Err("connection closed by server".into()),
+                Ok(0) => return Err(session_failure(addr, "connection closed by server")),
                 Ok(n) => {
                     let data = self.buf.get(..n).unwrap_or(&[]).to_vec();
                     self.session.feed(&data, Instant::now());
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(session_failure(addr, e)),
             }
         }
     }
@@ -1061,38 +1089,9 @@ impl ClientConn {
     }
 }
 
-/// Parked connections are keyed by address and everything their TLS state was judged under:
-/// peer name, STARTTLS mode, level, CA, pins and client certificate — so a plaintext or
-/// unverified connection never serves a route that asks for more.
-fn pool_tag(route: &Route, attempt: &Attempt) -> String {
-    format!(
-        "{}|{:?}|{}|{:?}|{:?}|{:?}",
-        attempt.peer().name,
-        attempt.starttls(),
-        attempt.level(),
-        route.ca,
-        route.fingerprints,
-        route.client_certificate,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn expiry_keeps_the_class_of_the_last_error() {
-        let cases = [
-            ("4.7.4 TLS required by policy for 127.0.0.3", "5.7.4"),
-            ("4.7.5 TLS with 127.0.0.3 rejected", "5.7.5"),
-            ("451 4.3.0 try later (from x)", "5.3.0"),
-            ("connection refused", "5.4.7"),
-            ("no attempt succeeded", "5.4.7"),
-        ];
-        for (last, want) in cases {
-            assert_eq!(expiry_status(last), want, "{last}");
-        }
-    }
 
     #[tokio::test]
     async fn admin_release_and_delete_are_durable() {
@@ -1178,18 +1177,5 @@ mod tests {
         assert!(by_id(&ids[1]).is_none(), "deleted for good");
         assert!(by_id(&ids[2]).unwrap().next_attempt > unix_now());
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn status_codes_in_reasons() {
-        let cases = [
-            ("550 5.1.1 no such user (from x)", Some("5.1.1")),
-            ("4.4.7 gave up", Some("4.4.7")),
-            ("550 No route", None),
-            ("hello world", None),
-        ];
-        for (t, want) in cases {
-            assert_eq!(status_of(t), want, "{t}");
-        }
     }
 }
