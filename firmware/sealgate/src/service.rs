@@ -83,48 +83,12 @@ pub async fn run_on(
         a.spawn_watchdog();
         a.spawn_reaper();
     }
-    let (mut store, sealed_error) = open_store(board.as_ref());
     // What the appliance's health check must hear about (on the dev board these are logged or
     // fatal as before).
     let mut problems: Vec<String> = Vec::new();
-    if let Some(e) = &sealed_error {
-        problems.push(format!("the sealed store cannot be opened: {e}"));
-    }
-    if let (Some(a), Some(s)) = (&appliance, store.as_mut()) {
-        provision_baked(s, &a.trust)?;
-    }
-    let (config, origin, checked) = match &appliance {
-        Some(_) => appliance_config(store.as_ref(), board.serial(), &mut problems)?,
-        None => initial_config(&source, store.as_ref(), board.serial())?,
-    };
+    let (live, store, sealed_error) =
+        start_config(board.as_ref(), &source, appliance.as_deref(), &mut problems).await?;
     let state_dir = board.state_dir().to_path_buf();
-    if let Some(s) = store.as_mut() {
-        if site::ensure_identity(s).map_err(|e| StartError::Record(e.to_string()))? {
-            s.commit().map_err(SiteError::from)?;
-            tracing::info!("made the device identity key (Ed25519) in the sealed store");
-        }
-        if ensure_dev_certificate(&config, s)? {
-            s.commit().map_err(SiteError::from)?;
-            tracing::warn!(
-                host = %config.hostname,
-                "made a self-signed development certificate in the sealed store"
-            );
-        }
-        export_chains(s, &state_dir);
-    }
-    let server_tls = ServerTls::load(&config, store.as_ref())?;
-    if server_tls.is_none() {
-        tracing::warn!("no certificate installed: STARTTLS is not offered, implicit TLS is off");
-    }
-    let live = Arc::new(Live::new(Snapshot::build(config, server_tls)?));
-    let store = Arc::new(Mutex::new(store));
-    if let Some(c) = checked {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || crate::control::record(&store, &c))
-            .await
-            .map_err(|e| StartError::Record(e.to_string()))??;
-        tracing::info!(config = %origin, "signed configuration applied");
-    }
     let config = live.get().config.clone();
     let (spool, recovered) = Spool::open(&state_dir.join("queue"), config.queue.min_free_bytes)?;
     let spool = Arc::new(spool);
@@ -144,49 +108,8 @@ pub async fn run_on(
     );
     tokio::spawn(queue.clone().run());
     let smtpd = Smtpd::new(live.clone(), spool, queue.clone(), peers.clone());
-
-    let mut ready = Vec::new();
-    let mut listeners = Vec::new();
-    let mut bound_smtp = Vec::new();
-    let mut bound_other = Vec::new();
-    for (addrs, implicit) in [
-        (&config.smtp.listen, false),
-        (&config.smtp.implicit_tls, true),
-    ] {
-        for addr in addrs {
-            if implicit && live.get().server_tls.is_none() {
-                continue;
-            }
-            let listener = match TcpListener::bind(addr).await {
-                Ok(l) => l,
-                // The appliance keeps going without it (the management API must stay
-                // reachable); its health check fails instead.
-                Err(source) if appliance.is_some() => {
-                    tracing::error!(%addr, error = %source, "cannot listen");
-                    problems.push(format!("cannot listen on {addr}: {source}"));
-                    continue;
-                }
-                Err(source) => {
-                    return Err(StartError::Listen {
-                        addr: *addr,
-                        source,
-                    });
-                }
-            };
-            let bound = listener.local_addr().unwrap_or(*addr);
-            if implicit {
-                bound_other.push(bound);
-            } else {
-                bound_smtp.push(bound);
-            }
-            ready.push(if implicit {
-                format!("smtps={bound}")
-            } else {
-                format!("smtp={bound}")
-            });
-            listeners.push(tokio::spawn(smtpd.clone().serve(listener, implicit)));
-        }
-    }
+    let smtp = listen_smtp(&smtpd, &live, appliance.is_some(), &mut problems).await?;
+    let mut bound_other = smtp.implicit.clone();
     // The management API (F-MGMT): its own listeners; one that cannot be bound is logged.
     let mgmt_bound = crate::mgmt::Mgmt::start(
         live.clone(),
@@ -205,40 +128,15 @@ pub async fn run_on(
         problems.push("the management API is not listening".into());
     }
     bound_other.extend(mgmt_bound);
-    {
-        let smtpd = smtpd.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                t.tick().await;
-                let s = smtpd.clone();
-                let _ = tokio::task::spawn_blocking(move || s.refresh_spool_free()).await;
-            }
-        });
-    }
-    println!(
-        "sealgate ready: {} state={}",
-        ready.join(" "),
-        state_dir.display()
-    );
-    if let Some(smtp) = config.smtp.listen.first() {
-        let tls_flag = if live.get().server_tls.is_some() {
-            " -tls"
-        } else {
-            ""
-        };
-        let domain = config
-            .smtp
-            .local_domains
-            .first()
-            .map(String::as_str)
-            .unwrap_or("example.test");
-        println!(
-            "try: swaks --server {smtp}{tls_flag} --from you@{domain} --to postmaster@{domain}"
-        );
-    }
+    spawn_spool_free_refresh(smtpd.clone());
+    print_ready(&live, &smtp.ready, &state_dir);
     if let Some(a) = &appliance {
-        a.spawn_health_check(bound_smtp, bound_other, state_dir.join("queue"), problems);
+        a.spawn_health_check(
+            smtp.starttls,
+            bound_other,
+            state_dir.join("queue"),
+            problems,
+        );
     }
     if let ConfigSource::File(path) = &source {
         let reload = crate::control::Reload {
@@ -251,8 +149,183 @@ pub async fn run_on(
         tokio::spawn(crate::control::reload_on_hangup(reload));
     }
     wait_for_shutdown().await;
-    // Stop accepting; give running sessions a grace period to finish their transactions.
-    // Whatever is cut off was never acknowledged, and everything acknowledged is in the queue.
+    shut_down(smtp.tasks, &smtpd, &peers).await;
+    Ok(())
+}
+
+/// The shared sealed store, as start-up leaves it to the rest of the daemon.
+type SharedStore = Arc<Mutex<Option<SealedStore>>>;
+
+/// The config to start on, made live: the sealed store opened (its error kept for the API's
+/// health answer), the baked trust anchors provisioned on the appliance, the device identity
+/// and a dev certificate made when missing, the server TLS loaded, and a signed config that
+/// was applied recorded.
+async fn start_config(
+    board: &dyn Board,
+    source: &ConfigSource,
+    appliance: Option<&Appliance>,
+    problems: &mut Vec<String>,
+) -> Result<(Arc<Live>, SharedStore, Option<String>), StartError> {
+    let (mut store, sealed_error) = open_store(board);
+    if let Some(e) = &sealed_error {
+        problems.push(format!("the sealed store cannot be opened: {e}"));
+    }
+    if let (Some(a), Some(s)) = (appliance, store.as_mut()) {
+        provision_baked(s, &a.trust)?;
+    }
+    let (config, origin, checked) = match appliance {
+        Some(_) => appliance_config(store.as_ref(), board.serial(), problems)?,
+        None => initial_config(source, store.as_ref(), board.serial())?,
+    };
+    if let Some(s) = store.as_mut() {
+        ensure_keys(&config, s, board.state_dir())?;
+    }
+    let server_tls = ServerTls::load(&config, store.as_ref())?;
+    if server_tls.is_none() {
+        tracing::warn!("no certificate installed: STARTTLS is not offered, implicit TLS is off");
+    }
+    let live = Arc::new(Live::new(Snapshot::build(config, server_tls)?));
+    let store = Arc::new(Mutex::new(store));
+    if let Some(c) = checked {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || crate::control::record(&store, &c))
+            .await
+            .map_err(|e| StartError::Record(e.to_string()))??;
+        tracing::info!(config = %origin, "signed configuration applied");
+    }
+    Ok((live, store, sealed_error))
+}
+
+/// Makes the device identity key and, where the config asks for one, the dev certificate in
+/// the sealed store when they are missing; exports the public certificate chains.
+fn ensure_keys(config: &Config, s: &mut SealedStore, state_dir: &Path) -> Result<(), StartError> {
+    if site::ensure_identity(s).map_err(|e| StartError::Record(e.to_string()))? {
+        s.commit().map_err(SiteError::from)?;
+        tracing::info!("made the device identity key (Ed25519) in the sealed store");
+    }
+    if ensure_dev_certificate(config, s)? {
+        s.commit().map_err(SiteError::from)?;
+        tracing::warn!(
+            host = %config.hostname,
+            "made a self-signed development certificate in the sealed store"
+        );
+    }
+    export_chains(s, state_dir);
+    Ok(())
+}
+
+/// The SMTP listeners that were bound.
+struct SmtpListeners {
+    /// Accept loops, aborted at shutdown.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// STARTTLS listeners (the health check expects a `220` there).
+    starttls: Vec<std::net::SocketAddr>,
+    /// Implicit-TLS listeners.
+    implicit: Vec<std::net::SocketAddr>,
+    /// `smtp=ADDR` / `smtps=ADDR` for the ready line.
+    ready: Vec<String>,
+}
+
+/// Binds every SMTP listener (implicit TLS only with a certificate) and starts its accept
+/// loop. On the appliance a listener that cannot be bound is a health-check problem (the
+/// management API must stay reachable); on the dev board it is fatal.
+async fn listen_smtp(
+    smtpd: &Arc<Smtpd>,
+    live: &Live,
+    appliance: bool,
+    problems: &mut Vec<String>,
+) -> Result<SmtpListeners, StartError> {
+    let config = live.get().config.clone();
+    let mut out = SmtpListeners {
+        tasks: Vec::new(),
+        starttls: Vec::new(),
+        implicit: Vec::new(),
+        ready: Vec::new(),
+    };
+    for (addrs, implicit) in [
+        (&config.smtp.listen, false),
+        (&config.smtp.implicit_tls, true),
+    ] {
+        for addr in addrs {
+            if implicit && live.get().server_tls.is_none() {
+                continue;
+            }
+            let listener = match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(source) if appliance => {
+                    tracing::error!(%addr, error = %source, "cannot listen");
+                    problems.push(format!("cannot listen on {addr}: {source}"));
+                    continue;
+                }
+                Err(source) => {
+                    return Err(StartError::Listen {
+                        addr: *addr,
+                        source,
+                    });
+                }
+            };
+            let bound = listener.local_addr().unwrap_or(*addr);
+            if implicit {
+                out.implicit.push(bound);
+                out.ready.push(format!("smtps={bound}"));
+            } else {
+                out.starttls.push(bound);
+                out.ready.push(format!("smtp={bound}"));
+            }
+            out.tasks
+                .push(tokio::spawn(smtpd.clone().serve(listener, implicit)));
+        }
+    }
+    Ok(out)
+}
+
+/// Refreshes the spool's free-space figure (for `452 4.3.1`) every 2 s, off the async threads.
+fn spawn_spool_free_refresh(smtpd: Arc<Smtpd>) {
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            t.tick().await;
+            let s = smtpd.clone();
+            let _ = tokio::task::spawn_blocking(move || s.refresh_spool_free()).await;
+        }
+    });
+}
+
+/// The ready line on stdout (tests and the README wait for it), and a swaks line to try.
+fn print_ready(live: &Live, ready: &[String], state_dir: &Path) {
+    let snap = live.get();
+    println!(
+        "sealgate ready: {} state={}",
+        ready.join(" "),
+        state_dir.display()
+    );
+    if let Some(smtp) = snap.config.smtp.listen.first() {
+        let tls_flag = if snap.server_tls.is_some() {
+            " -tls"
+        } else {
+            ""
+        };
+        let domain = snap
+            .config
+            .smtp
+            .local_domains
+            .first()
+            .map(String::as_str)
+            .unwrap_or("example.test");
+        println!(
+            "try: swaks --server {smtp}{tls_flag} --from you@{domain} --to postmaster@{domain}"
+        );
+    }
+}
+
+/// Stops accepting and gives running sessions a grace period to finish their transactions.
+/// Whatever is cut off was never acknowledged, and everything acknowledged is in the queue.
+/// The peer table is written last.
+async fn shut_down(
+    listeners: Vec<tokio::task::JoinHandle<()>>,
+    smtpd: &Smtpd,
+    peers: &Arc<PeerStore>,
+) {
     for l in listeners {
         l.abort();
     }
@@ -270,7 +343,6 @@ pub async fn run_on(
         Ok(Err(e)) => tracing::error!(error = %e, "cannot write the peer table at shutdown"),
         Err(e) => tracing::error!(error = %e, "peer table writer failed at shutdown"),
     }
-    Ok(())
 }
 
 /// The sealed store, or `None` (logged) when it cannot be opened: then no signed config can

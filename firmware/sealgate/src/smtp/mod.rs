@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use sealgate_proto::Envelope;
 use sealgate_proto::received::{ReceivedFields, received_header};
 use sealgate_proto::server::{ClientInfo, Event, ServerSession, StoreResult, TlsInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -285,160 +286,253 @@ impl Smtpd {
         conn: &mut Conn,
         info: ClientInfo,
         stats: &mut SessionStats,
-    ) -> String {
-        let local_ip = info.local.ip();
+    ) -> SessionEnd {
         let client_ip = info.peer.ip();
         stats.tls = info.implicit_tls.clone();
-        let mut session = ServerSession::new(snap.params.clone(), info, Instant::now());
-        session.set_spool_free(self.spool_free.load(Ordering::Relaxed));
+        let mut s = SessionIo {
+            local_ip: info.local.ip(),
+            client_ip,
+            session: ServerSession::new(snap.params.clone(), info, Instant::now()),
+            sink: None,
+        };
+        s.session
+            .set_spool_free(self.spool_free.load(Ordering::Relaxed));
         let mut buf = vec![0u8; READ_BUF];
-        let mut sink: Option<BodySink> = None;
         let mut shutdown = self.shutdown.subscribe();
         loop {
-            while let Some(ev) = session.poll_event() {
-                match ev {
-                    Event::StartTls => {
-                        if let Err(e) = flush(conn, &mut session).await {
-                            return format!("write error: {e}");
-                        }
-                        let Some(tls) = &snap.server_tls else {
-                            return "STARTTLS without certificate".into();
-                        };
-                        let timeout = snap.config.tls.handshake_timeout;
-                        match self
-                            .handshake(conn, tls, timeout, local_ip, client_ip)
-                            .await
-                        {
-                            Ok((t, cert)) => {
-                                stats.tls = Some(t.clone());
-                                stats.client_cert = cert;
-                                let peer_verified = t.verified_client.is_some();
-                                session.tls_established(t, Instant::now());
-                                if peer_verified {
-                                    session.set_relay_allowed(true);
-                                }
-                            }
-                            Err(e) => return format!("TLS handshake failed: {e}"),
-                        }
-                    }
-                    Event::MessageStart => {
-                        session.set_spool_free(self.spool_free.load(Ordering::Relaxed));
-                        let id_sink = self.spool.begin(Vec::new());
-                        let tls = session
-                            .tls()
-                            .map(|t| (t.version.as_str(), t.cipher.as_str()));
-                        let header = received_header(&ReceivedFields {
-                            helo: session.helo().unwrap_or("unknown"),
-                            client_ip,
-                            by: &snap.config.hostname,
-                            protocol: session.protocol(),
-                            tls,
-                            queue_id: id_sink.id(),
-                            for_rcpt: None,
-                            unix_time: unix_now(),
-                        });
-                        let mut s = id_sink;
-                        if let Err(e) = s.append(header.into_bytes()).await {
-                            tracing::error!(error = %e, "spool write failed");
-                        }
-                        sink = Some(s);
-                    }
-                    Event::MessageComplete(envelope) => {
-                        if session.is_closed() {
-                            // The session already ended (input overflow behind the dot): the
-                            // client will never see a 250, so storing would only duplicate.
-                            sink = None;
-                            continue;
-                        }
-                        let result = match sink.take() {
-                            None => StoreResult::Failed,
-                            Some(mut s) => {
-                                let stored = match s.append(session.take_body()).await {
-                                    Ok(()) => self.spool.commit(s, &envelope).await,
-                                    Err(e) => Err(e),
-                                };
-                                match stored {
-                                    Ok(msg) => {
-                                        let id = msg.id.clone();
-                                        tracing::info!(
-                                            queue_id = %id,
-                                            client = %client_ip,
-                                            from = %msg.mail_from,
-                                            rcpts = msg.recipients.len(),
-                                            size = msg.size,
-                                            "queued"
-                                        );
-                                        self.queue.enqueue(msg);
-                                        stats.queued.push(id.clone());
-                                        StoreResult::Queued(id)
-                                    }
-                                    Err(SpoolError::NoSpace) => StoreResult::NoSpace,
-                                    Err(e) => {
-                                        tracing::error!(error = %e, "spool commit failed");
-                                        StoreResult::Failed
-                                    }
-                                }
-                            }
-                        };
-                        session.message_stored(result, Instant::now());
-                    }
-                    Event::Etrn(domain) => {
-                        let r = self.queue.etrn(&domain);
-                        session.etrn_result(r, Instant::now());
-                    }
-                    Event::Close => {
-                        stats.helo = session.helo().map(str::to_string);
-                        let _ = flush(conn, &mut session).await;
-                        return "closed".into();
-                    }
+            while let Some(ev) = s.session.poll_event() {
+                if let Some(end) = self.perform(snap, conn, &mut s, stats, ev).await {
+                    return end;
                 }
             }
-            if session.body_len() >= BODY_CHUNK
-                && let Some(s) = sink.as_mut()
-                && let Err(e) = s.append(session.take_body()).await
+            if s.session.body_len() >= BODY_CHUNK
+                && let Some(sink) = s.sink.as_mut()
+                && let Err(e) = sink.append(s.session.take_body()).await
             {
                 tracing::error!(error = %e, "spool write failed");
-                return "spool write failed".into();
+                return SessionEnd::SpoolWrite;
             }
-            if let Err(e) = flush(conn, &mut session).await {
-                return format!("write error: {e}");
+            if let Err(e) = flush(conn, &mut s.session).await {
+                return SessionEnd::Write(e);
             }
-            stats.helo = session.helo().map(str::to_string).or(stats.helo.take());
-            if session.is_closed() {
-                return "closed".into();
+            stats.helo = s.session.helo().map(str::to_string).or(stats.helo.take());
+            if s.session.is_closed() {
+                return SessionEnd::Closed;
             }
-            if !session.wants_input() {
-                return "session stalled".into();
+            if !s.session.wants_input() {
+                return SessionEnd::Stalled;
             }
-            // Far in the future when the machine sets no deadline.
-            let deadline = session
-                .deadline()
-                .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(86_400));
-            let idle = sink.is_none();
-            let read = tokio::select! {
-                r = tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)) => match r {
-                    Ok(r) => r,
-                    Err(_) => {
-                        session.handle_timeout(Instant::now());
-                        continue;
-                    }
-                },
-                // On shutdown, a session not inside DATA is told so and closed at once; one
-                // inside DATA may finish its message within the grace period.
-                _ = shutdown.changed(), if idle => {
-                    let _ = conn
-                        .write_all(b"421 4.3.2 Service shutting down, try again later\r\n")
-                        .await;
-                    return "closed by shutdown".into();
-                }
-            };
-            match read {
-                Ok(0) => return "client disconnected".into(),
-                Ok(n) => session.feed(buf.get(..n).unwrap_or(&[]), Instant::now()),
-                Err(e) => return format!("read error: {e}"),
+            if let Some(end) = read_input(conn, &mut s, &mut buf, &mut shutdown).await {
+                return end;
             }
         }
     }
+
+    /// Performs one event of the session machine; `Some` ends the session.
+    async fn perform(
+        &self,
+        snap: &Snapshot,
+        conn: &mut Conn,
+        s: &mut SessionIo,
+        stats: &mut SessionStats,
+        ev: Event,
+    ) -> Option<SessionEnd> {
+        match ev {
+            Event::StartTls => return self.start_tls(snap, conn, s, stats).await,
+            Event::MessageStart => {
+                s.session
+                    .set_spool_free(self.spool_free.load(Ordering::Relaxed));
+                s.sink = Some(self.begin_message(snap, s).await);
+            }
+            Event::MessageComplete(envelope) => {
+                if s.session.is_closed() {
+                    // The session already ended (input overflow behind the dot): the client
+                    // will never see a 250, so storing would only duplicate.
+                    s.sink = None;
+                    return None;
+                }
+                let result = self.store_message(s, &envelope, stats).await;
+                s.session.message_stored(result, Instant::now());
+            }
+            Event::Etrn(domain) => {
+                let r = self.queue.etrn(&domain);
+                s.session.etrn_result(r, Instant::now());
+            }
+            Event::Close => {
+                stats.helo = s.session.helo().map(str::to_string);
+                let _ = flush(conn, &mut s.session).await;
+                return Some(SessionEnd::Closed);
+            }
+        }
+        None
+    }
+
+    /// STARTTLS: the `220` out, the handshake, the machine told (it resets the session and
+    /// discards what arrived before); a verified VPN peer may relay from here on.
+    async fn start_tls(
+        &self,
+        snap: &Snapshot,
+        conn: &mut Conn,
+        s: &mut SessionIo,
+        stats: &mut SessionStats,
+    ) -> Option<SessionEnd> {
+        if let Err(e) = flush(conn, &mut s.session).await {
+            return Some(SessionEnd::Write(e));
+        }
+        let Some(tls) = &snap.server_tls else {
+            return Some(SessionEnd::NoCertificate);
+        };
+        let timeout = snap.config.tls.handshake_timeout;
+        match self
+            .handshake(conn, tls, timeout, s.local_ip, s.client_ip)
+            .await
+        {
+            Ok((t, cert)) => {
+                stats.tls = Some(t.clone());
+                stats.client_cert = cert;
+                let peer_verified = t.verified_client.is_some();
+                s.session.tls_established(t, Instant::now());
+                if peer_verified {
+                    s.session.set_relay_allowed(true);
+                }
+                None
+            }
+            Err(e) => Some(SessionEnd::Handshake(e)),
+        }
+    }
+
+    /// A new message's spool sink, starting with its `Received:` header.
+    async fn begin_message(&self, snap: &Snapshot, s: &SessionIo) -> BodySink {
+        let mut sink = self.spool.begin(Vec::new());
+        let tls = s
+            .session
+            .tls()
+            .map(|t| (t.version.as_str(), t.cipher.as_str()));
+        let header = received_header(&ReceivedFields {
+            helo: s.session.helo().unwrap_or("unknown"),
+            client_ip: s.client_ip,
+            by: &snap.config.hostname,
+            protocol: s.session.protocol(),
+            tls,
+            queue_id: sink.id(),
+            for_rcpt: None,
+            unix_time: unix_now(),
+        });
+        if let Err(e) = sink.append(header.into_bytes()).await {
+            tracing::error!(error = %e, "spool write failed");
+        }
+        sink
+    }
+
+    /// The rest of the body to the spool and the commit (fsync) before the machine may say
+    /// `250`; the message then goes to the delivery queue.
+    async fn store_message(
+        &self,
+        s: &mut SessionIo,
+        envelope: &Envelope,
+        stats: &mut SessionStats,
+    ) -> StoreResult {
+        let Some(mut sink) = s.sink.take() else {
+            return StoreResult::Failed;
+        };
+        let stored = match sink.append(s.session.take_body()).await {
+            Ok(()) => self.spool.commit(sink, envelope).await,
+            Err(e) => Err(e),
+        };
+        match stored {
+            Ok(msg) => {
+                let id = msg.id.clone();
+                tracing::info!(
+                    queue_id = %id,
+                    client = %s.client_ip,
+                    from = %msg.mail_from,
+                    rcpts = msg.recipients.len(),
+                    size = msg.size,
+                    "queued"
+                );
+                self.queue.enqueue(msg);
+                stats.queued.push(id.clone());
+                StoreResult::Queued(id)
+            }
+            Err(SpoolError::NoSpace) => StoreResult::NoSpace,
+            Err(e) => {
+                tracing::error!(error = %e, "spool commit failed");
+                StoreResult::Failed
+            }
+        }
+    }
+}
+
+/// One session's machine and what the driver keeps beside it.
+struct SessionIo {
+    local_ip: IpAddr,
+    client_ip: IpAddr,
+    session: ServerSession,
+    /// The message being received, once DATA started.
+    sink: Option<BodySink>,
+}
+
+/// Waits for input until the machine's deadline (then tells it) or shutdown: a session not
+/// inside DATA is told `421 4.3.2` and closed at once; one inside DATA may finish its message
+/// within the grace period. `Some` ends the session.
+async fn read_input(
+    conn: &mut Conn,
+    s: &mut SessionIo,
+    buf: &mut [u8],
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<SessionEnd> {
+    // Far in the future when the machine sets no deadline.
+    let deadline = s
+        .session
+        .deadline()
+        .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(86_400));
+    let idle = s.sink.is_none();
+    let read = tokio::select! {
+        r = tokio::time::timeout_at(deadline.into(), conn.read(buf)) => match r {
+            Ok(r) => r,
+            Err(_) => {
+                s.session.handle_timeout(Instant::now());
+                return None;
+            }
+        },
+        _ = shutdown.changed(), if idle => {
+            let _ = conn
+                .write_all(b"421 4.3.2 Service shutting down, try again later\r\n")
+                .await;
+            return Some(SessionEnd::Shutdown);
+        }
+    };
+    match read {
+        Ok(0) => Some(SessionEnd::Disconnected),
+        Ok(n) => {
+            s.session.feed(buf.get(..n).unwrap_or(&[]), Instant::now());
+            None
+        }
+        Err(e) => Some(SessionEnd::Read(e)),
+    }
+}
+
+/// Why a session ended, for its log line.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("closed")]
+    Closed,
+    #[error("closed by shutdown")]
+    Shutdown,
+    #[error("client disconnected")]
+    Disconnected,
+    #[error("session stalled")]
+    Stalled,
+    #[error("spool write failed")]
+    SpoolWrite,
+    #[error("STARTTLS without certificate")]
+    NoCertificate,
+    #[error("TLS handshake failed: {0}")]
+    Handshake(String),
+    #[error("write error: {0}")]
+    Write(std::io::Error),
+    #[error("read error: {0}")]
+    Read(std::io::Error),
 }
 
 #[derive(Debug, Default)]
