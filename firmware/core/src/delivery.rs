@@ -274,6 +274,36 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// The replies of one transaction: to MAIL when it was refused (then no RCPT was sent), to
+/// each RCPT in order, and to the end of DATA when any recipient was accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct Replies<'a> {
+    pub mail: Option<&'a Reply>,
+    pub rcpt: &'a [Reply],
+    pub data: Option<&'a Reply>,
+}
+
+/// Each of `n` recipients' outcome from the replies of its transaction, naming the peer: a
+/// refused MAIL or RCPT counts for the recipient, else the reply to DATA; no DATA reply at
+/// all (connection lost) defers.
+pub fn outcomes(replies: &Replies<'_>, n: usize, peer: &str) -> Vec<Outcome> {
+    (0..n)
+        .map(|k| {
+            let r = replies.mail.or(replies.rcpt.get(k));
+            match (r, replies.data) {
+                (Some(r), _) if !r.is_positive() => Outcome::of(Status::from_reply(r, peer)),
+                (_, Some(d)) => Outcome::of(Status::from_reply(d, peer)),
+                (_, None) => Outcome::Deferred(Status::transient(
+                    Source::Connection,
+                    4,
+                    2,
+                    "no reply to DATA",
+                )),
+            }
+        })
+        .collect()
+}
+
 /// Which recipients of a message travel together: one group per route, and per recipient
 /// domain for MX routes (each domain has its own MX hosts).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -542,6 +572,56 @@ mod tests {
         assert!(!is_expired(1000, Duration::MAX, u64::MAX - 1));
         assert!(is_expired(1000, Duration::from_secs(10), 1010));
         assert!(!is_expired(1000, Duration::from_secs(10), 1009));
+    }
+
+    #[test]
+    fn transaction_replies_into_outcomes() {
+        let ok = Reply::new(250, Enhanced(2, 1, 5), "ok");
+        let unknown = Reply::new(550, Enhanced(5, 1, 1), "unknown");
+        let busy = Reply::new(451, Enhanced(4, 3, 0), "busy");
+        let queued = Reply::new(250, Enhanced(2, 0, 0), "queued as X");
+        let words = |v: Vec<Outcome>| v.iter().map(Outcome::to_string).collect::<Vec<_>>();
+        let rcpt = [ok.clone(), unknown.clone(), busy.clone()];
+        let all = Replies {
+            mail: None,
+            rcpt: &rcpt,
+            data: Some(&queued),
+        };
+        assert_eq!(
+            words(outcomes(&all, 3, "mx")),
+            [
+                "Delivered(250 2.0.0 queued as X (from mx))",
+                "Failed(550 5.1.1 unknown (from mx))",
+                "Deferred(451 4.3.0 busy (from mx))",
+            ]
+        );
+        let refused = Replies {
+            mail: Some(&busy),
+            rcpt: &[],
+            data: None,
+        };
+        assert_eq!(
+            words(outcomes(&refused, 2, "mx")),
+            ["Deferred(451 4.3.0 busy (from mx))"; 2]
+        );
+        let lost = Replies {
+            mail: None,
+            rcpt: &rcpt[..1],
+            data: None,
+        };
+        assert_eq!(
+            words(outcomes(&lost, 1, "mx")),
+            ["Deferred(4.4.2 no reply to DATA)"]
+        );
+        let rejected = Replies {
+            mail: None,
+            rcpt: &rcpt[..1],
+            data: Some(&unknown),
+        };
+        assert_eq!(
+            words(outcomes(&rejected, 1, "mx")),
+            ["Failed(550 5.1.1 unknown (from mx))"]
+        );
     }
 
     fn config(routes: &str) -> Config {

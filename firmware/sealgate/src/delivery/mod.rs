@@ -627,20 +627,7 @@ impl Queue {
             smtputf8: msg.smtputf8,
         };
         if let Err(e) = conn.session.send_transaction(tx, Instant::now()) {
-            let o = match e {
-                ClientError::TooLarge(_) => Outcome::Failed(
-                    Status::permanent(Source::Remote, 3, 4, e.to_string()).with_code(552),
-                ),
-                ClientError::NoSmtpUtf8 => {
-                    Outcome::Failed(Status::permanent(Source::Remote, 6, 7, e.to_string()))
-                }
-                other => Outcome::Deferred(Status::transient(
-                    Source::Connection,
-                    4,
-                    2,
-                    other.to_string(),
-                )),
-            };
+            let o = refused_transaction(&e);
             return Ok(idx.iter().map(|&i| (i, o.clone())).collect());
         }
         let mut sent = false;
@@ -653,51 +640,20 @@ impl Queue {
                 }
                 Ok(ClientEvent::TransactionDone { rcpt, mail, data }) => {
                     let peer = format!("{host} [{}] ({})", addr, conn.tls_desc());
+                    let replies = decide::Replies {
+                        mail: mail.as_ref(),
+                        rcpt: &rcpt,
+                        data: data.as_ref(),
+                    };
                     let outcomes: Vec<(usize, Outcome)> = idx
                         .iter()
-                        .enumerate()
-                        .map(|(k, &i)| {
-                            let r = mail.as_ref().or(rcpt.get(k));
-                            let o = match (r, &data) {
-                                (Some(r), _) if !r.is_positive() => {
-                                    Outcome::of(Status::from_reply(r, &peer))
-                                }
-                                (_, Some(d)) => Outcome::of(Status::from_reply(d, &peer)),
-                                (_, None) => Outcome::Deferred(Status::transient(
-                                    Source::Connection,
-                                    4,
-                                    2,
-                                    "no reply to DATA",
-                                )),
-                            };
-                            (i, o)
-                        })
+                        .copied()
+                        .zip(decide::outcomes(&replies, idx.len(), &peer))
                         .collect();
-                    let tls = conn.tls.as_ref();
-                    tracing::info!(
-                        queue_id = %msg.id,
-                        peer = %addr,
-                        host,
-                        tls = %tls.map_or("none", |t| t.version.as_str()),
-                        cipher = %tls.map_or("none", |t| t.cipher.as_str()),
-                        level = %conn.level,
-                        cert = %tls.map_or("-", |t| t.check.name()),
-                        peer_cert = %tls.map_or("-", |t| t.fingerprint.as_str()),
-                        subject = ?tls.map_or("-", |t| t.subject.as_str()),
-                        resumed = tls.is_some_and(|t| t.resumed),
-                        rcpts = idx.len(),
-                        accepted = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Delivered(_))).count(),
-                        result = %data.as_ref().or(mail.as_ref()).map(Reply::one_line).unwrap_or_else(|| "no recipient accepted".into()),
-                        "delivery attempt"
-                    );
+                    log_attempt(&conn, &msg.id, host, &replies, &outcomes);
                     // Reuse: the session is Ready again; park it.
-                    if let Ok(ClientEvent::Ready(_)) = conn.next_event().await
-                        && let Ok(mut p) = self.pool.lock()
-                    {
-                        let v = p.entry(key.clone()).or_default();
-                        if v.len() < POOL_PER_HOP {
-                            v.push((Instant::now(), conn));
-                        }
+                    if let Ok(ClientEvent::Ready(_)) = conn.next_event().await {
+                        self.park(key, conn);
                     }
                     return Ok(outcomes);
                 }
@@ -728,6 +684,17 @@ impl Queue {
         }
     }
 
+    /// Parks a connection that is ready for the next transaction (at most [`POOL_PER_HOP`] per
+    /// key; more are dropped).
+    fn park(&self, key: &PoolKey, conn: ClientConn) {
+        if let Ok(mut p) = self.pool.lock() {
+            let v = p.entry(key.clone()).or_default();
+            if v.len() < POOL_PER_HOP {
+                v.push((Instant::now(), conn));
+            }
+        }
+    }
+
     /// Opens a session to `addr` as the policy engine says, and consults it at each step: after
     /// EHLO (STARTTLS offered or not), after a failed handshake (one plaintext reconnect for
     /// `may`, else defer) and after a completed one (the certificate as the level demands).
@@ -747,87 +714,28 @@ impl Queue {
             let event = conn.next_event().await?;
             let now = unix_now();
             match event {
-                ClientEvent::StartTls => {
-                    let d = attempt.after_ehlo(true, now);
-                    self.peers.apply(&key, now, &d);
-                    let config = snap.client_tls.config(route.client_certificate.as_deref());
-                    let timeout = snap.config.tls.handshake_timeout;
-                    match conn.handshake(config, host, timeout).await {
-                        Ok(done) => {
-                            let (cert, detail) = snap.client_tls.facts(
-                                attempt.level(),
-                                route.ca.as_deref(),
-                                host,
-                                &done.chain,
-                            );
-                            let hs = Handshake {
-                                version: done.version.clone(),
-                                cipher: done.cipher.clone(),
-                                cert,
-                            };
-                            let now = unix_now();
-                            let d = attempt.after_handshake(&hs, now);
-                            self.peers.apply(&key, now, &d);
-                            if let AfterHandshake::Defer(d) = d.action {
-                                let detail = detail.map(|x| format!(" [{x}]")).unwrap_or_default();
-                                tracing::warn!(peer = %addr, host, policy = %d, detail = %detail, "TLS peer rejected");
-                                let mut status = policy_status(&d);
-                                status.text.push_str(&detail);
-                                return Err(status);
-                            }
-                            tracing::debug!(peer = %addr, host, policy = attempt.reason(), "TLS established");
-                            conn.tls = Some(TlsInfo {
-                                subject: done
-                                    .chain
-                                    .first()
-                                    .and_then(|c| subject_of(c))
-                                    .unwrap_or_default(),
-                                version: done.version,
-                                cipher: done.cipher,
-                                fingerprint: hs.cert.fingerprint_sha256,
-                                check: CertCheck::of(attempt.level()),
-                                resumed: done.resumed,
-                            });
-                            conn.session.tls_established(Instant::now());
-                            return match conn.next_event().await {
-                                Ok(ClientEvent::Ready(_)) => Ok(conn),
-                                Ok(ClientEvent::Failed(e)) => Err(session_failure(addr, e)),
-                                Ok(other) => {
-                                    Err(session_failure(addr, format!("unexpected {other:?}")))
-                                }
-                                Err(e) => Err(e),
-                            };
-                        }
-                        Err(failure) => {
-                            let now = unix_now();
-                            let d = attempt.after_handshake_failure(&failure, now);
-                            self.peers.apply(&key, now, &d);
-                            match d.action {
-                                AfterFailure::ReconnectPlaintext {
-                                    reason,
-                                    attempt: plain,
-                                } if !reconnected => {
-                                    tracing::warn!(peer = %addr, host, policy = %reason, "TLS fallback");
-                                    attempt = plain;
-                                    reconnected = true;
-                                    continue;
-                                }
-                                AfterFailure::ReconnectPlaintext { reason, .. } => {
-                                    return Err(Status::transient(
-                                        Source::TlsPolicy,
-                                        7,
-                                        5,
-                                        format!("{addr}: {reason}"),
-                                    ));
-                                }
-                                AfterFailure::Defer(d) => {
-                                    tracing::warn!(peer = %addr, host, policy = %d, "TLS handshake failed");
-                                    return Err(policy_status(&d));
-                                }
-                            }
-                        }
+                ClientEvent::StartTls => match self.secure(snap, route, &attempt, host, conn).await
+                {
+                    Secured::Ready(conn) => return Ok(*conn),
+                    Secured::Defer(status) => return Err(status),
+                    Secured::Plaintext {
+                        reason,
+                        attempt: plain,
+                    } if !reconnected => {
+                        tracing::warn!(peer = %addr, host, policy = %reason, "TLS fallback");
+                        attempt = plain;
+                        reconnected = true;
+                        continue;
                     }
-                }
+                    Secured::Plaintext { reason, .. } => {
+                        return Err(Status::transient(
+                            Source::TlsPolicy,
+                            7,
+                            5,
+                            format!("{addr}: {reason}"),
+                        ));
+                    }
+                },
                 ClientEvent::Ready(caps) => {
                     let d = attempt.after_ehlo(caps.starttls, now);
                     self.peers.apply(&key, now, &d);
@@ -871,6 +779,80 @@ impl Queue {
                 ClientEvent::Failed(e) => return Err(session_failure(addr, e)),
                 other => return Err(session_failure(addr, format!("unexpected {other:?}"))),
             }
+        }
+    }
+
+    /// STARTTLS was answered `220`: the handshake, then the certificate judged as the level
+    /// demands; each step's effects go to the peer table.
+    async fn secure(
+        &self,
+        snap: &Snapshot,
+        route: &Route,
+        attempt: &Attempt,
+        host: &str,
+        mut conn: ClientConn,
+    ) -> Secured {
+        let key = attempt.peer().clone();
+        let addr = conn.addr;
+        let now = unix_now();
+        let d = attempt.after_ehlo(true, now);
+        self.peers.apply(&key, now, &d);
+        let config = snap.client_tls.config(route.client_certificate.as_deref());
+        let timeout = snap.config.tls.handshake_timeout;
+        let done = match conn.handshake(config, host, timeout).await {
+            Ok(done) => done,
+            Err(failure) => {
+                let now = unix_now();
+                let d = attempt.after_handshake_failure(&failure, now);
+                self.peers.apply(&key, now, &d);
+                return match d.action {
+                    AfterFailure::ReconnectPlaintext { reason, attempt } => {
+                        Secured::Plaintext { reason, attempt }
+                    }
+                    AfterFailure::Defer(d) => {
+                        tracing::warn!(peer = %addr, host, policy = %d, "TLS handshake failed");
+                        Secured::Defer(policy_status(&d))
+                    }
+                };
+            }
+        };
+        let (cert, detail) =
+            snap.client_tls
+                .facts(attempt.level(), route.ca.as_deref(), host, &done.chain);
+        let hs = Handshake {
+            version: done.version.clone(),
+            cipher: done.cipher.clone(),
+            cert,
+        };
+        let now = unix_now();
+        let d = attempt.after_handshake(&hs, now);
+        self.peers.apply(&key, now, &d);
+        if let AfterHandshake::Defer(d) = d.action {
+            let detail = detail.map(|x| format!(" [{x}]")).unwrap_or_default();
+            tracing::warn!(peer = %addr, host, policy = %d, detail = %detail, "TLS peer rejected");
+            let mut status = policy_status(&d);
+            status.text.push_str(&detail);
+            return Secured::Defer(status);
+        }
+        tracing::debug!(peer = %addr, host, policy = attempt.reason(), "TLS established");
+        conn.tls = Some(TlsInfo {
+            subject: done
+                .chain
+                .first()
+                .and_then(|c| subject_of(c))
+                .unwrap_or_default(),
+            version: done.version,
+            cipher: done.cipher,
+            fingerprint: hs.cert.fingerprint_sha256,
+            check: CertCheck::of(attempt.level()),
+            resumed: done.resumed,
+        });
+        conn.session.tls_established(Instant::now());
+        match conn.next_event().await {
+            Ok(ClientEvent::Ready(_)) => Secured::Ready(Box::new(conn)),
+            Ok(ClientEvent::Failed(e)) => Secured::Defer(session_failure(addr, e)),
+            Ok(other) => Secured::Defer(session_failure(addr, format!("unexpected {other:?}"))),
+            Err(e) => Secured::Defer(e),
         }
     }
 
@@ -962,6 +944,67 @@ async fn tcp_connect(config: &Config, addr: SocketAddr) -> std::io::Result<TcpSt
         socket.bind(SocketAddr::new(ip, 0))?;
     }
     socket.connect(addr).await
+}
+
+/// What became of STARTTLS on a connection.
+enum Secured {
+    /// TLS is up and the certificate accepted: ready for mail.
+    Ready(Box<ClientConn>),
+    /// The policy says: reconnect in plaintext (`may` after a failed handshake), and why.
+    Plaintext { reason: String, attempt: Attempt },
+    /// Quit; the recipients stay queued with this status.
+    Defer(Status),
+}
+
+/// A transaction the client machine refused to start: too large for the server's SIZE
+/// (`552 5.3.4`), SMTPUTF8 needed but not offered (`550 5.6.7`), else a session fault.
+fn refused_transaction(e: &ClientError) -> Outcome {
+    match e {
+        ClientError::TooLarge(_) => {
+            Outcome::Failed(Status::permanent(Source::Remote, 3, 4, e.to_string()).with_code(552))
+        }
+        ClientError::NoSmtpUtf8 => {
+            Outcome::Failed(Status::permanent(Source::Remote, 6, 7, e.to_string()))
+        }
+        other => Outcome::Deferred(Status::transient(
+            Source::Connection,
+            4,
+            2,
+            other.to_string(),
+        )),
+    }
+}
+
+/// The log line of a finished transaction: the peer, its TLS facts and the result.
+fn log_attempt(
+    conn: &ClientConn,
+    queue_id: &str,
+    host: &str,
+    replies: &decide::Replies<'_>,
+    outcomes: &[(usize, Outcome)],
+) {
+    let tls = conn.tls.as_ref();
+    let result = replies
+        .data
+        .or(replies.mail)
+        .map(Reply::one_line)
+        .unwrap_or_else(|| "no recipient accepted".into());
+    tracing::info!(
+        queue_id,
+        peer = %conn.addr,
+        host,
+        tls = %tls.map_or("none", |t| t.version.as_str()),
+        cipher = %tls.map_or("none", |t| t.cipher.as_str()),
+        level = %conn.level,
+        cert = %tls.map_or("-", |t| t.check.name()),
+        peer_cert = %tls.map_or("-", |t| t.fingerprint.as_str()),
+        subject = ?tls.map_or("-", |t| t.subject.as_str()),
+        resumed = tls.is_some_and(|t| t.resumed),
+        rcpts = outcomes.len(),
+        accepted = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Delivered(_))).count(),
+        result = %result,
+        "delivery attempt"
+    );
 }
 
 /// A policy deferral (`4.7.4 …`, `4.7.5 …`) as a status.

@@ -204,6 +204,17 @@ impl Smtpd {
         };
         let result = self.run_session(&snap, &mut conn, info, &mut stats).await;
         let _ = conn.shutdown().await;
+        self.session_done(ip, local, &stats, &result);
+    }
+
+    /// The session's log line, and what the peer table keeps of an inbound client.
+    fn session_done(
+        &self,
+        ip: IpAddr,
+        local: SocketAddr,
+        stats: &SessionStats,
+        result: &SessionEnd,
+    ) {
         let (tls_v, tls_c) = stats
             .tls
             .as_ref()
