@@ -28,6 +28,8 @@
 //!   end-of-data sequence can be smuggled in.
 //! - No deadline while the runtime runs the TLS handshake or prepares the body.
 //! - `handle_eof` (extra) reports the server closing the connection.
+//! - `awaiting` and `last_reply` (extra, for error messages): which reply is due, and the last
+//!   reply received with the command it answered (e.g. the `421` behind `Failed(BadReply)`).
 
 use std::time::{Duration, Instant};
 
@@ -92,6 +94,42 @@ pub struct Transaction {
     pub size: u64,
     pub eightbit: bool,
     pub smtputf8: bool,
+}
+
+/// The command (or greeting) whose reply the session is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaiting {
+    Greeting,
+    Ehlo,
+    Helo,
+    StartTls,
+    Mail,
+    Rcpt,
+    /// The `354` (or refusal) to `DATA`.
+    Data,
+    /// The final reply after the body's dot.
+    DataEnd,
+    Rset,
+    Quit,
+}
+
+impl Awaiting {
+    /// A short name for messages: `greeting`, `EHLO`, `HELO`, `STARTTLS`, `MAIL`, `RCPT`,
+    /// `DATA`, `end of data`, `RSET`, `QUIT`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Awaiting::Greeting => "greeting",
+            Awaiting::Ehlo => "EHLO",
+            Awaiting::Helo => "HELO",
+            Awaiting::StartTls => "STARTTLS",
+            Awaiting::Mail => "MAIL",
+            Awaiting::Rcpt => "RCPT",
+            Awaiting::Data => "DATA",
+            Awaiting::DataEnd => "end of data",
+            Awaiting::Rset => "RSET",
+            Awaiting::Quit => "QUIT",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +256,8 @@ pub struct ClientSession {
     out: Vec<u8>,
     events: std::collections::VecDeque<ClientEvent>,
     deadline: Option<Instant>,
+    /// The last complete reply and what was awaited when it arrived.
+    last: Option<(Option<Awaiting>, Reply)>,
 }
 
 impl ClientSession {
@@ -231,6 +271,7 @@ impl ClientSession {
             caps: None,
             out: Vec::new(),
             events: Default::default(),
+            last: None,
         }
     }
 
@@ -357,6 +398,29 @@ impl ClientSession {
         self.caps.as_ref()
     }
 
+    /// The reply due now; `None` while none is (idle, body or TLS handshake pending, over).
+    pub fn awaiting(&self) -> Option<Awaiting> {
+        match &self.state {
+            State::Greeting => Some(Awaiting::Greeting),
+            State::Ehlo => Some(Awaiting::Ehlo),
+            State::Helo => Some(Awaiting::Helo),
+            State::StartTls => Some(Awaiting::StartTls),
+            State::Envelope(p) if p.mail.is_none() => Some(Awaiting::Mail),
+            State::Envelope(p) if p.rcpt.len() < p.tx.rcpt_to.len() => Some(Awaiting::Rcpt),
+            State::Envelope(_) => Some(Awaiting::Data),
+            State::DataEnd(_) => Some(Awaiting::DataEnd),
+            State::Rset => Some(Awaiting::Rset),
+            State::Quit => Some(Awaiting::Quit),
+            State::Handshake | State::Ready | State::Body(_) | State::Done => None,
+        }
+    }
+
+    /// The last complete reply from the server, with what it answered (`None`: it was not
+    /// due). Kept until the next reply; names the reply behind a `Failed(BadReply)`.
+    pub fn last_reply(&self) -> Option<(Option<Awaiting>, &Reply)> {
+        self.last.as_ref().map(|(awaited, reply)| (*awaited, reply))
+    }
+
     fn command(&mut self, line: &str, now: Instant) {
         self.out.extend_from_slice(line.as_bytes());
         self.out.extend_from_slice(b"\r\n");
@@ -390,6 +454,7 @@ impl ClientSession {
 
     /// One complete reply; `more` says whether further bytes followed it in this feed.
     fn on_reply(&mut self, reply: Reply, more: bool, now: Instant) {
+        self.last = Some((self.awaiting(), reply.clone()));
         let bad = |r: &Reply| ClientError::BadReply(r.one_line());
         match std::mem::replace(&mut self.state, State::Done) {
             State::Greeting if reply.code == 220 => self.ehlo(now),
@@ -1232,5 +1297,72 @@ mod tests {
                 "line length"
             )))
         );
+    }
+
+    #[test]
+    fn awaiting_and_last_reply() {
+        let t0 = Instant::now();
+        let mut c = ClientSession::new(params(StartTlsMode::Never), t0);
+        let mut seen = vec![c.awaiting()];
+        assert_eq!(c.last_reply(), None);
+        // One reply at a time, noting what is due after each.
+        fn feed(c: &mut ClientSession, seen: &mut Vec<Option<Awaiting>>, s: &str) {
+            c.feed(s.as_bytes(), Instant::now());
+            seen.push(c.awaiting());
+        }
+        feed(&mut c, &mut seen, "220 hi\r\n");
+        feed(&mut c, &mut seen, "250-mx.test\r\n250 PIPELINING\r\n");
+        assert_eq!(
+            c.send_transaction(tx(&["a@b.test", "c@d.test"]), t0),
+            Ok(())
+        );
+        seen.push(c.awaiting());
+        feed(&mut c, &mut seen, "250 ok\r\n");
+        feed(&mut c, &mut seen, "250 ok\r\n");
+        feed(&mut c, &mut seen, "250 ok\r\n");
+        feed(&mut c, &mut seen, "354 go\r\n");
+        c.send_body(b"x\r\n", t0);
+        seen.push(c.awaiting());
+        feed(&mut c, &mut seen, "250 queued\r\n");
+        assert_eq!(
+            c.last_reply(),
+            Some((Some(Awaiting::DataEnd), &reply("250 queued")))
+        );
+        assert_eq!(c.send_transaction(tx(&["a@b.test"]), t0), Ok(()));
+        feed(&mut c, &mut seen, "250 ok\r\n421 4.3.2 shutting down\r\n");
+        use Awaiting::*;
+        let want = [
+            Some(Greeting),
+            Some(Ehlo),
+            None, // Ready
+            Some(Mail),
+            Some(Rcpt),
+            Some(Rcpt),
+            Some(Data),
+            None, // SendBody: the runtime prepares the body
+            Some(DataEnd),
+            None, // Ready again
+            None, // over
+        ];
+        assert_eq!(seen, want);
+        // The 421 to RCPT ends the session; last_reply names it and what it answered.
+        assert_eq!(
+            c.last_reply(),
+            Some((Some(Rcpt), &reply("421 4.3.2 shutting down")))
+        );
+        let events: Vec<_> = std::iter::from_fn(|| c.poll_event()).collect();
+        assert_eq!(
+            events.last(),
+            Some(&ClientEvent::Failed(ClientError::BadReply(
+                "421 4.3.2 shutting down".into()
+            )))
+        );
+        assert_eq!(Rcpt.name(), "RCPT");
+        assert_eq!(DataEnd.name(), "end of data");
+        // A reply nobody waited for.
+        let mut idle = ClientSession::new(params(StartTlsMode::Never), t0);
+        idle.feed(b"220 hi\r\n250 mx\r\n250 extra\r\n", t0);
+        assert_eq!(idle.last_reply(), Some((None, &reply("250 extra"))));
+        assert_eq!(idle.awaiting(), None);
     }
 }

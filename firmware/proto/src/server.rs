@@ -220,8 +220,13 @@ enum LinePos {
 ///
 /// Only `CRLF . CRLF` ends the data. A bare `LF` or bare `CR` anywhere is remembered and the
 /// message is refused after the terminator (SMTP smuggling defence).
+///
+/// Public for other runtimes that receive DATA without the whole session machine (sealctl's
+/// reference sink): a fresh one (`default`) per message, fed with `ingest`; after the
+/// terminator `too_big`, `line_too_long` and `bare_eol` say whether (and why) the message is
+/// refused. Of `ServerLimits` only `max_text_line` and `max_message_bytes` apply.
 #[derive(Debug, Default)]
-struct DataReceiver {
+pub struct DataReceiver {
     pos: LinePos,
     /// Wire octets of the current line so far, including the stuffing dot and CRLF.
     line_len: usize,
@@ -237,8 +242,30 @@ impl DataReceiver {
         self.too_long || self.too_big || self.bare_eol
     }
 
-    /// Consumes bytes of `input`; returns how many and whether the terminator was seen.
-    fn ingest(&mut self, input: &[u8], body: &mut Vec<u8>, limits: &ServerLimits) -> (usize, bool) {
+    /// More than `max_message_bytes` of message text (nothing of it is kept in `body`).
+    pub fn too_big(&self) -> bool {
+        self.too_big
+    }
+
+    /// A text line longer than `max_text_line` octets (stuffing dot and CRLF included).
+    pub fn line_too_long(&self) -> bool {
+        self.too_long
+    }
+
+    /// A bare CR or LF in the text.
+    pub fn bare_eol(&self) -> bool {
+        self.bare_eol
+    }
+
+    /// Consumes bytes of `input`, appending the unstuffed text to `body` (cleared once the
+    /// message is refused); returns how many and whether the terminator was seen. Bytes after
+    /// the terminator are not consumed.
+    pub fn ingest(
+        &mut self,
+        input: &[u8],
+        body: &mut Vec<u8>,
+        limits: &ServerLimits,
+    ) -> (usize, bool) {
         let mut i = 0;
         while let Some(&b) = input.get(i) {
             if self.pos == LinePos::Mid {
@@ -663,29 +690,8 @@ impl ServerSession {
         let (verb, args) = trimmed.split_at(verb_len);
         let has_args = !args.trim_ascii().is_empty();
         let verb = verb.to_ascii_uppercase();
-
-        if self.client.tls_required
-            && self.tls.is_none()
-            && TLS_ONLY_VERBS.contains(&verb.as_slice())
-        {
-            self.fail(530, (5, 7, 0), "Must issue a STARTTLS command first");
+        if self.refuse_out_of_order(&verb) {
             return;
-        }
-        // Sequence errors before syntax errors: the client learns the real problem.
-        match verb.as_slice() {
-            b"MAIL" | b"RCPT" | b"DATA" if self.helo.is_none() => {
-                self.fail(503, (5, 5, 1), "Error: send HELO/EHLO first");
-                return;
-            }
-            b"MAIL" if self.envelope.is_some() => {
-                self.fail(503, (5, 5, 1), "Error: nested MAIL command");
-                return;
-            }
-            b"RCPT" | b"DATA" if self.envelope.is_none() => {
-                self.fail(503, (5, 5, 1), "Error: need MAIL command");
-                return;
-            }
-            _ => {}
         }
 
         let request = match Request::parse(&mut raw.iter()) {
@@ -695,6 +701,42 @@ impl ServerSession {
                 return;
             }
         };
+        self.dispatch(request, raw, has_args, now);
+    }
+
+    /// Refuses (and answers) `verb` (upper case) when TLS is required first or the session is
+    /// not at a point where it may come; `true` if refused. Sequence errors come before syntax
+    /// errors: the client learns the real problem.
+    fn refuse_out_of_order(&mut self, verb: &[u8]) -> bool {
+        if self.client.tls_required && self.tls.is_none() && TLS_ONLY_VERBS.contains(&verb) {
+            self.fail(530, (5, 7, 0), "Must issue a STARTTLS command first");
+            return true;
+        }
+        match verb {
+            b"MAIL" | b"RCPT" | b"DATA" if self.helo.is_none() => {
+                self.fail(503, (5, 5, 1), "Error: send HELO/EHLO first");
+                true
+            }
+            b"MAIL" if self.envelope.is_some() => {
+                self.fail(503, (5, 5, 1), "Error: nested MAIL command");
+                true
+            }
+            b"RCPT" | b"DATA" if self.envelope.is_none() => {
+                self.fail(503, (5, 5, 1), "Error: need MAIL command");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Runs a parsed command (`raw`, its line; `has_args`: text after the verb).
+    fn dispatch(
+        &mut self,
+        request: Request<Cow<'_, str>>,
+        raw: &[u8],
+        has_args: bool,
+        now: Instant,
+    ) {
         match request {
             Request::Ehlo { host } => self.hello(&host, true),
             Request::Helo { host } => self.hello(&host, false),
@@ -2048,5 +2090,81 @@ mod tests {
         let (replies, events) = h.act(&Act::At(300));
         assert!(replies.is_empty());
         assert_eq!(events, vec!["Close"]);
+    }
+
+    /// The DATA receiver on its own (as sealctl's sink uses it): whole and byte by byte.
+    #[test]
+    fn data_receiver_alone() {
+        let limits = ServerLimits {
+            max_text_line: 10,
+            max_message_bytes: 20,
+            ..ServerLimits::default()
+        };
+        // (input, consumed, done, body, too_big, line_too_long, bare_eol)
+        type Case = (&'static [u8], usize, bool, &'static [u8], bool, bool, bool);
+        let cases: &[Case] = &[
+            (
+                b"a\r\n.\r\nQUIT\r\n",
+                6,
+                true,
+                b"a\r\n",
+                false,
+                false,
+                false,
+            ),
+            (
+                b"..a\r\n.b\r\n...\r\n.\r\n",
+                17,
+                true,
+                b".a\r\nb\r\n..\r\n",
+                false,
+                false,
+                false,
+            ),
+            (b".\r\n", 3, true, b"", false, false, false),
+            (b"a\r\n.", 4, false, b"a\r\n", false, false, false),
+            (b"x\n.\n.\r\n", 7, false, b"", false, false, true),
+            (b"x\n\r\n.\r\n", 7, true, b"", false, false, true),
+            (b"0123456789\r\n.\r\n", 15, true, b"", false, true, false),
+            (
+                b"01234567\r\n01234567\r\n0\r\n.\r\n",
+                26,
+                true,
+                b"",
+                true,
+                false,
+                false,
+            ),
+        ];
+        for &(input, used, done, body, big, long, bare) in cases {
+            for chunk in [input.len(), 1] {
+                let mut r = DataReceiver::default();
+                let mut out = Vec::new();
+                let (mut total, mut end) = (0, false);
+                for piece in input.chunks(chunk) {
+                    let (n, d) = r.ingest(piece, &mut out, &limits);
+                    total += n;
+                    if d {
+                        end = true;
+                        break;
+                    }
+                }
+                let got = (
+                    total,
+                    end,
+                    &out[..],
+                    r.too_big(),
+                    r.line_too_long(),
+                    r.bare_eol(),
+                );
+                let want = (used, done, body, big, long, bare);
+                assert_eq!(
+                    got,
+                    want,
+                    "{:?} chunk {chunk}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
     }
 }

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use sealgate_core::blob::{self, BlobError, Header, KeyFileError};
 use sealgate_core::config::Config;
+use sealgate_core::time::unix_now;
 
 /// Exit status: a check failed.
 const EXIT_CHECK: u8 = 1;
@@ -413,13 +414,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn run_verify(a: &VerifyArgs) -> Result<(), Failure> {

@@ -7,7 +7,6 @@ mod hq;
 mod image;
 mod message;
 mod peers;
-mod reply;
 mod sink;
 mod stats;
 mod tls;

@@ -1,5 +1,6 @@
 //! Test message generation: a realistic RFC 5322 header and a filler body of
-//! exactly the requested size, plus DATA dot-stuffing.
+//! exactly the requested size (dot-stuffing is the session machine's, see
+//! `sealgate_proto::client`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -118,24 +119,6 @@ fn filler_body(len: usize, out: &mut Vec<u8>) {
     }
 }
 
-/// Appends `content` dot-stuffed (RFC 5321 §4.5.2) and the terminating
-/// `.CRLF` to `out`. `content` should end with CRLF; a CRLF is added if not.
-pub fn dot_stuff_into(content: &[u8], out: &mut Vec<u8>) {
-    out.reserve(content.len() + 5);
-    let mut at_line_start = true;
-    for &b in content {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-    }
-    if !content.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,20 +180,5 @@ mod tests {
         ));
         assert!(a.contains("\r\n\r\n"));
         assert_ne!(f.message_id(1), f.message_id(2));
-    }
-
-    #[test]
-    fn dot_stuffing() {
-        let cases: &[(&[u8], &[u8])] = &[
-            (b"a\r\n", b"a\r\n.\r\n"),
-            (b".a\r\n..b\r\nc.\r\n", b"..a\r\n...b\r\nc.\r\n.\r\n"),
-            (b"", b"\r\n.\r\n"),
-            (b"x", b"x\r\n.\r\n"),
-        ];
-        for (input, expected) in cases {
-            let mut out = Vec::new();
-            dot_stuff_into(input, &mut out);
-            assert_eq!(&out[..], *expected);
-        }
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand};
 use sealgate_board::{BoardError, DevBoard};
 use sealgate_core::peers::{self, PeersError};
+use sealgate_core::time::unix_now;
 use sealgate_proto::policy::PeerMatch;
 
 /// Bound of a table read by sealctl (the daemon's own bound is `tls.max_peers`).
@@ -140,11 +141,4 @@ fn report(n: usize, peer: &str, how: &str) -> ExitCode {
     }
     println!("reset {n} peer record(s) matching {peer}{how}");
     ExitCode::SUCCESS
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -1,6 +1,10 @@
 //! `sealctl bench sink`: the bare reference sink for benchmarks. It speaks
 //! just enough SMTP to take messages and, for each one, writes the body to a
 //! new file and fsyncs it before answering 250. It is not a mail server.
+//!
+//! The message text is received by sealgate-proto's DATA receiver (the
+//! daemon's): dot-unstuffing, and only `CRLF.CRLF` ends it; a message with a
+//! bare CR or LF is refused (550), one over [`MAX_MESSAGE`] too (552).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
@@ -11,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::ServerConfig;
+use sealgate_proto::server::{DataReceiver, ServerLimits};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -88,6 +93,8 @@ pub struct Sink {
 
 struct Shared {
     cfg: SinkConfig,
+    /// The DATA receiver's limits: [`MAX_DATA_LINE`] and [`MAX_MESSAGE`].
+    limits: ServerLimits,
     acceptor: Option<TlsAcceptor>,
     /// File name prefix unique to this sink process.
     prefix: String,
@@ -122,6 +129,11 @@ impl Sink {
             prefix: format!("{:x}-{}", now.as_nanos(), std::process::id()),
             next_file: AtomicU64::new(1),
             stored: AtomicU64::new(0),
+            limits: ServerLimits {
+                max_text_line: MAX_DATA_LINE,
+                max_message_bytes: MAX_MESSAGE as u64,
+                ..ServerLimits::default()
+            },
             cfg,
         });
         let limit = Arc::new(Semaphore::new(shared.cfg.max_conns));
@@ -212,6 +224,18 @@ struct Envelope {
     rcpts: usize,
 }
 
+/// What a command line asks of the command loop, its reply queued.
+enum Step {
+    /// Next command.
+    Next,
+    /// `354` queued: the message text follows.
+    Data,
+    /// `221` queued: close.
+    Quit,
+    /// `220` to STARTTLS queued: upgrade.
+    StartTls,
+}
+
 /// The command loop. Replies are collected and written when no more
 /// pipelined input is buffered (RFC 2920).
 async fn commands<S: AsyncRead + AsyncWrite + Unpin>(
@@ -237,80 +261,114 @@ async fn commands<S: AsyncRead + AsyncWrite + Unpin>(
         if !read_line(&mut io, &mut line, MAX_COMMAND_LINE, cfg.timeout).await? {
             return Ok(End::Done);
         }
-        let verb_end = line
-            .iter()
-            .position(|b| b.is_ascii_whitespace())
-            .unwrap_or(line.len());
-        let verb = line[..verb_end].to_ascii_uppercase();
-        match &verb[..] {
-            b"EHLO" => {
-                env = Envelope::default();
-                out.extend_from_slice(b"250-sealctl-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n");
-                if offer_tls {
-                    out.extend_from_slice(b"250-STARTTLS\r\n");
-                }
-                out.extend_from_slice(format!("250 SIZE {MAX_MESSAGE}\r\n").as_bytes());
-            }
-            b"HELO" => {
-                env = Envelope::default();
-                out.extend_from_slice(b"250 sealctl-sink\r\n");
-            }
-            b"MAIL" => {
-                env = Envelope {
-                    mail: true,
-                    rcpts: 0,
-                };
-                out.extend_from_slice(b"250 2.1.0 OK\r\n");
-            }
-            b"RCPT" if env.mail => {
-                env.rcpts += 1;
-                out.extend_from_slice(b"250 2.1.5 OK\r\n");
-            }
-            b"RCPT" => out.extend_from_slice(b"503 5.5.1 MAIL first\r\n"),
-            b"DATA" if env.rcpts > 0 => {
-                out.extend_from_slice(b"354 end with <CRLF>.<CRLF>\r\n");
+        match command(&line, &mut env, offer_tls, &mut out) {
+            Step::Next => {}
+            Step::Data => {
                 write_all(&mut io, &out, cfg.timeout).await?;
                 out.clear();
-                let complete = read_data(&mut io, &mut line, &mut body, cfg.timeout).await?;
                 env = Envelope::default();
-                if !complete {
-                    out.extend_from_slice(b"552 5.3.4 message too big\r\n");
-                    continue;
-                }
-                let (result, returned) = store(shared, std::mem::take(&mut body)).await;
-                body = returned;
-                match result {
-                    Ok(()) => out.extend_from_slice(b"250 2.0.0 stored\r\n"),
-                    Err(e) => {
-                        eprintln!("sealctl bench sink: storing a message: {e}");
-                        out.extend_from_slice(b"451 4.3.0 cannot store\r\n");
-                    }
-                }
+                message(shared, &mut io, &mut body, &mut out).await?;
             }
-            b"DATA" => out.extend_from_slice(b"503 5.5.1 RCPT first\r\n"),
-            b"RSET" => {
-                env = Envelope::default();
-                out.extend_from_slice(b"250 2.0.0 OK\r\n");
-            }
-            b"NOOP" => out.extend_from_slice(b"250 2.0.0 OK\r\n"),
-            b"QUIT" => {
-                out.extend_from_slice(b"221 2.0.0 bye\r\n");
+            Step::Quit => {
                 write_all(&mut io, &out, cfg.timeout).await?;
                 let _ = timeout(cfg.timeout, io.get_mut().shutdown()).await;
                 return Ok(End::Done);
             }
-            b"STARTTLS" if offer_tls => {
+            Step::StartTls => {
                 // Commands sent before the handshake must not be carried over.
                 if !io.buffer().is_empty() {
                     return Err(SessionError::PipelinedStartTls);
                 }
-                out.extend_from_slice(b"220 2.0.0 go ahead\r\n");
                 write_all(&mut io, &out, cfg.timeout).await?;
                 return Ok(End::StartTls(io.into_inner()));
             }
-            _ => out.extend_from_slice(b"502 5.5.2 not implemented\r\n"),
         }
     }
+}
+
+/// Queues the reply to one command line (with its line end) in `out`.
+fn command(line: &[u8], env: &mut Envelope, offer_tls: bool, out: &mut Vec<u8>) -> Step {
+    let verb_end = line
+        .iter()
+        .position(|b| b.is_ascii_whitespace())
+        .unwrap_or(line.len());
+    let verb = line
+        .get(..verb_end)
+        .unwrap_or_default()
+        .to_ascii_uppercase();
+    match &verb[..] {
+        b"EHLO" => {
+            *env = Envelope::default();
+            out.extend_from_slice(b"250-sealctl-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n");
+            if offer_tls {
+                out.extend_from_slice(b"250-STARTTLS\r\n");
+            }
+            out.extend_from_slice(format!("250 SIZE {MAX_MESSAGE}\r\n").as_bytes());
+        }
+        b"HELO" => {
+            *env = Envelope::default();
+            out.extend_from_slice(b"250 sealctl-sink\r\n");
+        }
+        b"MAIL" => {
+            *env = Envelope {
+                mail: true,
+                rcpts: 0,
+            };
+            out.extend_from_slice(b"250 2.1.0 OK\r\n");
+        }
+        b"RCPT" if env.mail => {
+            env.rcpts += 1;
+            out.extend_from_slice(b"250 2.1.5 OK\r\n");
+        }
+        b"RCPT" => out.extend_from_slice(b"503 5.5.1 MAIL first\r\n"),
+        b"DATA" if env.rcpts > 0 => {
+            out.extend_from_slice(b"354 end with <CRLF>.<CRLF>\r\n");
+            return Step::Data;
+        }
+        b"DATA" => out.extend_from_slice(b"503 5.5.1 RCPT first\r\n"),
+        b"RSET" => {
+            *env = Envelope::default();
+            out.extend_from_slice(b"250 2.0.0 OK\r\n");
+        }
+        b"NOOP" => out.extend_from_slice(b"250 2.0.0 OK\r\n"),
+        b"QUIT" => {
+            out.extend_from_slice(b"221 2.0.0 bye\r\n");
+            return Step::Quit;
+        }
+        b"STARTTLS" if offer_tls => {
+            out.extend_from_slice(b"220 2.0.0 go ahead\r\n");
+            return Step::StartTls;
+        }
+        _ => out.extend_from_slice(b"502 5.5.2 not implemented\r\n"),
+    }
+    Step::Next
+}
+
+/// Receives one message after the `354`, stores it and queues the reply.
+async fn message<R: AsyncRead + Unpin>(
+    shared: &Shared,
+    io: &mut BufReader<R>,
+    body: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<(), SessionError> {
+    match read_data(io, body, &shared.limits, shared.cfg.timeout).await? {
+        DataEnd::TooBig => out.extend_from_slice(b"552 5.3.4 message too big\r\n"),
+        DataEnd::BareEol => {
+            out.extend_from_slice(b"550 5.6.0 bare CR or LF in message text\r\n");
+        }
+        DataEnd::Complete => {
+            let (result, returned) = store(shared, std::mem::take(body)).await;
+            *body = returned;
+            match result {
+                Ok(()) => out.extend_from_slice(b"250 2.0.0 stored\r\n"),
+                Err(e) => {
+                    eprintln!("sealctl bench sink: storing a message: {e}");
+                    out.extend_from_slice(b"451 4.3.0 cannot store\r\n");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads one line of at most `max` bytes into `line`; `false` at EOF.
@@ -337,32 +395,48 @@ async fn read_line<R: AsyncRead + Unpin>(
     Ok(true)
 }
 
-/// Reads message lines up to the final dot into `body`, un-stuffed.
-/// Returns `false` if the message exceeded [`MAX_MESSAGE`] (it is read to
-/// the end and discarded).
+/// How the message text ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataEnd {
+    /// Complete and un-stuffed in `body`.
+    Complete,
+    /// Longer than [`MAX_MESSAGE`] (read to the end and discarded).
+    TooBig,
+    /// A bare CR or LF in it (read to the end and discarded).
+    BareEol,
+}
+
+/// Reads the message text up to the final dot into `body`, un-stuffed, with
+/// sealgate-proto's DATA receiver. A line longer than [`MAX_DATA_LINE`] ends
+/// the session; what follows the final dot stays in `io`.
 async fn read_data<R: AsyncRead + Unpin>(
     io: &mut BufReader<R>,
-    line: &mut Vec<u8>,
     body: &mut Vec<u8>,
+    limits: &ServerLimits,
     limit: Duration,
-) -> Result<bool, SessionError> {
+) -> Result<DataEnd, SessionError> {
     body.clear();
-    let mut too_big = false;
+    let mut receiver = DataReceiver::default();
     loop {
-        if !read_line(io, line, MAX_DATA_LINE, limit).await? {
+        let input = timeout(limit, io.fill_buf())
+            .await
+            .map_err(|_| SessionError::Timeout)??;
+        if input.is_empty() {
             return Err(SessionError::Closed);
         }
-        let text: &[u8] = match &line[..] {
-            b".\r\n" | b".\n" => return Ok(!too_big),
-            [b'.', rest @ ..] => rest,
-            all => all,
-        };
-        if body.len() + text.len() > MAX_MESSAGE {
-            too_big = true;
-            body.clear();
+        let (used, done) = receiver.ingest(input, body, limits);
+        io.consume(used);
+        if receiver.line_too_long() {
+            return Err(SessionError::LineTooLong);
         }
-        if !too_big {
-            body.extend_from_slice(text);
+        if done {
+            return Ok(if receiver.too_big() {
+                DataEnd::TooBig
+            } else if receiver.bare_eol() {
+                DataEnd::BareEol
+            } else {
+                DataEnd::Complete
+            });
         }
     }
 }
@@ -420,26 +494,44 @@ fn write_durably(path: &Path, dir: &Path, body: &[u8], sync_dir: bool) -> io::Re
 mod tests {
     use super::*;
 
-    async fn data(input: &[u8]) -> Result<(bool, Vec<u8>), SessionError> {
+    async fn data(input: &[u8]) -> Result<(DataEnd, Vec<u8>, Vec<u8>), SessionError> {
         let mut io = BufReader::new(input);
-        let mut line = Vec::new();
         let mut body = Vec::new();
-        let complete = read_data(&mut io, &mut line, &mut body, Duration::from_secs(1)).await?;
-        Ok((complete, body))
+        let limits = ServerLimits {
+            max_text_line: MAX_DATA_LINE,
+            max_message_bytes: 16,
+            ..ServerLimits::default()
+        };
+        let end = read_data(&mut io, &mut body, &limits, Duration::from_secs(1)).await?;
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest).await?;
+        Ok((end, body, rest))
     }
 
     #[tokio::test]
     async fn data_is_unstuffed_up_to_the_dot() {
-        let cases: &[(&[u8], &[u8])] = &[
-            (b"a\r\n.\r\n", b"a\r\n"),
-            (b"..a\r\nb.\r\n.\r\nQUIT\r\n", b".a\r\nb.\r\n"),
-            (b".\r\n", b""),
-            (b"x\n.\n", b"x\n"),
+        // (input, end, body, what stays buffered)
+        type Case = (&'static [u8], DataEnd, &'static [u8], &'static [u8]);
+        let cases: &[Case] = &[
+            (b"a\r\n.\r\n", DataEnd::Complete, b"a\r\n", b""),
+            (
+                b"..a\r\nb.\r\n.\r\nQUIT\r\n",
+                DataEnd::Complete,
+                b".a\r\nb.\r\n",
+                b"QUIT\r\n",
+            ),
+            (b".\r\n", DataEnd::Complete, b"", b""),
+            (b"x\n\r\n.\r\nRSET\r\n", DataEnd::BareEol, b"", b"RSET\r\n"),
+            (
+                b"0123456789\r\n0123456789\r\n.\r\n",
+                DataEnd::TooBig,
+                b"",
+                b"",
+            ),
         ];
-        for (input, expected) in cases {
-            let (complete, body) = data(input).await.expect("complete message");
-            assert!(complete);
-            assert_eq!(&body[..], *expected);
+        for (input, end, body, rest) in cases {
+            let got = data(input).await.expect("complete message");
+            assert_eq!(got, (*end, body.to_vec(), rest.to_vec()));
         }
     }
 
@@ -447,7 +539,56 @@ mod tests {
     async fn data_errors() {
         assert!(matches!(data(b"a\r\n").await, Err(SessionError::Closed)));
         assert!(matches!(data(b"a\r\n.").await, Err(SessionError::Closed)));
+        // A bare LF does not end the data.
+        assert!(matches!(data(b"a\n.\n").await, Err(SessionError::Closed)));
         let long = vec![b'a'; MAX_DATA_LINE + 1];
         assert!(matches!(data(&long).await, Err(SessionError::LineTooLong)));
+        let mut ok = vec![b'a'; MAX_DATA_LINE - 2];
+        ok.extend_from_slice(b"\r\n.\r\n");
+        // (Too big for the test's 16-byte limit, but the line is not too long.)
+        assert!(matches!(data(&ok).await, Ok((DataEnd::TooBig, _, _))));
+    }
+
+    #[test]
+    fn commands_in_order() {
+        let mut env = Envelope::default();
+        let mut out = Vec::new();
+        let steps = [
+            (&b"EHLO x\r\n"[..], true),
+            (b"RCPT TO:<a@b>\r\n", false),
+            (b"DATA\r\n", false),
+            (b"mail from:<a@b>\r\n", false),
+            (b"RCPT TO:<a@b>\r\n", false),
+            (b"STARTTLS\r\n", false),
+            (b"DATA\r\n", false),
+        ];
+        let mut kinds = Vec::new();
+        for (line, tls) in steps {
+            kinds.push(match command(line, &mut env, tls, &mut out) {
+                Step::Next => "next",
+                Step::Data => "data",
+                Step::Quit => "quit",
+                Step::StartTls => "starttls",
+            });
+        }
+        assert_eq!(
+            kinds,
+            ["next", "next", "next", "next", "next", "next", "data"]
+        );
+        let want = format!(
+            "250-sealctl-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-STARTTLS\r\n\
+             250 SIZE {MAX_MESSAGE}\r\n503 5.5.1 MAIL first\r\n503 5.5.1 RCPT first\r\n\
+             250 2.1.0 OK\r\n250 2.1.5 OK\r\n502 5.5.2 not implemented\r\n\
+             354 end with <CRLF>.<CRLF>\r\n"
+        );
+        assert_eq!(String::from_utf8_lossy(&out), want);
+        assert!(matches!(
+            command(b"QUIT\r\n", &mut env, false, &mut out),
+            Step::Quit
+        ));
+        assert!(matches!(
+            command(b"starttls\r\n", &mut env, true, &mut out),
+            Step::StartTls
+        ));
     }
 }

@@ -170,3 +170,35 @@ fn failures_exit_1_and_usage_errors_exit_2() {
     let out = bench(&sink.addr, &["--starttls", "--implicit-tls"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn connection_reuse_text_report() {
+    let dir = TempDir::new("reuse");
+    let sink = SinkProcess::start(&dir.0, true);
+    let out = bench(
+        &sink.addr,
+        &["--starttls", "--per-session", "4", "--rcpts", "3"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with(&format!(
+            "sealctl bench smtp {} (starttls): 4 conns, 40 msgs of 2000 B, 4 msg/session, \
+             3 rcpt/msg\n",
+            sink.addr
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("accepted   40 / 40 (0 failed)\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sessions   10 ok, 0 failed\n"), "{stdout}");
+    assert!(stdout.contains("tls        resumption on: "), "{stdout}");
+    assert!(stdout.contains("errors     none"), "{stdout}");
+    assert_eq!(check_messages(&dir.0, 2000), 40);
+}
