@@ -227,6 +227,42 @@ fn build_in(
     // Inputs first: a wrong key or a dynamic executable fails before anything is written.
     check_static_elf(&spec.sealgate)?;
     check_static_elf(&spec.loader)?;
+    let keys = read_keys(spec, report, step)?;
+    write_kernel(spec, report, step)?;
+    let modules = read_modules(spec, report, step)?;
+    let (sealgate, loader) = strip_executables(spec, work, report, step)?;
+    write_image_initramfs(spec, &loader, &modules, &keys, report, step)?;
+
+    // Disk.
+    let disk_out = spec.out.join(DISK);
+    write_disk(
+        spec,
+        work,
+        &disk_out,
+        &sealgate,
+        &keys.image_key,
+        report,
+        step,
+    )?;
+
+    write_update(spec, &sealgate, &keys.image_key, report, step)
+}
+
+/// The keys and certificates a build reads: the image signing key and what goes into the
+/// initramfs.
+struct BuildKeys {
+    image_key: ring::signature::Ed25519KeyPair,
+    image_public: [u8; 32],
+    trust: BTreeMap<[u8; 8], [u8; 32]>,
+    admin: BTreeMap<String, Vec<u8>>,
+}
+
+/// Reads the image key, the trust anchors and the admin certificates; reports the "keys" step.
+fn read_keys(
+    spec: &BuildSpec,
+    report: &mut BuildReport,
+    step: &mut dyn FnMut(&str, String),
+) -> Result<BuildKeys, BuildError> {
     let image_key = keys::read_private_key(&spec.image_key)?;
     let image_public = keys::public_key_of(&image_key);
     report.image_key_id = keys::key_id_hex(&keys::key_id(&image_public));
@@ -254,8 +290,21 @@ fn build_in(
             admin.len()
         ),
     );
+    Ok(BuildKeys {
+        image_key,
+        image_public,
+        trust,
+        admin,
+    })
+}
 
-    // Kernel.
+/// Copies the kernel to the output; reports the "kernel" step and warns when the modules
+/// directory looks like another release's.
+fn write_kernel(
+    spec: &BuildSpec,
+    report: &mut BuildReport,
+    step: &mut dyn FnMut(&str, String),
+) -> Result<(), BuildError> {
     let kernel = read_limited(&spec.kernel, MAX_KERNEL)?;
     report.kernel_release = kernel_release(&kernel);
     report.kernel_bytes = kernel.len() as u64;
@@ -287,8 +336,16 @@ fn build_in(
             ),
         );
     }
+    Ok(())
+}
 
-    // Modules.
+/// Reads the modules the image needs (`MODULES` and what they depend on) in load order;
+/// reports the "modules" step.
+fn read_modules(
+    spec: &BuildSpec,
+    report: &mut BuildReport,
+    step: &mut dyn FnMut(&str, String),
+) -> Result<Vec<(String, Vec<u8>)>, BuildError> {
     let dep_path = spec.modules_dir.join("modules.dep");
     let dep = String::from_utf8_lossy(&read_limited(&dep_path, MAX_MODULES_DEP)?).into_owned();
     let builtin_path = spec.modules_dir.join("modules.builtin");
@@ -322,8 +379,17 @@ fn build_in(
             report.modules.join(" ")
         ),
     );
+    Ok(modules)
+}
 
-    // Executables: static, stripped.
+/// Strips sealgate and the loader into `work` (sealgate must fit a slot with its bundle
+/// prefix); returns their paths (sealgate, loader).
+fn strip_executables(
+    spec: &BuildSpec,
+    work: &Path,
+    report: &mut BuildReport,
+    step: &mut dyn FnMut(&str, String),
+) -> Result<(PathBuf, PathBuf), BuildError> {
     let sealgate = work.join("sealgate");
     report.sealgate_bytes = strip_static(&spec.sealgate, &sealgate)?;
     step(
@@ -352,16 +418,27 @@ fn build_in(
             human(report.loader_bytes)
         ),
     );
+    Ok((sealgate, loader))
+}
 
-    // Initramfs.
+/// Writes the initramfs (loader, modules, board, keys, admin certificates) to the output;
+/// reports the "initramfs" step.
+fn write_image_initramfs(
+    spec: &BuildSpec,
+    loader: &Path,
+    modules: &[(String, Vec<u8>)],
+    keys: &BuildKeys,
+    report: &mut BuildReport,
+    step: &mut dyn FnMut(&str, String),
+) -> Result<(), BuildError> {
     let contents = Initramfs {
-        loader: &loader,
-        modules: &modules,
+        loader,
+        modules,
         board: &spec.board,
         version: spec.version,
-        image_keys: &BTreeMap::from([(keys::key_id(&image_public), image_public)]),
-        trust: &trust,
-        admin: &admin,
+        image_keys: &BTreeMap::from([(keys::key_id(&keys.image_public), keys.image_public)]),
+        trust: &keys.trust,
+        admin: &keys.admin,
         mtime: u32::try_from(spec.created).unwrap_or(u32::MAX),
     };
     let initramfs_out = spec.out.join(INITRAMFS);
@@ -377,21 +454,27 @@ fn build_in(
             human(cpio_bytes)
         ),
     );
+    Ok(())
+}
 
-    // Disk.
-    let disk_out = spec.out.join(DISK);
-    write_disk(spec, work, &disk_out, &sealgate, &image_key, report, step)?;
-
-    // Update bundle.
+/// Signs the update bundle (sealgate as `spec.update_version`) into the output; reports the
+/// "update" step.
+fn write_update(
+    spec: &BuildSpec,
+    sealgate: &Path,
+    image_key: &ring::signature::Ed25519KeyPair,
+    report: &mut BuildReport,
+    step: &mut dyn FnMut(&str, String),
+) -> Result<(), BuildError> {
     let update_out = spec.out.join(UPDATE);
     let tmp = temp_name(&update_out);
-    let mut payload = File::open(&sealgate).map_err(read_err(&sealgate))?;
+    let mut payload = File::open(sealgate).map_err(read_err(sealgate))?;
     let mut out = BufWriter::new(File::create(&tmp).map_err(write_err(&tmp))?);
     bundle::sign(
         &mut payload,
         spec.update_version,
         &spec.board,
-        &image_key,
+        image_key,
         spec.created,
         &mut out,
     )?;
@@ -448,12 +531,43 @@ fn write_disk(
 
     let mut control = BootControl::new_image(spec.version);
     control.store(&mut PartitionIo::new(&mut disk, &part("bootctl")?))?;
-
     let mut payload = File::open(sealgate).map_err(read_err(sealgate))?;
-    let slot_a = part("slot_a")?;
-    let mut slot_io = PartitionIo::new(&mut disk, &slot_a);
-    bundle::sign(
+    write_slot_a(
+        spec,
+        &mut disk,
+        &part("slot_a")?,
         &mut payload,
+        image_key,
+        report,
+        step,
+    )?;
+    for label in EXT4_PARTITIONS {
+        let p = part(label)?;
+        let fs_image = work.join(format!("{label}.ext4"));
+        mkfs_ext4(&fs_image, label, p.len())?;
+        let mut src = File::open(&fs_image).map_err(read_err(&fs_image))?;
+        copy_sparse(&mut src, &mut PartitionIo::new(&mut disk, &p)).map_err(&werr)?;
+        let _ = fs::remove_file(&fs_image);
+    }
+    disk.sync_all().map_err(&werr)?;
+    drop(disk);
+    fs::rename(&tmp, disk_out).map_err(write_err(disk_out))?;
+    finish_disk(disk_out, partitions, report, step)
+}
+
+/// Signs sealgate (as `spec.version`) into slot A of the disk; reports the "slot_a" step.
+fn write_slot_a(
+    spec: &BuildSpec,
+    disk: &mut File,
+    slot_a: &Partition,
+    payload: &mut File,
+    image_key: &ring::signature::Ed25519KeyPair,
+    report: &mut BuildReport,
+    step: &mut dyn FnMut(&str, String),
+) -> Result<(), BuildError> {
+    let mut slot_io = PartitionIo::new(disk, slot_a);
+    bundle::sign(
+        payload,
         spec.version,
         &spec.board,
         image_key,
@@ -471,18 +585,16 @@ fn write_disk(
             human(report.slot_bundle_bytes)
         ),
     );
+    Ok(())
+}
 
-    for label in EXT4_PARTITIONS {
-        let p = part(label)?;
-        let fs_image = work.join(format!("{label}.ext4"));
-        mkfs_ext4(&fs_image, label, p.len())?;
-        let mut src = File::open(&fs_image).map_err(read_err(&fs_image))?;
-        copy_sparse(&mut src, &mut PartitionIo::new(&mut disk, &p)).map_err(&werr)?;
-        let _ = fs::remove_file(&fs_image);
-    }
-    disk.sync_all().map_err(&werr)?;
-    drop(disk);
-    fs::rename(&tmp, disk_out).map_err(write_err(disk_out))?;
+/// Records the written disk's size, allocation and partitions; reports the "disk" step.
+fn finish_disk(
+    disk_out: &Path,
+    partitions: Vec<Partition>,
+    report: &mut BuildReport,
+    step: &mut dyn FnMut(&str, String),
+) -> Result<(), BuildError> {
     let meta = fs::metadata(disk_out).map_err(read_err(disk_out))?;
     report.disk_bytes = meta.len();
     report.disk_allocated = meta.blocks() * 512;

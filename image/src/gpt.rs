@@ -201,6 +201,52 @@ pub fn write<D: Write + Seek>(
             need: min_sectors * SECTOR,
         });
     };
+    let (layout, names) = lay_out(disk_len, parts, last_usable)?;
+
+    let rng = SystemRandom::new();
+    let array = entry_array(&layout, &names, &rng)?;
+    let entries_crc = crc32fast::hash(&array);
+    let disk_guid = random_guid(&rng)?;
+    let backup_lba = sectors - 1;
+    let backup_array_lba = backup_lba - ARRAY_SECTORS;
+
+    let mbr = protective_mbr(sectors);
+    let primary = header_bytes(
+        1,
+        backup_lba,
+        first_usable,
+        last_usable,
+        &disk_guid,
+        2,
+        entries_crc,
+    );
+    let backup = header_bytes(
+        backup_lba,
+        1,
+        first_usable,
+        last_usable,
+        &disk_guid,
+        backup_array_lba,
+        entries_crc,
+    );
+    dev.seek(SeekFrom::Start(0))?;
+    dev.write_all(&mbr)?;
+    dev.write_all(&primary)?;
+    dev.write_all(&array)?;
+    dev.seek(SeekFrom::Start(backup_array_lba * SECTOR))?;
+    dev.write_all(&array)?;
+    dev.write_all(&backup)?;
+    dev.flush()?;
+    Ok(layout)
+}
+
+/// Places `parts` in order, each on a 1 MiB boundary, ending by `last_usable`; returns the
+/// partitions and their names as UTF-16 units.
+fn lay_out(
+    disk_len: u64,
+    parts: &[(&str, u64)],
+    last_usable: u64,
+) -> Result<(Vec<Partition>, Vec<Vec<u16>>), GptError> {
     let align = ALIGN / SECTOR;
     let mut layout = Vec::with_capacity(parts.len());
     let mut names = Vec::with_capacity(parts.len());
@@ -234,13 +280,20 @@ pub fn write<D: Write + Seek>(
         names.push(units);
         next = (last + 1).div_ceil(align).saturating_mul(align);
     }
+    Ok((layout, names))
+}
 
-    let rng = SystemRandom::new();
+/// The partition entry array for `layout` (names as UTF-16 `names`), with random unique GUIDs.
+fn entry_array(
+    layout: &[Partition],
+    names: &[Vec<u16>],
+    rng: &SystemRandom,
+) -> Result<Vec<u8>, GptError> {
     let mut array = vec![0u8; (ENTRIES * ENTRY_LEN) as usize];
-    for (i, (p, units)) in layout.iter().zip(&names).enumerate() {
+    for (i, (p, units)) in layout.iter().zip(names).enumerate() {
         let e = &mut array[i * ENTRY_LEN as usize..(i + 1) * ENTRY_LEN as usize];
         e[0..16].copy_from_slice(&LINUX_FS_DATA);
-        e[16..32].copy_from_slice(&random_guid(&rng)?);
+        e[16..32].copy_from_slice(&random_guid(rng)?);
         e[32..40].copy_from_slice(&p.first_lba.to_le_bytes());
         e[40..48].copy_from_slice(&p.last_lba.to_le_bytes());
         // 48..56 attributes: none
@@ -248,11 +301,11 @@ pub fn write<D: Write + Seek>(
             e[56 + 2 * j..58 + 2 * j].copy_from_slice(&u.to_le_bytes());
         }
     }
-    let entries_crc = crc32fast::hash(&array);
-    let disk_guid = random_guid(&rng)?;
-    let backup_lba = sectors - 1;
-    let backup_array_lba = backup_lba - ARRAY_SECTORS;
+    Ok(array)
+}
 
+/// The protective MBR for a disk of `sectors` sectors: one partition of type 0xEE from LBA 1.
+fn protective_mbr(sectors: u64) -> [u8; SECTOR as usize] {
     let mut mbr = [0u8; SECTOR as usize];
     let pe = &mut mbr[446..462];
     pe[0] = 0; // not bootable
@@ -264,34 +317,7 @@ pub fn write<D: Write + Seek>(
     pe[12..16].copy_from_slice(&size.to_le_bytes());
     mbr[510] = 0x55;
     mbr[511] = 0xaa;
-
-    let primary = header_bytes(
-        1,
-        backup_lba,
-        first_usable,
-        last_usable,
-        &disk_guid,
-        2,
-        entries_crc,
-    );
-    let backup = header_bytes(
-        backup_lba,
-        1,
-        first_usable,
-        last_usable,
-        &disk_guid,
-        backup_array_lba,
-        entries_crc,
-    );
-    dev.seek(SeekFrom::Start(0))?;
-    dev.write_all(&mbr)?;
-    dev.write_all(&primary)?;
-    dev.write_all(&array)?;
-    dev.seek(SeekFrom::Start(backup_array_lba * SECTOR))?;
-    dev.write_all(&array)?;
-    dev.write_all(&backup)?;
-    dev.flush()?;
-    Ok(layout)
+    mbr
 }
 
 fn read_at<D: Read + Seek>(dev: &mut D, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -318,6 +344,64 @@ fn read_table<D: Read + Seek>(
     sectors: u64,
     which: &'static str,
 ) -> Result<Vec<Partition>, GptError> {
+    let header = read_header(dev, lba, sectors, which)?;
+    let bad = |what| GptError::BadHeader { which, what };
+    let array_len = u64::from(header.count) * u64::from(header.entry_len);
+    if array_len > MAX_ARRAY {
+        return Err(bad("entry array larger than 1 MiB"));
+    }
+    let array_sectors = array_len.div_ceil(SECTOR);
+    if header.entries_lba < 1
+        || header
+            .entries_lba
+            .checked_add(array_sectors)
+            .is_none_or(|end| end > sectors)
+    {
+        return Err(bad("entry array outside the disk"));
+    }
+    let mut array = vec![0u8; array_len as usize];
+    read_at(dev, header.entries_lba * SECTOR, &mut array)?;
+    if crc32fast::hash(&array) != header.entries_crc {
+        return Err(GptError::EntriesCrc { which });
+    }
+    let mut parts: Vec<Partition> = Vec::new();
+    for index in 0..header.count {
+        let at = (index * header.entry_len) as usize..((index + 1) * header.entry_len) as usize;
+        let Some(part) = parse_entry(&array[at], index, &header)? else {
+            continue; // unused
+        };
+        if let Some(o) = parts
+            .iter()
+            .find(|p| p.first_lba <= part.last_lba && part.first_lba <= p.last_lba)
+        {
+            return Err(GptError::Overlap {
+                a: o.name.clone(),
+                b: part.name,
+            });
+        }
+        parts.push(part);
+    }
+    Ok(parts)
+}
+
+/// The fields of a checked GPT header that locate and bound its entries.
+struct Header {
+    first_usable: u64,
+    last_usable: u64,
+    entries_lba: u64,
+    count: u32,
+    entry_len: u32,
+    entries_crc: u32,
+}
+
+/// Reads and checks the header at `lba` (signature, revision, size, CRC, own LBA, usable
+/// range, entry size).
+fn read_header<D: Read + Seek>(
+    dev: &mut D,
+    lba: u64,
+    sectors: u64,
+    which: &'static str,
+) -> Result<Header, GptError> {
     let bad = |what| GptError::BadHeader { which, what };
     if lba == 0 || lba >= sectors {
         return Err(bad("header LBA outside the disk"));
@@ -351,68 +435,50 @@ fn read_table<D: Read + Seek>(
     if entry_len < 128 || !entry_len.is_multiple_of(8) {
         return Err(bad("entry size not a multiple of 8 of at least 128"));
     }
-    let array_len = u64::from(count) * u64::from(entry_len);
-    if array_len > MAX_ARRAY {
-        return Err(bad("entry array larger than 1 MiB"));
+    Ok(Header {
+        first_usable,
+        last_usable,
+        entries_lba,
+        count,
+        entry_len,
+        entries_crc: le_u32(&h, 88),
+    })
+}
+
+/// Parses entry `index` (`e`, `header.entry_len` bytes): `None` if unused, else the partition,
+/// which must lie within the usable sectors and have a valid UTF-16 name.
+fn parse_entry(e: &[u8], index: u32, header: &Header) -> Result<Option<Partition>, GptError> {
+    if e[0..16].iter().all(|&b| b == 0) {
+        return Ok(None);
     }
-    let array_sectors = array_len.div_ceil(SECTOR);
-    if entries_lba < 1
-        || entries_lba
-            .checked_add(array_sectors)
-            .is_none_or(|end| end > sectors)
-    {
-        return Err(bad("entry array outside the disk"));
-    }
-    let mut array = vec![0u8; array_len as usize];
-    read_at(dev, entries_lba * SECTOR, &mut array)?;
-    if crc32fast::hash(&array) != le_u32(&h, 88) {
-        return Err(GptError::EntriesCrc { which });
-    }
-    let mut parts: Vec<Partition> = Vec::new();
-    for index in 0..count {
-        let e = &array[(index * entry_len) as usize..((index + 1) * entry_len) as usize];
-        if e[0..16].iter().all(|&b| b == 0) {
-            continue; // unused
-        }
-        let first_lba = le_u64(e, 32);
-        let last_lba = le_u64(e, 40);
-        if first_lba > last_lba {
-            return Err(GptError::BadEntry {
-                index,
-                what: "ends before it starts",
-            });
-        }
-        if first_lba < first_usable || last_lba > last_usable {
-            return Err(GptError::BadEntry {
-                index,
-                what: "outside the usable sectors",
-            });
-        }
-        let units: Vec<u16> = e[56..128]
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
-        let end = units.iter().position(|&u| u == 0).unwrap_or(units.len());
-        if units[end..].iter().any(|&u| u != 0) {
-            return Err(GptError::BadName { index });
-        }
-        let name = String::from_utf16(&units[..end]).map_err(|_| GptError::BadName { index })?;
-        if let Some(o) = parts
-            .iter()
-            .find(|p| p.first_lba <= last_lba && first_lba <= p.last_lba)
-        {
-            return Err(GptError::Overlap {
-                a: o.name.clone(),
-                b: name,
-            });
-        }
-        parts.push(Partition {
-            name,
-            first_lba,
-            last_lba,
+    let first_lba = le_u64(e, 32);
+    let last_lba = le_u64(e, 40);
+    if first_lba > last_lba {
+        return Err(GptError::BadEntry {
+            index,
+            what: "ends before it starts",
         });
     }
-    Ok(parts)
+    if first_lba < header.first_usable || last_lba > header.last_usable {
+        return Err(GptError::BadEntry {
+            index,
+            what: "outside the usable sectors",
+        });
+    }
+    let units: Vec<u16> = e[56..128]
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let end = units.iter().position(|&u| u == 0).unwrap_or(units.len());
+    if units[end..].iter().any(|&u| u != 0) {
+        return Err(GptError::BadName { index });
+    }
+    let name = String::from_utf16(&units[..end]).map_err(|_| GptError::BadName { index })?;
+    Ok(Some(Partition {
+        name,
+        first_lba,
+        last_lba,
+    }))
 }
 
 /// Reads the partitions (in entry order) of the GPT on `dev`: the protective MBR must be valid;

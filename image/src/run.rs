@@ -377,48 +377,8 @@ pub fn qemu_argv(spec: &RunSpec) -> Result<Vec<OsString>, RunError> {
     let file = |name: &str| qemu_path(&spec.dir.join(name));
     let (kernel, initrd, disk) = (file(KERNEL)?, file(INITRAMFS)?, file(DISK)?);
     let secret = qemu_path(&spec.secret_file)?;
-
-    let mut netdev = format!("user,id=net0,restrict=on,net={USER_NET}/24,host={USER_GATEWAY}");
-    for fwd in &spec.hostfwd {
-        if !fwd.host.ip().is_loopback() {
-            return Err(RunError::NotLoopback {
-                what: "hostfwd",
-                addr: fwd.host.to_string(),
-            });
-        }
-        netdev += &format!(
-            ",hostfwd=tcp:{}:{}-{GUEST_IP}:{}",
-            fwd.host.ip(),
-            fwd.host.port(),
-            fwd.guest_port
-        );
-    }
-    for fwd in &spec.guestfwd {
-        if !fwd.host.ip().is_loopback() {
-            return Err(RunError::NotLoopback {
-                what: "guestfwd",
-                addr: fwd.host.to_string(),
-            });
-        }
-        // `cmd:` starts the relay for each connection (`tcp:` would be one connection made
-        // when QEMU starts, shared by all guest connections).
-        let mut cmd: Vec<String> = spec.relay.iter().map(|a| glib_quote(a)).collect();
-        cmd.push(fwd.host.to_string());
-        netdev += &format!(
-            ",guestfwd=tcp:{}-cmd:{}",
-            fwd.guest,
-            cmd.join(" ").replace(',', ",,")
-        );
-    }
-
-    let mut cmdline = KERNEL_ARGS.to_owned();
-    if let Some(extra) = spec.append.as_deref().filter(|s| !s.trim().is_empty()) {
-        if !extra.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
-            return Err(RunError::BadAppend(extra.to_owned()));
-        }
-        cmdline.push(' ');
-        cmdline.push_str(extra.trim());
-    }
+    let netdev = qemu_netdev(spec)?;
+    let cmdline = kernel_cmdline(spec)?;
 
     let (accel, cpu) = if spec.kvm {
         ("kvm", "host")
@@ -465,6 +425,57 @@ pub fn qemu_argv(spec: &RunSpec) -> Result<Vec<OsString>, RunError> {
         "watchdog=reset".into(),
     ];
     Ok(args.into_iter().map(OsString::from).collect())
+}
+
+/// The `-netdev` value: user networking with the run's host and guest forwards, whose host
+/// sides must be on loopback.
+fn qemu_netdev(spec: &RunSpec) -> Result<String, RunError> {
+    let mut netdev = format!("user,id=net0,restrict=on,net={USER_NET}/24,host={USER_GATEWAY}");
+    for fwd in &spec.hostfwd {
+        if !fwd.host.ip().is_loopback() {
+            return Err(RunError::NotLoopback {
+                what: "hostfwd",
+                addr: fwd.host.to_string(),
+            });
+        }
+        netdev += &format!(
+            ",hostfwd=tcp:{}:{}-{GUEST_IP}:{}",
+            fwd.host.ip(),
+            fwd.host.port(),
+            fwd.guest_port
+        );
+    }
+    for fwd in &spec.guestfwd {
+        if !fwd.host.ip().is_loopback() {
+            return Err(RunError::NotLoopback {
+                what: "guestfwd",
+                addr: fwd.host.to_string(),
+            });
+        }
+        // `cmd:` starts the relay for each connection (`tcp:` would be one connection made
+        // when QEMU starts, shared by all guest connections).
+        let mut cmd: Vec<String> = spec.relay.iter().map(|a| glib_quote(a)).collect();
+        cmd.push(fwd.host.to_string());
+        netdev += &format!(
+            ",guestfwd=tcp:{}-cmd:{}",
+            fwd.guest,
+            cmd.join(" ").replace(',', ",,")
+        );
+    }
+    Ok(netdev)
+}
+
+/// The kernel command line: [`KERNEL_ARGS`] and the run's printable `append`, if any.
+fn kernel_cmdline(spec: &RunSpec) -> Result<String, RunError> {
+    let mut cmdline = KERNEL_ARGS.to_owned();
+    if let Some(extra) = spec.append.as_deref().filter(|s| !s.trim().is_empty()) {
+        if !extra.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+            return Err(RunError::BadAppend(extra.to_owned()));
+        }
+        cmdline.push(' ');
+        cmdline.push_str(extra.trim());
+    }
+    Ok(cmdline)
 }
 
 /// A path as a QEMU option value: UTF-8, commas doubled (QEMU's escape).

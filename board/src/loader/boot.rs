@@ -159,41 +159,9 @@ pub fn choose_and_stage(
     log: &mut dyn FnMut(String),
 ) -> Option<Staged> {
     for _ in 0..MAX_ROUNDS {
-        let (slot, trial) = match ctl.choose() {
-            Choice::Boot { slot, trial } => (slot, trial),
-            Choice::NoBootableSlot => {
-                log(format!(
-                    "NO BOOTABLE SLOT (floor {}): {}; {}",
-                    ctl.floor,
-                    describe(ctl, Slot::A),
-                    describe(ctl, Slot::B)
-                ));
-                return None;
-            }
-        };
-        let st = ctl.slot(slot);
-        log(format!(
-            "slot {} chosen: version {}, {}",
-            slot.letter(),
-            st.version,
-            if trial {
-                format!("trial boot, {} tries left after this one", st.tries)
-            } else {
-                "known good".to_string()
-            }
-        ));
-        if let Err(e) = store(ctl_dev, ctl) {
-            if trial {
-                refuse(
-                    ctl_dev,
-                    ctl,
-                    slot,
-                    &format!("cannot record the boot try: {e}"),
-                    log,
-                );
-                continue;
-            }
-            log(format!("WARNING: cannot write boot control: {e}"));
+        let (slot, trial) = choose(ctl, log)?;
+        if !record_try(ctl_dev, ctl, slot, trial, log) {
+            continue;
         }
         let dev = match slot {
             Slot::A => slot_devs[0],
@@ -212,40 +180,106 @@ pub fn choose_and_stage(
         let program = run_dir.join(format!("sealgate-{}", slot.letter()));
         let floor = ctl.floor;
         match stage(dev, trust, floor, &program) {
-            Ok(h) => {
-                log(format!(
-                    "slot {} verified: version {}, board {}, key {}, {} bytes -> {}",
-                    slot.letter(),
-                    h.version,
-                    h.board,
-                    sealgate_image::keys::key_id_hex(&h.key_id),
-                    h.payload_len,
-                    program.display()
-                ));
-                if ctl.slot(slot).version != h.version {
-                    log(format!(
-                        "boot control said version {} for slot {}, the bundle says {}: recording the bundle's",
-                        ctl.slot(slot).version,
-                        slot.letter(),
-                        h.version
-                    ));
-                    ctl.slot_mut(slot).version = h.version;
-                    if let Err(e) = store(ctl_dev, ctl) {
-                        log(format!("WARNING: cannot write boot control: {e}"));
-                    }
-                }
-                return Some(Staged {
-                    slot,
-                    version: h.version,
-                    trial,
-                    program,
-                });
-            }
+            Ok(h) => return Some(staged(ctl_dev, ctl, slot, trial, &h, program, log)),
             Err(reason) => refuse(ctl_dev, ctl, slot, &reason, log),
         }
     }
     log("NO BOOTABLE SLOT: boot control keeps choosing refused slots".to_string());
     None
+}
+
+/// Boot control's choice (slot, trial boot?), logged; `None` when no slot is bootable (logged
+/// with both slots' state).
+fn choose(ctl: &mut BootControl, log: &mut dyn FnMut(String)) -> Option<(Slot, bool)> {
+    let (slot, trial) = match ctl.choose() {
+        Choice::Boot { slot, trial } => (slot, trial),
+        Choice::NoBootableSlot => {
+            log(format!(
+                "NO BOOTABLE SLOT (floor {}): {}; {}",
+                ctl.floor,
+                describe(ctl, Slot::A),
+                describe(ctl, Slot::B)
+            ));
+            return None;
+        }
+    };
+    let st = ctl.slot(slot);
+    log(format!(
+        "slot {} chosen: version {}, {}",
+        slot.letter(),
+        st.version,
+        if trial {
+            format!("trial boot, {} tries left after this one", st.tries)
+        } else {
+            "known good".to_string()
+        }
+    ));
+    Some((slot, trial))
+}
+
+/// Stores boot control after a choice (recording the try). `false` when a trial boot's try
+/// cannot be recorded: the slot is then refused. For a known good slot a failure is logged.
+fn record_try(
+    ctl_dev: &mut File,
+    ctl: &mut BootControl,
+    slot: Slot,
+    trial: bool,
+    log: &mut dyn FnMut(String),
+) -> bool {
+    if let Err(e) = store(ctl_dev, ctl) {
+        if trial {
+            refuse(
+                ctl_dev,
+                ctl,
+                slot,
+                &format!("cannot record the boot try: {e}"),
+                log,
+            );
+            return false;
+        }
+        log(format!("WARNING: cannot write boot control: {e}"));
+    }
+    true
+}
+
+/// Logs the verified bundle `h` staged as `program` and, if boot control disagrees about the
+/// slot's version, records the bundle's (a failed store is logged); returns what was staged.
+fn staged(
+    ctl_dev: &mut File,
+    ctl: &mut BootControl,
+    slot: Slot,
+    trial: bool,
+    h: &Header,
+    program: PathBuf,
+    log: &mut dyn FnMut(String),
+) -> Staged {
+    log(format!(
+        "slot {} verified: version {}, board {}, key {}, {} bytes -> {}",
+        slot.letter(),
+        h.version,
+        h.board,
+        sealgate_image::keys::key_id_hex(&h.key_id),
+        h.payload_len,
+        program.display()
+    ));
+    if ctl.slot(slot).version != h.version {
+        log(format!(
+            "boot control said version {} for slot {}, the bundle says {}: recording the bundle's",
+            ctl.slot(slot).version,
+            slot.letter(),
+            h.version
+        ));
+        ctl.slot_mut(slot).version = h.version;
+        if let Err(e) = store(ctl_dev, ctl) {
+            log(format!("WARNING: cannot write boot control: {e}"));
+        }
+    }
+    Staged {
+        slot,
+        version: h.version,
+        trial,
+        program,
+    }
 }
 
 /// Verifies the bundle on `dev` (floor `floor`) while copying its payload to `program`

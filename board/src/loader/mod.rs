@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rustix::mount::MountFlags;
-use sealgate_image::bootctl::Slot;
+use sealgate_image::bootctl::{BootControl, Slot};
 
 use crate::appliance::{self, Watchdog};
 
@@ -185,45 +185,14 @@ fn bring_up_network(cmdline: &str) {
 /// Boot control, slot choice, verification, watchdog, exec — never returns.
 fn boot(cmdline: &str, parts: &std::collections::BTreeMap<String, PathBuf>) -> ! {
     let etc = Path::new(ETC);
-    let board = match std::fs::read_to_string(etc.join("board")) {
-        Ok(b) if !b.trim().is_empty() => b.trim().to_string(),
-        Ok(_) => halt(&format!("{} is empty", etc.join("board").display())),
-        Err(e) => halt(&format!("cannot read {}: {e}", etc.join("board").display())),
-    };
-    let keys_dir = etc.join("image-keys");
-    let keys = match sealgate_image::keys::read_public_keys_dir(&keys_dir) {
-        Ok(k) => k,
-        Err(e) => halt(&format!("image keys {}: {e}", keys_dir.display())),
-    };
-    let ids: Vec<String> = keys.keys().map(sealgate_image::keys::key_id_hex).collect();
-    say(&format!(
-        "board {board}; image keys: {}",
-        if ids.is_empty() {
-            format!("NONE in {} (no bundle can verify)", keys_dir.display())
-        } else {
-            ids.join(", ")
-        }
-    ));
+    let board = read_board(etc);
+    let keys = read_image_keys(etc, &board);
     let trust = boot::Trust {
         keys: &keys,
         board: &board,
         max_payload: sealgate_image::bundle::MAX_PAYLOAD,
     };
-    let Some(ctl_path) = parts.get("bootctl") else {
-        halt("partition bootctl not found")
-    };
-    let mut ctl_dev = match OpenOptions::new().read(true).write(true).open(ctl_path) {
-        Ok(f) => f,
-        Err(e) => halt(&format!("cannot open {}: {e}", ctl_path.display())),
-    };
-    let mut ctl = boot::load_boot_control(&mut ctl_dev, &mut |l| say(&l));
-    say(&format!(
-        "boot control generation {}, floor {}; {}; {}",
-        ctl.generation,
-        ctl.floor,
-        boot::describe(&ctl, Slot::A),
-        boot::describe(&ctl, Slot::B)
-    ));
+    let (mut ctl_dev, mut ctl) = open_boot_control(parts);
     let slot_devs = [
         parts.get("slot_a").map(PathBuf::as_path),
         parts.get("slot_b").map(PathBuf::as_path),
@@ -238,42 +207,105 @@ fn boot(cmdline: &str, parts: &std::collections::BTreeMap<String, PathBuf>) -> !
             Path::new(RUN_DIR),
             &mut |l| say(&l),
         ) else {
-            if let Some(w) = watchdog.take() {
-                match w.disarm() {
-                    Ok(()) => say("watchdog disarmed"),
-                    Err(e) => say(&format!(
-                        "WARNING: cannot disarm the watchdog ({e}); the board will reset"
-                    )),
-                }
-            }
-            halt("no slot can boot; the reasons are above")
+            give_up(watchdog.take())
         };
         if watchdog.is_none() {
             watchdog = arm_watchdog(cmdline);
         }
-        let mut cmd = Command::new(&staged.program);
-        cmd.args(staged.args());
-        if let Some(w) = &watchdog {
-            match w.pet().and_then(|()| w.inherit_on_exec()) {
-                Ok(fd) => {
-                    cmd.env(appliance::WATCHDOG_FD_ENV, fd.to_string());
-                }
-                Err(e) => say(&format!(
-                    "WARNING: cannot hand the watchdog over ({e}); it will reset the board"
-                )),
-            }
-        }
-        say(&format!(
-            "exec {} {}",
-            staged.program.display(),
-            staged.args().join(" ")
-        ));
-        let err = cmd.exec();
-        let reason = format!("cannot execute {}: {err}", staged.program.display());
+        let reason = exec_staged(&staged, watchdog.as_ref());
         boot::refuse(&mut ctl_dev, &mut ctl, staged.slot, &reason, &mut |l| {
             say(&l)
         });
     }
+}
+
+/// The board name from `<etc>/board` (trimmed); halts if it is missing or empty.
+fn read_board(etc: &Path) -> String {
+    match std::fs::read_to_string(etc.join("board")) {
+        Ok(b) if !b.trim().is_empty() => b.trim().to_string(),
+        Ok(_) => halt(&format!("{} is empty", etc.join("board").display())),
+        Err(e) => halt(&format!("cannot read {}: {e}", etc.join("board").display())),
+    }
+}
+
+/// The image keys of `<etc>/image-keys` by key id, logged with `board`; halts if they cannot
+/// be read.
+fn read_image_keys(etc: &Path, board: &str) -> std::collections::BTreeMap<[u8; 8], [u8; 32]> {
+    let keys_dir = etc.join("image-keys");
+    let keys = match sealgate_image::keys::read_public_keys_dir(&keys_dir) {
+        Ok(k) => k,
+        Err(e) => halt(&format!("image keys {}: {e}", keys_dir.display())),
+    };
+    let ids: Vec<String> = keys.keys().map(sealgate_image::keys::key_id_hex).collect();
+    say(&format!(
+        "board {board}; image keys: {}",
+        if ids.is_empty() {
+            format!("NONE in {} (no bundle can verify)", keys_dir.display())
+        } else {
+            ids.join(", ")
+        }
+    ));
+    keys
+}
+
+/// Opens the bootctl partition and loads boot control (logging its state); halts if the
+/// partition is missing or cannot be opened.
+fn open_boot_control(
+    parts: &std::collections::BTreeMap<String, PathBuf>,
+) -> (std::fs::File, BootControl) {
+    let Some(ctl_path) = parts.get("bootctl") else {
+        halt("partition bootctl not found")
+    };
+    let mut ctl_dev = match OpenOptions::new().read(true).write(true).open(ctl_path) {
+        Ok(f) => f,
+        Err(e) => halt(&format!("cannot open {}: {e}", ctl_path.display())),
+    };
+    let ctl = boot::load_boot_control(&mut ctl_dev, &mut |l| say(&l));
+    say(&format!(
+        "boot control generation {}, floor {}; {}; {}",
+        ctl.generation,
+        ctl.floor,
+        boot::describe(&ctl, Slot::A),
+        boot::describe(&ctl, Slot::B)
+    ));
+    (ctl_dev, ctl)
+}
+
+/// No slot can boot: disarms the watchdog, if armed, and halts.
+fn give_up(watchdog: Option<Watchdog>) -> ! {
+    if let Some(w) = watchdog {
+        match w.disarm() {
+            Ok(()) => say("watchdog disarmed"),
+            Err(e) => say(&format!(
+                "WARNING: cannot disarm the watchdog ({e}); the board will reset"
+            )),
+        }
+    }
+    halt("no slot can boot; the reasons are above")
+}
+
+/// Executes the staged program, handing it the watchdog (if armed, petted first); returns
+/// only when the exec fails, with the reason.
+fn exec_staged(staged: &boot::Staged, watchdog: Option<&Watchdog>) -> String {
+    let mut cmd = Command::new(&staged.program);
+    cmd.args(staged.args());
+    if let Some(w) = watchdog {
+        match w.pet().and_then(|()| w.inherit_on_exec()) {
+            Ok(fd) => {
+                cmd.env(appliance::WATCHDOG_FD_ENV, fd.to_string());
+            }
+            Err(e) => say(&format!(
+                "WARNING: cannot hand the watchdog over ({e}); it will reset the board"
+            )),
+        }
+    }
+    say(&format!(
+        "exec {} {}",
+        staged.program.display(),
+        staged.args().join(" ")
+    ));
+    let err = cmd.exec();
+    format!("cannot execute {}: {err}", staged.program.display())
 }
 
 fn arm_watchdog(cmdline: &str) -> Option<Watchdog> {

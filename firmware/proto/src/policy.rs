@@ -484,15 +484,7 @@ pub fn plan(
     now: u64,
     settings: &Settings,
 ) -> Decision<Plan> {
-    let (level, source) = if route.forced && route.level < Level::Encrypt {
-        (Level::Encrypt, Source::ForcedList(route.level))
-    } else if route.forced {
-        (route.level, Source::RouteAndForcedList)
-    } else {
-        (route.level, Source::Route)
-    };
-    let refuse = settings.downgrade == Downgrade::Refuse;
-    let window = settings.downgrade_window;
+    let (level, source) = effective_level(route);
     let mut attempt = Attempt {
         key: key.clone(),
         level,
@@ -510,57 +502,12 @@ pub fn plan(
             StartTlsMode::Never,
             format!("plaintext to {peer}: STARTTLS is never used ({policy})"),
         ),
-        Level::May => {
-            if let Some((at, why)) = record.downgrade_flag(now, window).filter(|_| refuse) {
-                let until = record.downgrade_flag_ends(window).unwrap_or(now);
-                let reason = format!(
-                    "{peer} is flagged for a possible TLS downgrade since {} ({why}); {policy} \
-                     with downgrade = refuse: deferred until {} or until an admin resets the \
-                     peer",
-                    date(*at),
-                    date(until),
-                );
-                return Decision::new(
-                    Plan::Defer(Deferral {
-                        status: STATUS_NO_STARTTLS,
-                        reason,
-                    }),
-                    vec![Effect::Deferred],
-                );
+        Level::May => match plan_may(&mut attempt, record, now, &policy) {
+            Ok(mode) => mode,
+            Err(deferral) => {
+                return Decision::new(Plan::Defer(deferral), vec![Effect::Deferred]);
             }
-            attempt.protected_since = record.tls_within(now, window).filter(|_| refuse);
-            match (attempt.protected_since, record.tls_broken_until) {
-                (Some(at), _) => (
-                    StartTlsMode::Required,
-                    format!(
-                        "TLS required for {peer} ({policy}): it completed TLS on {}, so \
-                         downgrade protection holds until {}",
-                        date(at),
-                        date(at.saturating_add(window)),
-                    ),
-                ),
-                (None, Some(until)) if until > now => (
-                    StartTlsMode::Never,
-                    format!(
-                        "plaintext to {peer} without STARTTLS: remembered as TLS-broken until \
-                         {} ({policy})",
-                        date(until),
-                    ),
-                ),
-                (None, Some(until)) => (
-                    StartTlsMode::IfOffered,
-                    format!(
-                        "probing TLS with {peer} again: its TLS-broken mark expired on {} \
-                         ({policy})",
-                        date(until),
-                    ),
-                ),
-                (None, None) => (
-                    StartTlsMode::IfOffered,
-                    format!("STARTTLS with {peer} when offered ({policy})"),
-                ),
-            }
-        }
+        },
         Level::Encrypt | Level::Verify | Level::Fingerprint => (
             StartTlsMode::Required,
             format!("TLS required by policy for {peer} ({policy})"),
@@ -569,6 +516,79 @@ pub fn plan(
     attempt.starttls = starttls;
     attempt.reason = reason;
     Decision::new(Plan::Connect(attempt), Vec::new())
+}
+
+/// The level to use and where it comes from: a forced route is at least `encrypt`.
+fn effective_level(route: &RouteFacts) -> (Level, Source) {
+    if route.forced && route.level < Level::Encrypt {
+        (Level::Encrypt, Source::ForcedList(route.level))
+    } else if route.forced {
+        (route.level, Source::RouteAndForcedList)
+    } else {
+        (route.level, Source::Route)
+    }
+}
+
+/// The STARTTLS mode and reason for a `may` peer (`attempt.key`; `policy` describes the level),
+/// setting `attempt.protected_since` under downgrade protection; `Err` when the peer is flagged
+/// for a possible downgrade and the setting is to refuse.
+fn plan_may(
+    attempt: &mut Attempt,
+    record: &PeerRecord,
+    now: u64,
+    policy: &str,
+) -> Result<(StartTlsMode, String), Deferral> {
+    let refuse = attempt.settings.downgrade == Downgrade::Refuse;
+    let window = attempt.settings.downgrade_window;
+    let peer = &attempt.key;
+    if let Some((at, why)) = record.downgrade_flag(now, window).filter(|_| refuse) {
+        let until = record.downgrade_flag_ends(window).unwrap_or(now);
+        let reason = format!(
+            "{peer} is flagged for a possible TLS downgrade since {} ({why}); {policy} \
+             with downgrade = refuse: deferred until {} or until an admin resets the \
+             peer",
+            date(*at),
+            date(until),
+        );
+        return Err(Deferral {
+            status: STATUS_NO_STARTTLS,
+            reason,
+        });
+    }
+    let protected_since = record.tls_within(now, window).filter(|_| refuse);
+    let mode = match (protected_since, record.tls_broken_until) {
+        (Some(at), _) => (
+            StartTlsMode::Required,
+            format!(
+                "TLS required for {peer} ({policy}): it completed TLS on {}, so \
+                 downgrade protection holds until {}",
+                date(at),
+                date(at.saturating_add(window)),
+            ),
+        ),
+        (None, Some(until)) if until > now => (
+            StartTlsMode::Never,
+            format!(
+                "plaintext to {peer} without STARTTLS: remembered as TLS-broken until \
+                 {} ({policy})",
+                date(until),
+            ),
+        ),
+        (None, Some(until)) => (
+            StartTlsMode::IfOffered,
+            format!(
+                "probing TLS with {peer} again: its TLS-broken mark expired on {} \
+                 ({policy})",
+                date(until),
+            ),
+        ),
+        (None, None) => (
+            StartTlsMode::IfOffered,
+            format!("STARTTLS with {peer} when offered ({policy})"),
+        ),
+    };
+    attempt.protected_since = protected_since;
+    Ok(mode)
 }
 
 impl Attempt {

@@ -340,43 +340,11 @@ fn image_sign(args: SignArgs) -> ExitCode {
     };
     let tmp = beside_out(".tmp");
     let stripped = beside_out(".payload.tmp");
-    let payload_path = if args.unchecked_payload || args.no_strip {
-        args.binary.clone()
-    } else {
-        if let Err(e) = build::strip_static(&args.binary, &stripped) {
-            let _ = fs::remove_file(&stripped);
-            return fail("sign", e);
-        }
-        stripped.clone()
+    let (payload_path, mut payload) = match open_payload(&args, &stripped) {
+        Ok(opened) => opened,
+        Err(code) => return code,
     };
-    let opened = File::open(&payload_path);
-    let _ = fs::remove_file(&stripped); // the open file stays readable
-    let mut payload = match opened {
-        Ok(f) => f,
-        Err(e) => return fail("sign", format!("{}: {e}", payload_path.display())),
-    };
-    let result = File::create(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))
-        .and_then(|file| {
-            let mut out = BufWriter::new(file);
-            let header = bundle::sign(
-                &mut payload,
-                args.version,
-                &args.board,
-                &key,
-                created(),
-                &mut out,
-            )
-            .map_err(|e| e.to_string())?;
-            let file = out
-                .into_inner()
-                .map_err(|e| format!("{}: {}", tmp.display(), e.error()))?;
-            file.sync_all()
-                .map_err(|e| format!("{}: {e}", tmp.display()))?;
-            fs::rename(&tmp, &args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-            Ok(header)
-        });
-    match result {
+    match write_bundle(&args, &key, &mut payload, &tmp) {
         Ok(header) => {
             let size = fs::metadata(&args.out).map_or(0, |m| m.len());
             println!(
@@ -402,24 +370,60 @@ fn image_sign(args: SignArgs) -> ExitCode {
     }
 }
 
+/// The payload to sign, opened: the binary itself, or (unless unchecked or `--no-strip`) a
+/// stripped copy at `stripped`, removed again once open. Returns its path and the open file;
+/// `Err` is the exit code of a reported failure.
+fn open_payload(args: &SignArgs, stripped: &Path) -> Result<(PathBuf, File), ExitCode> {
+    let payload_path = if args.unchecked_payload || args.no_strip {
+        args.binary.clone()
+    } else {
+        if let Err(e) = build::strip_static(&args.binary, stripped) {
+            let _ = fs::remove_file(stripped);
+            return Err(fail("sign", e));
+        }
+        stripped.to_path_buf()
+    };
+    let opened = File::open(&payload_path);
+    let _ = fs::remove_file(stripped); // the open file stays readable
+    match opened {
+        Ok(f) => Ok((payload_path, f)),
+        Err(e) => Err(fail("sign", format!("{}: {e}", payload_path.display()))),
+    }
+}
+
+/// Signs `payload` into `tmp`, synced, then renamed to `--out`; returns the bundle's header or
+/// the error's text (`tmp` is left for the caller to remove).
+fn write_bundle(
+    args: &SignArgs,
+    key: &ring::signature::Ed25519KeyPair,
+    payload: &mut File,
+    tmp: &Path,
+) -> Result<bundle::Header, String> {
+    File::create(tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))
+        .and_then(|file| {
+            let mut out = BufWriter::new(file);
+            let header = bundle::sign(payload, args.version, &args.board, key, created(), &mut out)
+                .map_err(|e| e.to_string())?;
+            let file = out
+                .into_inner()
+                .map_err(|e| format!("{}: {}", tmp.display(), e.error()))?;
+            file.sync_all()
+                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            fs::rename(tmp, &args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+            Ok(header)
+        })
+}
+
 fn image_run(args: RunArgs) -> ExitCode {
     let usage = |e: run::RunError| {
         eprintln!("sealctl image run: {e}");
         ExitCode::from(EXIT_USAGE)
     };
-    let mut hostfwd = Vec::new();
-    for (what, value, port) in [
-        ("--smtp", &args.smtp, run::GUEST_SMTP_PORT),
-        ("--smtps", &args.smtps, run::GUEST_SMTPS_PORT),
-        ("--mgmt", &args.mgmt, run::GUEST_MGMT_PORT),
-    ] {
-        if let Some(value) = value {
-            match HostFwd::new(what, value, port) {
-                Ok(fwd) => hostfwd.push(fwd),
-                Err(e) => return usage(e),
-            }
-        }
-    }
+    let hostfwd = match host_forwards(&args) {
+        Ok(hostfwd) => hostfwd,
+        Err(e) => return usage(e),
+    };
     if let Err(e) = run::check_image_dir(&args.dir) {
         return fail("run", e);
     }
@@ -427,27 +431,9 @@ fn image_run(args: RunArgs) -> ExitCode {
         Ok(kvm) => kvm,
         Err(e) => return fail("run", e),
     };
-    let (secret_file, serial) = if args.print_command {
-        // Printing starts nothing and creates nothing.
-        let secret = args
-            .secret_file
-            .clone()
-            .unwrap_or_else(|| args.dir.join(run::SECRET_FILE));
-        let serial = args
-            .serial
-            .clone()
-            .or_else(|| fs::read(&secret).ok().map(|s| run::serial_of(&s)))
-            .unwrap_or_else(|| "QEMU-00000000".to_owned());
-        (secret, serial)
-    } else {
-        match run::board_identity(
-            &args.dir,
-            args.secret_file.as_deref(),
-            args.serial.as_deref(),
-        ) {
-            Ok(identity) => identity,
-            Err(e) => return fail("run", e),
-        }
+    let (secret_file, serial) = match run_identity(&args) {
+        Ok(identity) => identity,
+        Err(code) => return code,
     };
     let relay = match std::env::current_exe() {
         Ok(exe) => vec![
@@ -482,13 +468,60 @@ fn image_run(args: RunArgs) -> ExitCode {
         println!("{}", run::shell_line(&argv));
         return ExitCode::SUCCESS;
     }
+    run_qemu(&spec, &argv)
+}
+
+/// The host forwards of `--smtp`, `--smtps` and `--mgmt`, in that order.
+fn host_forwards(args: &RunArgs) -> Result<Vec<HostFwd>, run::RunError> {
+    let mut hostfwd = Vec::new();
+    for (what, value, port) in [
+        ("--smtp", &args.smtp, run::GUEST_SMTP_PORT),
+        ("--smtps", &args.smtps, run::GUEST_SMTPS_PORT),
+        ("--mgmt", &args.mgmt, run::GUEST_MGMT_PORT),
+    ] {
+        if let Some(value) = value {
+            hostfwd.push(HostFwd::new(what, value, port)?);
+        }
+    }
+    Ok(hostfwd)
+}
+
+/// The board's secret file and serial. With `--print-command` nothing is created (the serial
+/// is derived from an existing secret, else a placeholder); `Err` is the exit code of a
+/// reported failure.
+fn run_identity(args: &RunArgs) -> Result<(PathBuf, String), ExitCode> {
+    if args.print_command {
+        // Printing starts nothing and creates nothing.
+        let secret = args
+            .secret_file
+            .clone()
+            .unwrap_or_else(|| args.dir.join(run::SECRET_FILE));
+        let serial = args
+            .serial
+            .clone()
+            .or_else(|| fs::read(&secret).ok().map(|s| run::serial_of(&s)))
+            .unwrap_or_else(|| "QEMU-00000000".to_owned());
+        Ok((secret, serial))
+    } else {
+        run::board_identity(
+            &args.dir,
+            args.secret_file.as_deref(),
+            args.serial.as_deref(),
+        )
+        .map_err(|e| fail("run", e))
+    }
+}
+
+/// Runs QEMU with `argv` in the foreground (announcing the board); QEMU's failure status
+/// becomes the exit code.
+fn run_qemu(spec: &RunSpec, argv: &[OsString]) -> ExitCode {
     eprintln!(
         "sealctl image run: board {} ({}), {}; Ctrl-C quits",
         spec.serial,
         spec.secret_file.display(),
         if spec.kvm { "KVM" } else { "TCG (no KVM)" }
     );
-    match run::run(&argv) {
+    match run::run(argv) {
         Ok(status) if status.success() => ExitCode::SUCCESS,
         Ok(status) => {
             eprintln!("sealctl image run: QEMU exited: {status}");
