@@ -439,42 +439,9 @@ pub fn firmware_suffices(need: &str, have: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Dates (UTC, Unix seconds).
 
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The date of a day number since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 /// Unix seconds as RFC 3339 UTC: `2026-11-26T22:11:36Z`.
 pub fn format_utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    sealgate_proto::calendar::rfc3339(secs)
 }
 
 /// Parses `YYYY-MM-DD` (00:00:00 UTC of that day) or `YYYY-MM-DDTHH:MM:SSZ` into Unix seconds.
@@ -522,7 +489,7 @@ pub fn parse_utc(s: &str) -> Option<u64> {
         }
         secs = u64::from(h) * 3600 + u64::from(mi) * 60 + u64::from(se);
     }
-    let days = u64::try_from(days_from_civil(i64::from(year), month, day)).ok()?;
+    let days = sealgate_proto::calendar::days_from_civil(year.into(), month.into(), day.into())?;
     Some(days * 86_400 + secs)
 }
 

@@ -374,24 +374,7 @@ pub fn san_covers(san: &str, name: &str) -> bool {
 
 /// Unix seconds as RFC 3339 UTC, `2026-01-31T12:00:00Z`.
 pub fn rfc3339(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let rem = secs % 86_400;
-    // Days to civil date (H. Hinnant's algorithm), proleptic Gregorian.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3_600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    sealgate_proto::calendar::rfc3339(secs)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -610,7 +593,7 @@ fn cert_info(
         sans: sans.list(),
         not_before: unix(validity.not_before.timestamp()),
         not_after: unix(validity.not_after.timestamp()),
-        sha256: hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref()),
+        sha256: crate::x509::sha256_hex(der),
         chain_len: chain.len(),
     })
 }
@@ -863,10 +846,6 @@ fn list_or_none(items: &[String]) -> String {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unix(timestamp: i64) -> u64 {
     u64::try_from(timestamp).unwrap_or(0)
 }
@@ -1099,7 +1078,7 @@ mod tests {
         let key = load_key(&new.key_pkcs8_der).unwrap();
         assert_eq!(key.alg, KeyAlg::EcP256);
         assert_eq!(key.raw, csr.key);
-        assert!(!format!("{new:?}").contains(&hex(&new.key_pkcs8_der)));
+        assert!(!format!("{new:?}").contains(&crate::hex::encode(&new.key_pkcs8_der)));
         // Each call makes a new key.
         let other = generate(&names(&["mx.example.test"])).unwrap();
         assert_ne!(*other.key_pkcs8_der, *new.key_pkcs8_der);
@@ -1535,7 +1514,10 @@ mod tests {
         broken[last] ^= 0xff;
         let why = bad_key(relabel(&pem(&broken), "PRIVATE KEY").as_bytes());
         assert!(why.starts_with("ECDSA P-256 key rejected"), "{why}");
-        assert!(!why.contains(&hex(&broken[last - 4..])), "{why}");
+        assert!(
+            !why.contains(&crate::hex::encode(&broken[last - 4..])),
+            "{why}"
+        );
     }
 
     #[test]
@@ -1550,7 +1532,7 @@ mod tests {
                 sans: names(&["mx.example.test", "smtp.example.test"]),
                 not_before: ts(2025, 1, 1),
                 not_after: ts(2027, 1, 1),
-                sha256: hex(ring::digest::digest(&ring::digest::SHA256, pki.leaf.der()).as_ref()),
+                sha256: crate::x509::sha256_hex(pki.leaf.der()),
                 chain_len: 3,
             }
         );

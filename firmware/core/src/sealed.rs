@@ -736,30 +736,21 @@ mod tests {
     fn known_answer_from_an_independent_implementation() {
         let key = sealing_key(&[0u8; 32], "DEV-00000000");
         assert_eq!(
-            hex(&key.bytes[..]),
+            crate::hex::encode(&key.bytes[..]),
             "bb799426221aa26d4581415d09e42691b4dca7512faf202922d76c99eac7d649"
         );
-        let file = unhex(concat!(
+        let file = crate::hex::decode(concat!(
             "53475345414c53540001000000000000000111111111111111111111111100000044",
             "f213d43b1d2aefe6e0c7861dc5b7712a7af92717af66d78414d972429713c930fc79e8",
             "da25a408983fba443ed733d2d090bf4d3b5affed6f034cf7358ef0c3ede93f7ef0",
-        ));
+        ))
+        .unwrap();
         let r = recs(&[
             ("counter/config_seq", &1u64.to_le_bytes()),
             ("tls/a/key", b"k"),
         ]);
         assert_eq!(unseal(&key, &file).unwrap(), (1, r.clone()));
         assert_eq!(seal(&key, 1, [0x11; 12], &r), file);
-    }
-
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|b| format!("{b:02x}")).collect()
-    }
-    fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
     }
 
     #[test]
@@ -935,7 +926,10 @@ mod tests {
             assert!(msg.contains("authentication failed"), "{msg}");
             // Nothing secret in the message: no key, no secret, no record value.
             let key = sealing_key(secret, serial);
-            assert!(!msg.contains(&hex(&key.bytes[..])) && !msg.contains(&hex(secret)));
+            assert!(
+                !msg.contains(&crate::hex::encode(&key.bytes[..]))
+                    && !msg.contains(&crate::hex::encode(secret))
+            );
             assert!(!msg.contains("BEGIN CERTIFICATE"));
         }
         assert_eq!(open(&dir).unwrap().generation(), 3);

@@ -4,6 +4,7 @@
 //! reads the system clock. The runtime layer (`firmware/sealgate`) owns all of that; this crate
 //! is what unit tests and fuzzers drive directly.
 
+pub mod calendar;
 pub mod client;
 pub mod dsn;
 pub mod envelope;

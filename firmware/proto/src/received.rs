@@ -1,5 +1,7 @@
 //! The `Received:` trace header (RFC 5321 §4.4) and RFC 5322 dates, computed without a clock.
 
+use crate::calendar::civil_from_days;
+
 use std::net::IpAddr;
 
 /// Facts for one `Received:` header.
@@ -83,21 +85,6 @@ pub fn rfc5322_date(unix_time: u64) -> String {
         secs / 60 % 60,
         secs % 60
     )
-}
-
-/// Days since 1970-01-01 → (year, month 1..=12, day 1..=31); Howard Hinnant's `civil_from_days`
-/// restricted to non-negative days, so all arithmetic is unsigned.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097; // [0, 146096]
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
-    let mp = (5 * doy + 2) / 153; // [0, 11], March-based
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 /// Builds a folded header from words.
