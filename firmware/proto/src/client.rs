@@ -1264,6 +1264,74 @@ mod tests {
         }
     }
 
+    /// Two transactions on one connection, in every order of plain / 8BITMIME / SMTPUTF8 /
+    /// SIZE: each MAIL carries its own parameters and nothing of the one before.
+    #[test]
+    fn every_mail_carries_only_its_own_parameters() {
+        let kinds: [(&str, bool, bool, u64, &str); 4] = [
+            (
+                "plain",
+                false,
+                false,
+                10,
+                "MAIL FROM:<s@a.test> SIZE=10\r\n",
+            ),
+            (
+                "8bit",
+                true,
+                false,
+                10,
+                "MAIL FROM:<s@a.test> SIZE=10 BODY=8BITMIME\r\n",
+            ),
+            (
+                "utf8",
+                false,
+                true,
+                10,
+                "MAIL FROM:<s@a.test> SIZE=10 SMTPUTF8\r\n",
+            ),
+            (
+                "size",
+                false,
+                false,
+                999,
+                "MAIL FROM:<s@a.test> SIZE=999\r\n",
+            ),
+        ];
+        let t0 = Instant::now();
+        for first in &kinds {
+            for second in &kinds {
+                let mut c = ClientSession::new(params(StartTlsMode::Never), t0);
+                c.feed(b"220 hi\r\n", t0);
+                c.feed(EHLO_FULL.as_bytes(), t0);
+                while c.poll_event().is_some() {}
+                let _ = c.take_output();
+                for k in [first, second] {
+                    let t = Transaction {
+                        eightbit: k.1,
+                        smtputf8: k.2,
+                        size: k.3,
+                        ..tx(&["a@b.test"])
+                    };
+                    assert_eq!(c.send_transaction(t, t0), Ok(()), "{} {}", first.0, k.0);
+                    let out = String::from_utf8(c.take_output()).unwrap_or_default();
+                    let mail = out.split_inclusive("\r\n").next().unwrap_or_default();
+                    assert_eq!(mail, k.4, "{} then {}", first.0, second.0);
+                    c.feed(b"250 ok\r\n250 ok\r\n354 go\r\n", t0);
+                    assert_eq!(c.poll_event(), Some(ClientEvent::SendBody));
+                    c.send_body(b"x\r\n", t0);
+                    c.feed(b"250 queued\r\n", t0);
+                    while let Some(e) = c.poll_event() {
+                        if matches!(e, ClientEvent::Ready(_)) {
+                            break;
+                        }
+                    }
+                    let _ = c.take_output();
+                }
+            }
+        }
+    }
+
     #[test]
     fn deadlines() {
         let t0 = Instant::now();

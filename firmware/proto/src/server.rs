@@ -2027,6 +2027,42 @@ mod tests {
     }
 
     #[test]
+    fn every_transaction_starts_with_fresh_parameters() {
+        let mail = |params: &str| {
+            format!("MAIL FROM:<a@r.test>{params}\r\nRCPT TO:<b@local.test>\r\nDATA\r\nx\r\n.\r\n")
+        };
+        let kinds = [
+            ("", BodyType::SevenBit, false, None),
+            (" BODY=8BITMIME", BodyType::EightBitMime, false, None),
+            (" SMTPUTF8", BodyType::SevenBit, true, None),
+            (" SIZE=300", BodyType::SevenBit, false, Some(300)),
+        ];
+        for first in &kinds {
+            for second in &kinds {
+                let input = format!("EHLO c.test\r\n{}{}QUIT\r\n", mail(first.0), mail(second.0));
+                let (_, events, _) = transcript(input.as_bytes(), input.len());
+                let got: Vec<_> = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::MessageComplete(env) => {
+                            Some((env.body, env.smtputf8, env.declared_size))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let want = |k: &(&str, BodyType, bool, Option<u64>)| (k.1, k.2, k.3);
+                assert_eq!(
+                    got,
+                    vec![want(first), want(second)],
+                    "{:?} then {:?}",
+                    first.0,
+                    second.0
+                );
+            }
+        }
+    }
+
+    #[test]
     fn byte_at_a_time_equals_one_shot() {
         let session = b"EHLO c.test\r\nMAIL FROM:<a@r.test> SIZE=100\r\nRCPT TO:<b@local.test>\r\n\
             RCPT TO:<c@far.test>\r\nDATA\r\nSubject: t\r\n\r\n..dots\r\nline\r\n.\r\n\
