@@ -180,6 +180,10 @@ const FEED_CHUNK: usize = 16 * 1024;
 /// Longest client-supplied text echoed back in a reply.
 const MAX_ECHO: usize = 64;
 
+/// Most `Received:` headers a message may carry (RFC 5321 §6.3; Postfix's `hopcount_limit`):
+/// one with more is in a mail loop and refused at DATA with `554 5.4.6`.
+pub const MAX_HOPS: usize = 50;
+
 /// Commands that a client on the forced-TLS list may not issue in plaintext.
 const TLS_ONLY_VERBS: [&[u8]; 6] = [b"MAIL", b"RCPT", b"DATA", b"ETRN", b"AUTH", b"BDAT"];
 
@@ -235,11 +239,59 @@ pub struct DataReceiver {
     too_long: bool,
     too_big: bool,
     bare_eol: bool,
+    /// A NUL octet in the text.
+    nul: bool,
+    /// Past the header section (its empty line seen).
+    past_header: bool,
+    /// Octets of the current header line seen (only the first few matter).
+    header_col: usize,
+    /// The current header line's first octets, lower-cased, to recognise `Received:`.
+    header_start: [u8; 9],
+    /// `Received:` headers in the header section.
+    hops: usize,
 }
 
 impl DataReceiver {
     fn refused(&self) -> bool {
-        self.too_long || self.too_big || self.bare_eol
+        self.too_long || self.too_big || self.bare_eol || self.nul
+    }
+
+    /// A NUL octet in the text (a next hop that drops NULs could see other line starts).
+    pub fn nul(&self) -> bool {
+        self.nul
+    }
+
+    /// `Received:` headers counted in the header section.
+    pub fn hops(&self) -> usize {
+        self.hops
+    }
+
+    /// Follows the header section, counting `Received:` lines (continuations start with
+    /// white space and never match).
+    fn watch_header(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.past_header {
+                return;
+            }
+            match b {
+                b'\r' => {}
+                b'\n' => {
+                    self.past_header = self.header_col == 0;
+                    self.header_col = 0;
+                }
+                _ => {
+                    if let Some(slot) = self.header_start.get_mut(self.header_col) {
+                        *slot = b.to_ascii_lowercase();
+                        if self.header_col + 1 == self.header_start.len()
+                            && &self.header_start == b"received:"
+                        {
+                            self.hops = self.hops.saturating_add(1);
+                        }
+                    }
+                    self.header_col = self.header_col.saturating_add(1);
+                }
+            }
+        }
     }
 
     /// More than `max_message_bytes` of message text (nothing of it is kept in `body`).
@@ -273,7 +325,7 @@ impl DataReceiver {
                 let rest = input.get(i..).unwrap_or_default();
                 let run = rest
                     .iter()
-                    .position(|&c| c == b'\r' || c == b'\n')
+                    .position(|&c| c == b'\r' || c == b'\n' || c == 0)
                     .unwrap_or(rest.len());
                 if run > 0 {
                     self.count(run, limits);
@@ -320,6 +372,10 @@ impl DataReceiver {
                 self.emit(b"\n", body, limits);
                 self.pos = LinePos::Mid;
             }
+            0 => {
+                self.nul = true;
+                self.pos = LinePos::Mid;
+            }
             _ => {
                 self.emit(&[b], body, limits);
                 self.pos = LinePos::Mid;
@@ -335,6 +391,7 @@ impl DataReceiver {
     }
 
     fn emit(&mut self, bytes: &[u8], body: &mut Vec<u8>, limits: &ServerLimits) {
+        self.watch_header(bytes);
         if !self.refused() {
             self.total = self.total.saturating_add(bytes.len() as u64);
             if self.total > limits.max_message_bytes {
@@ -863,7 +920,9 @@ impl ServerSession {
             return;
         }
         self.envelope = Some(Envelope {
-            mail_from: from.address.to_string(),
+            // smtp-proto strips the quotes of a quoted local part; put them back, so that what
+            // was inside them (`"x> RET=FULL"@…`) never becomes parameters on the way out.
+            mail_from: crate::envelope::requote(&from.address),
             rcpt_to: Vec::new(),
             body: if from.flags & MAIL_BODY_8BITMIME != 0 {
                 BodyType::EightBitMime
@@ -972,6 +1031,19 @@ impl ServerSession {
                 550,
                 (5, 6, 0),
                 "Error: bare CR or LF in message text (use CRLF line endings)",
+            );
+        } else if data.nul {
+            self.body.clear();
+            self.fail(550, (5, 6, 0), "Error: NUL octet in message text");
+        } else if data.hops > MAX_HOPS {
+            self.body.clear();
+            self.fail(
+                554,
+                (5, 4, 6),
+                format!(
+                    "Too many hops ({} Received: headers; mail loop?)",
+                    data.hops
+                ),
             );
         } else if let Some(envelope) = envelope {
             self.envelope = Some(envelope.clone());
@@ -2024,6 +2096,89 @@ mod tests {
             out.extend(s.take_output());
         }
         (out, events, body)
+    }
+
+    /// Final replies to one message with `text` as its DATA.
+    fn data_reply(text: &str) -> String {
+        let input = format!(
+            "EHLO c.test\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n{text}.\r\n"
+        );
+        let (out, _, _) = transcript(input.as_bytes(), 7);
+        finals(&out).last().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn nul_octets_are_refused_like_bare_line_ends() {
+        for text in [
+            "hello\r\n\x00.\r\nMAIL FROM:<x@evil.test>\r\n",
+            "a\x00b\r\n",
+            "\x00\r\n",
+        ] {
+            assert!(
+                data_reply(text).starts_with("550 5.6.0"),
+                "{text:?}: {}",
+                data_reply(text)
+            );
+        }
+        assert!(
+            data_reply("clean\r\n").starts_with("250"),
+            "{}",
+            data_reply("clean\r\n")
+        );
+    }
+
+    #[test]
+    fn too_many_hops_is_a_loop() {
+        let headers = |n: usize| "Received: from x by y\r\n\tfolded; date\r\n".repeat(n);
+        let table = [
+            (
+                format!("{}Subject: s\r\n\r\nbody\r\n", headers(MAX_HOPS)),
+                "250",
+            ),
+            (
+                format!("{}Subject: s\r\n\r\nbody\r\n", headers(MAX_HOPS + 1)),
+                "554 5.4.6",
+            ),
+            (
+                format!("RECEIVED: a\r\n{}\r\n", headers(MAX_HOPS)),
+                "554 5.4.6",
+            ),
+            // Only the header section counts: the same lines in the body are text.
+            (
+                format!("Subject: s\r\n\r\n{}", headers(MAX_HOPS + 5)),
+                "250",
+            ),
+        ];
+        for (text, want) in table {
+            let got = data_reply(&text);
+            assert!(got.starts_with(want), "{want}: {got}");
+        }
+    }
+
+    #[test]
+    fn quoted_senders_keep_their_quotes() {
+        let cases = [
+            ("<\"john smith\"@r.test>", "\"john smith\"@r.test"),
+            (
+                "<\"x> RET=FULL AUTH=<ceo@corp.test> ENVID=\"@evil.test>",
+                "\"x> RET=FULL AUTH=<ceo@corp.test> ENVID=\"@evil.test",
+            ),
+            ("<plain.user@r.test>", "plain.user@r.test"),
+        ];
+        for (path, want) in cases {
+            let input = format!(
+                "EHLO c.test\r\nMAIL FROM:{path}\r\nRCPT TO:<b@local.test>\r\nDATA\r\nx\r\n.\r\n"
+            );
+            let (_, events, _) = transcript(input.as_bytes(), input.len());
+            let from: Vec<_> = events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::MessageComplete(env) => Some(env.mail_from.as_str()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(from, vec![want], "{path}");
+        }
     }
 
     #[test]

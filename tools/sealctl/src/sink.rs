@@ -354,7 +354,7 @@ async fn message<R: AsyncRead + Unpin>(
     match read_data(io, body, &shared.limits, shared.cfg.timeout).await? {
         DataEnd::TooBig => out.extend_from_slice(b"552 5.3.4 message too big\r\n"),
         DataEnd::BareEol => {
-            out.extend_from_slice(b"550 5.6.0 bare CR or LF in message text\r\n");
+            out.extend_from_slice(b"550 5.6.0 bare CR or LF, or NUL, in message text\r\n");
         }
         DataEnd::Complete => {
             let (result, returned) = store(shared, std::mem::take(body)).await;
@@ -432,7 +432,7 @@ async fn read_data<R: AsyncRead + Unpin>(
         if done {
             return Ok(if receiver.too_big() {
                 DataEnd::TooBig
-            } else if receiver.bare_eol() {
+            } else if receiver.bare_eol() || receiver.nul() {
                 DataEnd::BareEol
             } else {
                 DataEnd::Complete
