@@ -1,0 +1,358 @@
+//! The gateway configuration: the TOML shape of PRODUCT.md §3, parsed, checked and typed.
+//!
+//! Parsing yields a [`Config`] only when every semantic check passed (routes, CIDRs, addresses,
+//! certificate names); each failure names the key and the reason. Keys are documented in
+//! `docs/config.md`.
+//!
+//! Layout: `raw.rs` holds the serde shapes; one checking function per section turns them into
+//! the typed structs below (`check.rs` for `[device]`, `[dns]` and the order of the sections,
+//! then `smtp.rs`, `queue.rs`, `tls.rs`, `mgmt.rs`, `routes.rs`); `values.rs` holds the value
+//! checks they share (durations, addresses, CIDRs, names, fingerprints).
+
+mod check;
+mod mgmt;
+mod queue;
+mod raw;
+mod routes;
+mod smtp;
+#[cfg(test)]
+mod tests;
+mod tls;
+mod values;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cidr::Cidr;
+use raw::RawConfig;
+
+pub use values::parse_duration;
+
+/// A configuration error, naming the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub hostname: String,
+    pub smtp: SmtpConfig,
+    pub queue: QueueConfig,
+    pub tls: TlsConfig,
+    /// Name servers for MX lookups; empty means the system's (`/etc/resolv.conf`).
+    pub dns_resolvers: Vec<SocketAddr>,
+    pub routes: Vec<Route>,
+    pub mgmt: MgmtConfig,
+}
+
+/// `[mgmt]`: the management API (F-MGMT; endpoints in `docs/mgmt-api.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MgmtConfig {
+    /// HTTPS listeners. `None` = the board's default (`127.0.0.1:8443` on the dev board,
+    /// `0.0.0.0:8443` on the appliance); empty = no management API. Fixed at start.
+    pub listen: Option<Vec<SocketAddr>>,
+    /// Name of the served certificate (a `[[tls.certificates]]` entry or a sealed-store name).
+    pub certificate: String,
+    /// SHA-256 of the DER of each pinned admin client certificate.
+    pub admin_certificates: Vec<[u8; 32]>,
+    /// SHA-256 of each accepted bearer token (the token's bytes as sent).
+    pub admin_token_sha256: Vec<[u8; 32]>,
+}
+
+impl MgmtConfig {
+    /// Whether the config names any admin credential (pinned certificate or token).
+    pub fn has_credentials(&self) -> bool {
+        !self.admin_certificates.is_empty() || !self.admin_token_sha256.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    /// Listeners offering STARTTLS (when a certificate exists).
+    pub listen: Vec<SocketAddr>,
+    /// Listeners speaking TLS from the first byte (RFC 8314).
+    pub implicit_tls: Vec<SocketAddr>,
+    pub local_domains: Vec<String>,
+    pub trusted_networks: Vec<Cidr>,
+    pub max_message_bytes: u64,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_errors: u32,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub max_queue_time: Duration,
+    /// Delay before retry n (the last entry repeats).
+    pub retry_schedule: Vec<Duration>,
+    /// Below this many free bytes, new mail is refused with `452 4.3.1`.
+    pub min_free_bytes: u64,
+    /// Concurrent delivery attempts.
+    pub max_deliveries: usize,
+    pub connect_timeout: Duration,
+    /// Source address of outbound SMTP connections (Postfix's `smtp_bind_address`); `None`
+    /// lets the kernel choose.
+    pub bind_address: Option<IpAddr>,
+}
+
+/// `tls.downgrade`: the policy engine's own type.
+pub use sealgate_proto::policy::Downgrade;
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub handshake_timeout: Duration,
+    pub broken_tls_ttl: Duration,
+    pub downgrade: Downgrade,
+    /// How long after its last TLS success a `may` peer stays under downgrade protection.
+    pub downgrade_window: Duration,
+    /// Bound of the persisted peer table (least recently seen peers are evicted).
+    pub max_peers: usize,
+    /// PEM bundle of trust anchors for `verify` routes without a `ca` (read at start-up, and
+    /// only if such a route exists).
+    pub system_roots: PathBuf,
+    pub force: Vec<Cidr>,
+    /// Dev convenience: generate a self-signed certificate for a missing `default`.
+    pub dev_self_signed: bool,
+    pub certificates: Vec<CertificateConfig>,
+    /// CA certificates carried in the config (`[[tls.ca]]`), by name.
+    pub cas: Vec<CaConfig>,
+    /// E-mail VPN peers (`[[tls.peers]]`): their networks must present a client certificate
+    /// chaining to their CA, and may then relay.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// A CA certificate carried in the config.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    pub name: String,
+    /// DER of each certificate in the PEM (at least one).
+    pub certs: Vec<Vec<u8>>,
+}
+
+/// An e-mail VPN peer: client addresses and the CA their client certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub networks: Vec<Cidr>,
+    /// Name of a `[[tls.ca]]` entry (checked to exist).
+    pub ca: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CertificateConfig {
+    pub name: String,
+    pub local_addresses: Vec<IpAddr>,
+    pub server_names: Vec<String>,
+    /// PEM files (dev board); without them the key is looked up by name in the state directory.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// Outbound TLS level of a route (Postfix's names): the policy engine's own type.
+pub use sealgate_proto::policy::Level as TlsLevel;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainMatch {
+    /// `example.com`
+    Exact(String),
+    /// `.example.com`: any subdomain (not the domain itself).
+    Subdomains(String),
+    /// `*`
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// Fixed next hops, tried in order (`host:port`).
+    NextHops(Vec<(String, u16)>),
+    /// DNS MX of the recipient domain (RFC 5321 §5.1), on this port (25 unless configured).
+    Mx(u16),
+    /// Local Maildir (absolute, or relative to the state directory).
+    Maildir(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub domain: DomainMatch,
+    pub destination: Destination,
+    pub tls: TlsLevel,
+    /// `verify`: name of the `[[tls.ca]]` the peer must chain to (else `tls.system_roots`).
+    pub ca: Option<String>,
+    /// `fingerprint`: SHA-256 of the peer's certificate or SPKI (hex, normalised lower case).
+    pub fingerprints: Vec<String>,
+    /// Name of a `[[tls.certificates]]` entry presented as client certificate.
+    pub client_certificate: Option<String>,
+}
+
+impl Route {
+    pub fn matches(&self, domain: &str) -> bool {
+        match &self.domain {
+            DomainMatch::Exact(d) => d == domain,
+            DomainMatch::Subdomains(parent) => domain
+                .strip_suffix(parent.as_str())
+                .is_some_and(|head| head.ends_with('.')),
+            DomainMatch::Any => true,
+        }
+    }
+
+    /// Specificity for choosing the best match: exact beats `.parent` (longer first) beats `*`.
+    fn rank(&self) -> (u8, usize) {
+        match &self.domain {
+            DomainMatch::Exact(d) => (2, d.len()),
+            DomainMatch::Subdomains(d) => (1, d.len()),
+            DomainMatch::Any => (0, 0),
+        }
+    }
+}
+
+impl Config {
+    /// The route for a recipient domain (lowercase): the most specific match.
+    pub fn route_for(&self, domain: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .filter(|r| r.matches(domain))
+            .max_by_key(|r| r.rank())
+    }
+
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.smtp.trusted_networks.iter().any(|c| c.contains(ip))
+    }
+
+    /// The policy engine's settings from `[tls]`.
+    pub fn policy_settings(&self) -> sealgate_proto::policy::Settings {
+        sealgate_proto::policy::Settings {
+            broken_tls_ttl: self.tls.broken_tls_ttl.as_secs(),
+            downgrade_window: self.tls.downgrade_window.as_secs(),
+            downgrade: self.tls.downgrade,
+        }
+    }
+
+    pub fn is_forced_tls(&self, ip: IpAddr) -> bool {
+        self.tls.force.iter().any(|c| c.contains(ip))
+    }
+
+    /// The first VPN peer whose networks contain `ip`.
+    pub fn peer_for(&self, ip: IpAddr) -> Option<&PeerConfig> {
+        self.tls
+            .peers
+            .iter()
+            .find(|p| p.networks.iter().any(|c| c.contains(ip)))
+    }
+
+    /// The CA carried in the config under `name`.
+    pub fn ca(&self, name: &str) -> Option<&CaConfig> {
+        self.tls.cas.iter().find(|c| c.name == name)
+    }
+
+    /// Parses and checks a TOML document; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        raw.check()
+    }
+
+    /// Reads and checks a TOML file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The embedded default: a demo gateway on loopback (see README).
+    pub fn embedded_default() -> Config {
+        match Self::from_toml(EMBEDDED_DEFAULT, "<embedded default>") {
+            Ok(c) => c,
+            // The embedded text is a constant checked by a unit test; failing here is a bug.
+            Err(e) => panic!("embedded default config is invalid: {e}"),
+        }
+    }
+}
+
+impl Config {
+    /// What an appliance runs on before its first signed config: SMTP on every address (no
+    /// local domains, no trusted networks: every recipient is refused, nothing relays), TLS with
+    /// a self-signed certificate made in the sealed store, and the management API, so that HQ
+    /// can push the first signed config.
+    pub fn appliance_default(serial: &str) -> Config {
+        let host: String = serial
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let text = APPLIANCE_DEFAULT.replace("@HOST@", &format!("{host}.sealgate.invalid"));
+        match Self::from_toml(&text, "<appliance default>") {
+            Ok(c) => c,
+            // A constant checked by a unit test (the serial only contributes [a-z0-9-]).
+            Err(e) => panic!("appliance default config is invalid: {e}"),
+        }
+    }
+}
+
+/// The appliance's configuration before its first signed config (`@HOST@` from the serial).
+pub const APPLIANCE_DEFAULT: &str = r#"
+[device]
+hostname = "@HOST@"
+
+[smtp]
+listen = ["0.0.0.0:25"]
+implicit_tls = ["0.0.0.0:465"]
+local_domains = []
+trusted_networks = []
+
+[tls]
+dev_self_signed = true
+
+[[tls.certificates]]
+name = "default"
+"#;
+
+/// The configuration `sealgate` runs on when given none.
+pub const EMBEDDED_DEFAULT: &str = r#"
+[device]
+hostname = "localhost"
+
+[smtp]
+listen = ["127.0.0.1:2525"]
+implicit_tls = ["127.0.0.1:4465"]
+local_domains = ["example.test"]
+trusted_networks = ["127.0.0.0/8"]
+
+[tls]
+dev_self_signed = true
+
+[[tls.certificates]]
+name = "default"
+
+[[route]]
+domain = "example.test"
+maildir = "maildir"
+"#;

@@ -1,0 +1,61 @@
+//! `[queue]`: how long and how often delivery is tried, spool reserve, outbound connections.
+
+use std::time::Duration;
+
+use super::raw::RawQueue;
+use super::values::{duration, ip_addr};
+use super::{ConfigError, QueueConfig, invalid};
+
+/// The default `retry_schedule` (`1m`, `5m`, `15m`, `30m`, `1h`, `2h`, `4h`), in seconds.
+const DEFAULT_RETRY_SECS: [u64; 7] = [60, 300, 900, 1800, 3600, 7200, 14_400];
+
+pub(super) fn check(q: &RawQueue) -> Result<QueueConfig, ConfigError> {
+    let retry_schedule = match &q.retry_schedule {
+        None => DEFAULT_RETRY_SECS.map(Duration::from_secs).to_vec(),
+        Some(list) => list
+            .iter()
+            .map(|s| duration("queue.retry_schedule", Some(s.as_str()), Duration::ZERO))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    if retry_schedule.is_empty() {
+        return Err(invalid("queue.retry_schedule", "needs at least one delay"));
+    }
+    Ok(QueueConfig {
+        max_queue_time: duration(
+            "queue.max_queue_time",
+            q.max_queue_time.as_deref(),
+            Duration::from_secs(5 * 86_400),
+        )?,
+        retry_schedule,
+        min_free_bytes: q.min_free_bytes.unwrap_or(64 * 1024 * 1024),
+        max_deliveries: q.max_deliveries.unwrap_or(64).clamp(1, 4096),
+        connect_timeout: duration(
+            "queue.connect_timeout",
+            q.connect_timeout.as_deref(),
+            Duration::from_secs(30),
+        )?,
+        bind_address: q
+            .bind_address
+            .as_deref()
+            .map(|a| ip_addr("queue.bind_address", a))
+            .transpose()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_duration;
+
+    #[test]
+    fn default_schedule_is_the_documented_one() {
+        let documented = ["1m", "5m", "15m", "30m", "1h", "2h", "4h"];
+        let parsed: Vec<_> = documented
+            .iter()
+            .filter_map(|s| parse_duration(s))
+            .collect();
+        assert_eq!(parsed, DEFAULT_RETRY_SECS.map(Duration::from_secs).to_vec());
+        let q = check(&RawQueue::default()).unwrap();
+        assert_eq!(q.retry_schedule, parsed);
+    }
+}
