@@ -20,7 +20,7 @@
 //!   `TransactionDone` (so per-recipient replies are not lost) and then `Failed(Unexpected)`
 //!   instead of sending an empty message (RFC 2920 would send a lone dot).
 //! - A `421` (service closing) during a transaction or to `RSET` ends the session with
-//!   `Failed(BadReply)`; to the final dot it first completes the transaction.
+//!   `Failed(Closing)`; to the final dot it first completes the transaction.
 //! - `SIZE` without a number (or `SIZE 0`) means "no fixed limit": `caps.size == Some(0)`.
 //! - `BODY=8BITMIME` is sent only when offered; an 8-bit message to a server without 8BITMIME
 //!   is sent as is (no downgrade). Control characters are removed from addresses.
@@ -29,7 +29,7 @@
 //! - No deadline while the runtime runs the TLS handshake or prepares the body.
 //! - `handle_eof` (extra) reports the server closing the connection.
 //! - `awaiting` and `last_reply` (extra, for error messages): which reply is due, and the last
-//!   reply received with the command it answered (e.g. the `421` behind `Failed(BadReply)`).
+//!   reply received with the command it answered (e.g. the reply behind `Failed(BadReply)`).
 
 use std::time::{Duration, Instant};
 
@@ -163,6 +163,9 @@ pub enum ClientError {
     ResponseInjection,
     #[error("malformed reply from server: {0}")]
     BadReply(String),
+    /// `421`: the server is closing the session (RFC 5321 §3.8).
+    #[error("server is closing the session: {0}")]
+    Closing(Reply),
     #[error("reply exceeds limits ({0})")]
     ReplyTooLong(&'static str),
     #[error("server replied when no reply was due")]
@@ -484,12 +487,13 @@ impl ClientSession {
                 }
                 self.events.push_back(p.done(Some(reply.clone())));
                 if closing {
-                    self.fail(bad(&reply));
+                    self.fail(ClientError::Closing(reply));
                 } else {
                     self.ready();
                 }
             }
             State::Rset if is_success(&reply) => self.ready(),
+            State::Rset if reply.code == 421 => self.fail(ClientError::Closing(reply)),
             State::Rset => self.fail(bad(&reply)),
             State::Quit if reply.code == 221 => self.close(),
             State::Quit => self.state = State::Quit,
@@ -521,7 +525,7 @@ impl ClientSession {
     /// A reply to MAIL, RCPT or DATA (in that order).
     fn envelope_reply(&mut self, mut p: Pending, reply: Reply, now: Instant) {
         if reply.code == 421 {
-            return self.fail(ClientError::BadReply(reply.one_line()));
+            return self.fail(ClientError::Closing(reply));
         }
         let n = p.tx.rcpt_to.len();
         if p.mail.is_none() {
@@ -1185,7 +1189,7 @@ mod tests {
                         C("x\r\n.\r\n"),
                         S("421 4.4.2 timeout\r\n"),
                         done(&["250 ok"], None, Some("421 4.4.2 timeout")),
-                        fail(ClientError::BadReply("421 4.4.2 timeout".into())),
+                        fail(ClientError::Closing(reply("421 4.4.2 timeout"))),
                     ],
                 ),
                 true,
@@ -1421,9 +1425,9 @@ mod tests {
         let events: Vec<_> = std::iter::from_fn(|| c.poll_event()).collect();
         assert_eq!(
             events.last(),
-            Some(&ClientEvent::Failed(ClientError::BadReply(
-                "421 4.3.2 shutting down".into()
-            )))
+            Some(&ClientEvent::Failed(ClientError::Closing(reply(
+                "421 4.3.2 shutting down"
+            ))))
         );
         assert_eq!(Rcpt.name(), "RCPT");
         assert_eq!(DataEnd.name(), "end of data");

@@ -735,6 +735,7 @@ impl Conn {
             ClientError::ResponseInjection => SessionError::PipelinedStartTls,
             ClientError::Timeout => SessionError::Timeout(self.stage),
             ClientError::TooLarge(limit) => SessionError::TooLarge(limit),
+            ClientError::Closing(r) => refused(answered, r),
             // A reply the machine refused (421, a positive reply out of turn).
             ClientError::BadReply(text) => match last {
                 Some((_, r)) if r.one_line() == text => refused(answered, r.clone()),

@@ -331,12 +331,37 @@ impl Queue {
         }
     }
 
+    /// Closes parked connections idle for [`POOL_IDLE`], each with `QUIT` (in its own task:
+    /// a slow server delays nobody).
     fn sweep_pool(&self) {
+        let mut expired = Vec::new();
         if let Ok(mut pool) = self.pool.lock() {
             for conns in pool.values_mut() {
-                conns.retain(|(t, _)| t.elapsed() < POOL_IDLE);
+                let (old, keep): (Vec<_>, Vec<_>) =
+                    conns.drain(..).partition(|(t, _)| t.elapsed() >= POOL_IDLE);
+                *conns = keep;
+                expired.extend(old.into_iter().map(|(_, c)| c));
             }
             pool.retain(|_, v| !v.is_empty());
+        }
+        for conn in expired {
+            tokio::spawn(conn.quit());
+        }
+    }
+
+    /// A parked connection for `key` that is still usable: idle less than [`POOL_IDLE`], and
+    /// nothing arrived on it meanwhile (a stray reply, or the server closing) — such a
+    /// connection would answer the next command with the wrong reply, so it is dropped.
+    async fn pooled(&self, key: &PoolKey) -> Option<ClientConn> {
+        loop {
+            let (parked, conn) = self.pool.lock().ok()?.get_mut(key)?.pop()?;
+            if parked.elapsed() >= POOL_IDLE {
+                tokio::spawn(conn.quit());
+                continue;
+            }
+            if let Some(conn) = conn.still_idle().await {
+                return Some(conn);
+            }
         }
     }
 
@@ -583,16 +608,7 @@ impl Queue {
             }
         };
         let tag = PoolKey::new(addr, route, &attempt);
-        let pooled = self.pool.lock().ok().and_then(|mut p| {
-            let v = p.get_mut(&tag)?;
-            while let Some((t, c)) = v.pop() {
-                if t.elapsed() < POOL_IDLE {
-                    return Some(c);
-                }
-            }
-            None
-        });
-        if let Some(conn) = pooled {
+        if let Some(conn) = self.pooled(&tag).await {
             // A parked connection may have been closed by the server meanwhile; `Err` means
             // nothing was sent, so a fresh connection is safe.
             match self.transact(conn, msg, body, host, &tag, idx).await {
@@ -627,6 +643,11 @@ impl Queue {
             smtputf8: msg.smtputf8,
         };
         if let Err(e) = conn.session.send_transaction(tx, Instant::now()) {
+            if e == ClientError::Unexpected {
+                // The session is not ready (a reused one that failed meanwhile): nothing was
+                // sent, so a fresh connection may try.
+                return Err(session_failure(addr, e));
+            }
             let o = refused_transaction(&e);
             return Ok(idx.iter().map(|&i| (i, o.clone())).collect());
         }
@@ -651,8 +672,10 @@ impl Queue {
                         .zip(decide::outcomes(&replies, idx.len(), &peer))
                         .collect();
                     log_attempt(&conn, &msg.id, host, &replies, &outcomes);
-                    // Reuse: the session is Ready again; park it.
-                    if let Ok(ClientEvent::Ready(_)) = conn.next_event().await {
+                    // Reuse: the session is Ready again and nothing else is pending; park it.
+                    if let Ok(ClientEvent::Ready(_)) = conn.next_event().await
+                        && conn.session.poll_event().is_none()
+                    {
                         self.park(key, conn);
                     }
                     return Ok(outcomes);
@@ -1057,6 +1080,32 @@ impl ClientConn {
         match &self.tls {
             Some(t) => format!("{} {}", t.version, t.cipher),
             None => "plaintext".into(),
+        }
+    }
+
+    /// Ends the session politely: `QUIT`, its reply awaited briefly, then the close.
+    async fn quit(mut self) {
+        self.session.quit(Instant::now());
+        let out = self.session.take_output();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            if self.conn.write_all(&out).await.is_ok() && self.conn.flush().await.is_ok() {
+                let _ = self.conn.read(&mut self.buf).await;
+            }
+            let _ = self.conn.shutdown().await;
+        })
+        .await;
+    }
+
+    /// `Some(self)` when nothing arrived while it was parked (checked without waiting); a
+    /// connection with pending input or closed by the server is ended.
+    async fn still_idle(mut self) -> Option<Self> {
+        match tokio::time::timeout(Duration::ZERO, self.conn.read(&mut self.buf)).await {
+            Err(_) => Some(self),
+            Ok(Ok(0)) | Ok(Err(_)) => None,
+            Ok(Ok(n)) => {
+                tracing::debug!(peer = %self.addr, bytes = n, "parked connection got unexpected input; dropped");
+                None
+            }
         }
     }
 
