@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::raw::RawQueue;
-use super::values::{duration, ip_addr};
+use super::values::{Range, TIMEOUT, days, duration_in, ip_addr};
 use super::{ConfigError, QueueConfig, invalid};
 
 /// The default `retry_schedule` (`1m`, `5m`, `15m`, `30m`, `1h`, `2h`, `4h`), in seconds.
@@ -14,25 +14,44 @@ pub(super) fn check(q: &RawQueue) -> Result<QueueConfig, ConfigError> {
         None => DEFAULT_RETRY_SECS.map(Duration::from_secs).to_vec(),
         Some(list) => list
             .iter()
-            .map(|s| duration("queue.retry_schedule", Some(s.as_str()), Duration::ZERO))
+            .map(|s| {
+                let step = Range {
+                    min: Duration::from_secs(1),
+                    max: days(30),
+                };
+                duration_in(
+                    "queue.retry_schedule",
+                    Some(s.as_str()),
+                    Duration::ZERO,
+                    step,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?,
     };
     if retry_schedule.is_empty() {
         return Err(invalid("queue.retry_schedule", "needs at least one delay"));
     }
     Ok(QueueConfig {
-        max_queue_time: duration(
+        max_queue_time: duration_in(
             "queue.max_queue_time",
             q.max_queue_time.as_deref(),
-            Duration::from_secs(5 * 86_400),
+            days(5),
+            Range {
+                min: Duration::ZERO,
+                max: days(3650),
+            },
         )?,
         retry_schedule,
         min_free_bytes: q.min_free_bytes.unwrap_or(64 * 1024 * 1024),
-        max_deliveries: q.max_deliveries.unwrap_or(64).clamp(1, 4096),
-        connect_timeout: duration(
+        max_deliveries: match q.max_deliveries.unwrap_or(64) {
+            n @ 1..=4096 => n,
+            _ => return Err(invalid("queue.max_deliveries", "must be 1 to 4096")),
+        },
+        connect_timeout: duration_in(
             "queue.connect_timeout",
             q.connect_timeout.as_deref(),
             Duration::from_secs(30),
+            TIMEOUT,
         )?,
         bind_address: q
             .bind_address

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::raw::RawSmtp;
-use super::values::{cidrs, domain_names, duration, socket_addrs};
+use super::values::{TIMEOUT, cidrs, domain_names, duration_in, socket_addrs};
 use super::{ConfigError, SmtpConfig, invalid};
 
 pub(super) fn check(s: &RawSmtp) -> Result<SmtpConfig, ConfigError> {
@@ -37,16 +37,21 @@ pub(super) fn check(s: &RawSmtp) -> Result<SmtpConfig, ConfigError> {
         max_recipients,
         max_connections,
         max_connections_per_ip,
-        max_errors: s.max_errors.unwrap_or(10).max(1),
-        command_timeout: duration(
+        max_errors: match s.max_errors.unwrap_or(10) {
+            n @ 1..=1000 => n,
+            _ => return Err(invalid("smtp.max_errors", "must be 1 to 1000")),
+        },
+        command_timeout: duration_in(
             "smtp.command_timeout",
             s.command_timeout.as_deref(),
             Duration::from_secs(300),
+            TIMEOUT,
         )?,
-        data_timeout: duration(
+        data_timeout: duration_in(
             "smtp.data_timeout",
             s.data_timeout.as_deref(),
             Duration::from_secs(180),
+            TIMEOUT,
         )?,
     })
 }

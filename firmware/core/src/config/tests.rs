@@ -256,6 +256,18 @@ fn message(text: &str) -> String {
 /// (whole config, whole error message).
 const WHOLE: &[(&str, &str)] = &[
     (
+        "[smtp]\nlisten = [\"127.0.0.1:25\"]\ncommand_timeout = \"0s\"",
+        "config key smtp.command_timeout: must be between 1s and 1d",
+    ),
+    (
+        "[smtp]\nlisten = [\"127.0.0.1:25\"]\ndata_timeout = \"500ms\"",
+        "config key smtp.data_timeout: must be between 1s and 1d",
+    ),
+    (
+        "[smtp]\nlisten = [\"127.0.0.1:25\"]\nmax_errors = 0",
+        "config key smtp.max_errors: must be 1 to 1000",
+    ),
+    (
         "[device]\nhostname = \"bad host\"\n[smtp]\nlisten = [\"127.0.0.1:25\"]",
         "config key device.hostname: \"bad host\" is not a domain name",
     ),
@@ -427,6 +439,43 @@ const WHOLE: &[(&str, &str)] = &[
 
 /// (config after [`HEAD`], whole error message).
 const AFTER_HEAD: &[(&str, &str)] = &[
+    // Every duration, count and size has a documented range; extremes name the key.
+    (
+        "[queue]\nretry_schedule = [\"18446744073709551615\"]",
+        "config key queue.retry_schedule: must be between 1s and 30d",
+    ),
+    (
+        "[queue]\nretry_schedule = [\"1m\", \"0s\"]",
+        "config key queue.retry_schedule: must be between 1s and 30d",
+    ),
+    (
+        "[queue]\nmax_queue_time = \"18446744073709551615\"",
+        "config key queue.max_queue_time: must be between 0s and 3650d",
+    ),
+    (
+        "[queue]\nmax_deliveries = 0",
+        "config key queue.max_deliveries: must be 1 to 4096",
+    ),
+    (
+        "[queue]\nmax_deliveries = 4097",
+        "config key queue.max_deliveries: must be 1 to 4096",
+    ),
+    (
+        "[queue]\nconnect_timeout = \"0s\"",
+        "config key queue.connect_timeout: must be between 1s and 1d",
+    ),
+    (
+        "[tls]\nhandshake_timeout = \"2d\"",
+        "config key tls.handshake_timeout: must be between 1s and 1d",
+    ),
+    (
+        "[tls]\nbroken_tls_ttl = \"366d\"",
+        "config key tls.broken_tls_ttl: must be between 0s and 365d",
+    ),
+    (
+        "[tls]\ndowngrade_window = \"3651d\"",
+        "config key tls.downgrade_window: must be between 0s and 3650d",
+    ),
     (
         "[queue]\nretry_schedule = [\"1m\", \"soon\"]",
         "config key queue.retry_schedule: \"soon\" is not a duration (use e.g. 30s, 5m, 3h, 3d)",
@@ -1175,14 +1224,14 @@ fn every_key_set() {
         max_recipients = 1
         max_connections = 1000000
         max_connections_per_ip = 1
-        max_errors = 0
+        max_errors = 1
         command_timeout = " 30 s "
-        data_timeout = "250ms"
+        data_timeout = "1500ms"
         [queue]
         max_queue_time = "3d"
-        retry_schedule = ["10", "0", "5m", "1h", "1d", "007s"]
+        retry_schedule = ["10", "1", "5m", "1h", "1d", "007s"]
         min_free_bytes = 0
-        max_deliveries = 100000
+        max_deliveries = 4096
         connect_timeout = "5 m"
         bind_address = "::1"
         [tls]
@@ -1270,21 +1319,13 @@ fn every_key_set() {
             format!("{:?}", c.smtp.max_message_bytes),
             "4294967296",
         ),
-        (
-            "max_errors (at least 1)",
-            format!("{:?}", c.smtp.max_errors),
-            "1",
-        ),
+        ("max_errors", format!("{:?}", c.smtp.max_errors), "1"),
         (
             "command_timeout",
             format!("{:?}", c.smtp.command_timeout),
             "30s",
         ),
-        (
-            "data_timeout",
-            format!("{:?}", c.smtp.data_timeout),
-            "250ms",
-        ),
+        ("data_timeout", format!("{:?}", c.smtp.data_timeout), "1.5s"),
         (
             "max_queue_time",
             format!("{:?}", c.queue.max_queue_time),
@@ -1293,10 +1334,10 @@ fn every_key_set() {
         (
             "retry_schedule",
             format!("{:?}", c.queue.retry_schedule),
-            "[10s, 0ns, 300s, 3600s, 86400s, 7s]",
+            "[10s, 1s, 300s, 3600s, 86400s, 7s]",
         ),
         (
-            "max_deliveries (at most 4096)",
+            "max_deliveries",
             format!("{:?}", c.queue.max_deliveries),
             "4096",
         ),

@@ -10,7 +10,9 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::raw::{RawCa, RawCertificate, RawPeer, RawTls};
-use super::values::{cidrs, domain_names, duration, ip_addr, name, unique};
+use super::values::{
+    Range, TIMEOUT, cidrs, days, domain_names, duration_in, ip_addr, name, unique,
+};
 use super::{CaConfig, CertificateConfig, ConfigError, Downgrade, PeerConfig, TlsConfig, invalid};
 
 pub(super) fn check(t: &RawTls) -> Result<TlsConfig, ConfigError> {
@@ -19,21 +21,30 @@ pub(super) fn check(t: &RawTls) -> Result<TlsConfig, ConfigError> {
     let cas = cas(&t.ca)?;
     let peers = peers(&t.peers, &cas)?;
     Ok(TlsConfig {
-        handshake_timeout: duration(
+        handshake_timeout: duration_in(
             "tls.handshake_timeout",
             t.handshake_timeout.as_deref(),
             Duration::from_secs(30),
+            TIMEOUT,
         )?,
-        broken_tls_ttl: duration(
+        broken_tls_ttl: duration_in(
             "tls.broken_tls_ttl",
             t.broken_tls_ttl.as_deref(),
-            Duration::from_secs(3 * 86_400),
+            days(3),
+            Range {
+                min: Duration::ZERO,
+                max: days(365),
+            },
         )?,
         downgrade,
-        downgrade_window: duration(
+        downgrade_window: duration_in(
             "tls.downgrade_window",
             t.downgrade_window.as_deref(),
-            Duration::from_secs(30 * 86_400),
+            days(30),
+            Range {
+                min: Duration::ZERO,
+                max: days(3650),
+            },
         )?,
         max_peers: match t.max_peers.unwrap_or(10_000) {
             n @ 1..=1_000_000 => n,

@@ -50,6 +50,58 @@ pub(super) fn duration(
     }
 }
 
+/// A duration's allowed range, shown in errors as the admin writes durations.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Range {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+/// `1s`, `5m`, `3h`, `30d`: the largest whole unit, for error messages.
+fn shown(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 if d.is_zero() => "0s".into(),
+        0 => format!("{}ms", d.as_millis()),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// [`duration`] within `range` (inclusive): out of range names the key and the range.
+pub(super) fn duration_in(
+    key: &str,
+    v: Option<&str>,
+    default: Duration,
+    range: Range,
+) -> Result<Duration, ConfigError> {
+    let d = duration(key, v, default)?;
+    if d < range.min || d > range.max {
+        return Err(invalid(
+            key,
+            format!(
+                "must be between {} and {}",
+                shown(range.min),
+                shown(range.max)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+/// The range of a timeout: 1 second to 1 day.
+pub(super) const TIMEOUT: Range = Range {
+    min: Duration::from_secs(1),
+    max: Duration::from_secs(86_400),
+};
+
+/// Days, for the ranges of lifetimes and memories.
+pub(super) const fn days(n: u64) -> Duration {
+    Duration::from_secs(n * 86_400)
+}
+
 pub(super) fn socket_addrs(key: &str, v: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
     v.iter()
         .map(|s| {
