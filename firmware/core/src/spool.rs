@@ -502,32 +502,76 @@ pub struct RecordParts<'a> {
 
 /// Appends one record to `buf`; returns (body offset within the record, record length).
 pub fn encode(buf: &mut Vec<u8>, r: RecordParts<'_>) -> (u64, u64) {
-    let idb = r.id.as_bytes();
-    let idlen = idb.len().min(255);
     let body_len: usize = r.body.iter().map(|p| p.len()).sum();
-    let payload_len = 1 + idlen + 4 + r.head.len() + body_len;
+    let mut prefix = RecordPrefix::new(r.kind, r.id, r.head, body_len as u64);
+    for part in r.body {
+        prefix.hash_body(part);
+    }
+    let body_off = prefix.len();
     let start = buf.len();
-    buf.extend_from_slice(MAGIC);
-    buf.extend_from_slice(&[r.kind, 0, 0, 0]);
-    buf.extend_from_slice(&(payload_len as u32).to_le_bytes());
-    buf.extend_from_slice(&[0; 4]); // CRC, filled in below
-    let p = buf.len();
-    buf.push(idlen as u8);
-    buf.extend_from_slice(idb.get(..idlen).unwrap_or(idb));
-    buf.extend_from_slice(&(r.head.len() as u32).to_le_bytes());
-    buf.extend_from_slice(r.head);
-    let body_off = (buf.len() - start) as u64;
+    buf.extend_from_slice(&prefix.finish());
     for part in r.body {
         buf.extend_from_slice(part);
     }
-    let mut h = crc32fast::Hasher::new();
-    h.update(&[r.kind]);
-    h.update(buf.get(p..).unwrap_or(&[]));
-    let crc = h.finalize().to_le_bytes();
-    if let Some(slot) = buf.get_mut(start + 12..start + 16) {
-        slot.copy_from_slice(&crc);
-    }
     (body_off, (buf.len() - start) as u64)
+}
+
+/// A record up to its body, for records written in pieces (a spilled message is copied from
+/// its file, never held whole): the caller hashes the body first ([`RecordPrefix::hash_body`],
+/// in order), then writes [`RecordPrefix::finish`] and the body.
+#[derive(Debug, Clone)]
+pub struct RecordPrefix {
+    bytes: Vec<u8>,
+    crc: crc32fast::Hasher,
+}
+
+impl RecordPrefix {
+    /// Header (magic, kind, payload length), id and head of a record with `body_len` bytes of
+    /// body. The payload length saturates at the format's limit (such a record fails its
+    /// checks when read: a message that large is refused before, by `max_message_bytes`).
+    pub fn new(kind: u8, id: &str, head: &[u8], body_len: u64) -> Self {
+        let idb = id.as_bytes();
+        let idb = idb.get(..idb.len().min(255)).unwrap_or(idb);
+        let payload = (1 + idb.len() + 4 + head.len()) as u64 + body_len;
+        let payload = u32::try_from(payload).unwrap_or(u32::MAX);
+        let mut bytes = Vec::with_capacity(HDR + 5 + idb.len() + head.len());
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&[kind, 0, 0, 0]);
+        bytes.extend_from_slice(&payload.to_le_bytes());
+        bytes.extend_from_slice(&[0; 4]); // CRC, filled in by `finish`
+        bytes.push(idb.len() as u8);
+        bytes.extend_from_slice(idb);
+        bytes.extend_from_slice(&(head.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(head);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&[kind]);
+        crc.update(bytes.get(HDR..).unwrap_or_default());
+        Self { bytes, crc }
+    }
+
+    /// The next piece of the body, for the checksum.
+    pub fn hash_body(&mut self, piece: &[u8]) {
+        self.crc.update(piece);
+    }
+
+    /// Offset of the body in the record (the prefix's length).
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The prefix with the checksum over everything hashed.
+    pub fn finish(self) -> Vec<u8> {
+        let mut bytes = self.bytes;
+        let crc = self.crc.finalize().to_le_bytes();
+        if let Some(slot) = bytes.get_mut(12..16) {
+            slot.copy_from_slice(&crc);
+        }
+        bytes
+    }
 }
 
 pub fn apply_state(m: &mut QueuedMessage, s: &str) -> Result<(), &'static str> {

@@ -261,6 +261,8 @@ pub struct ClientSession {
     deadline: Option<Instant>,
     /// The last complete reply and what was awaited when it arrived.
     last: Option<(Option<Awaiting>, Reply)>,
+    /// Dot-stuffing state of a body sent in pieces.
+    stuffer: DotStuffer,
 }
 
 impl ClientSession {
@@ -275,6 +277,7 @@ impl ClientSession {
             out: Vec::new(),
             events: Default::default(),
             last: None,
+            stuffer: DotStuffer::default(),
         }
     }
 
@@ -351,13 +354,25 @@ impl ClientSession {
 
     /// The whole message (header + body, CRLF line ends), after `SendBody`.
     pub fn send_body(&mut self, message: &[u8], now: Instant) {
-        match std::mem::replace(&mut self.state, State::Done) {
-            State::Body(p) => {
-                dot_stuff(message, &mut self.out);
-                self.deadline = Some(now + self.params.data_timeout);
-                self.state = State::DataEnd(p);
-            }
-            other => self.state = other, // no body due: ignored
+        self.send_body_piece(message, true, now);
+    }
+
+    /// The message in pieces after `SendBody`, in order, `last` on the final one (which may be
+    /// empty): each piece is dot-stuffed as it comes (line ends normalised across pieces too),
+    /// and the terminator follows the last. The runtime takes the output after each piece, so
+    /// no more than one piece is ever buffered here.
+    pub fn send_body_piece(&mut self, piece: &[u8], last: bool, now: Instant) {
+        if !matches!(self.state, State::Body(_)) {
+            return; // no body due: ignored
+        }
+        self.stuffer.push(piece, &mut self.out);
+        if !last {
+            return;
+        }
+        self.stuffer.finish(&mut self.out);
+        if let State::Body(p) = std::mem::replace(&mut self.state, State::Done) {
+            self.deadline = Some(now + self.params.data_timeout);
+            self.state = State::DataEnd(p);
         }
     }
 
@@ -552,6 +567,7 @@ impl ClientSession {
         } else if reply.code == 354 && p.any_rcpt_ok() {
             self.deadline = None;
             self.state = State::Body(p);
+            self.stuffer = DotStuffer::default();
             self.events.push_back(ClientEvent::SendBody);
             return;
         } else if reply.code == 354 {
@@ -615,34 +631,57 @@ fn clean(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).collect()
 }
 
-/// Appends `message` as DATA content: line ends normalised to CRLF, lines starting with `.`
-/// dot-stuffed, a final CRLF ensured, then the terminating `.\r\n`.
-fn dot_stuff(message: &[u8], out: &mut Vec<u8>) {
-    out.reserve(message.len() + message.len() / 64 + 5);
-    let mut line_start = true;
-    let mut bytes = message.iter().peekable();
-    while let Some(&b) = bytes.next() {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        line_start = false;
-        match b {
-            b'\r' => {
-                bytes.next_if_eq(&&b'\n');
-                out.extend_from_slice(b"\r\n");
-                line_start = true;
-            }
-            b'\n' => {
-                out.extend_from_slice(b"\r\n");
-                line_start = true;
-            }
-            _ => out.push(b),
+/// DATA content in pieces: line ends normalised to CRLF (bare CR or LF; a CR LF split between
+/// pieces stays one line end), lines starting with `.` dot-stuffed; `finish` ensures a final
+/// CRLF and appends the terminating `.\r\n`.
+#[derive(Debug, Clone, Copy)]
+struct DotStuffer {
+    line_start: bool,
+    /// The last octet was a CR (already written as CRLF): an LF next is its pair.
+    after_cr: bool,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        Self {
+            line_start: true,
+            after_cr: false,
         }
     }
-    if !line_start {
-        out.extend_from_slice(b"\r\n");
+}
+
+impl DotStuffer {
+    fn push(&mut self, piece: &[u8], out: &mut Vec<u8>) {
+        out.reserve(piece.len() + piece.len() / 64 + 5);
+        for &b in piece {
+            if std::mem::take(&mut self.after_cr) && b == b'\n' {
+                continue;
+            }
+            if self.line_start && b == b'.' {
+                out.push(b'.');
+            }
+            self.line_start = false;
+            match b {
+                b'\r' => {
+                    out.extend_from_slice(b"\r\n");
+                    self.line_start = true;
+                    self.after_cr = true;
+                }
+                b'\n' => {
+                    out.extend_from_slice(b"\r\n");
+                    self.line_start = true;
+                }
+                _ => out.push(b),
+            }
+        }
     }
-    out.extend_from_slice(b".\r\n");
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.line_start {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+    }
 }
 
 #[cfg(test)]
@@ -1264,6 +1303,50 @@ mod tests {
             run(name, mode, &steps, false);
             if bytewise {
                 run(name, mode, &steps, true);
+            }
+        }
+    }
+
+    /// A body sent in pieces, split at every position, goes out exactly as sent whole.
+    #[test]
+    fn body_in_pieces_equals_body_whole() {
+        let t0 = Instant::now();
+        let ready = |c: &mut ClientSession| {
+            c.feed(b"220 hi\r\n", t0);
+            c.feed(EHLO_FULL.as_bytes(), t0);
+            while c.poll_event().is_some() {}
+            let _ = c.take_output();
+            assert_eq!(c.send_transaction(tx(&["a@b.test"]), t0), Ok(()));
+            c.feed(b"250 ok\r\n250 ok\r\n354 go\r\n", t0);
+            assert_eq!(c.poll_event(), Some(ClientEvent::SendBody));
+            let _ = c.take_output();
+        };
+        for body in [
+            &b".a\r\n.\r\nb\rc\nd\r\n\r\n..e"[..],
+            b"",
+            b"\r\n",
+            b".",
+            b"x\r",
+        ] {
+            let mut whole = ClientSession::new(params(StartTlsMode::Never), t0);
+            ready(&mut whole);
+            whole.send_body(body, t0);
+            let want = whole.take_output();
+            for a in 0..=body.len() {
+                for b in a..=body.len() {
+                    let mut c = ClientSession::new(params(StartTlsMode::Never), t0);
+                    ready(&mut c);
+                    let mut got = Vec::new();
+                    for (piece, last) in [
+                        (&body[..a], false),
+                        (&body[a..b], false),
+                        (&body[b..], true),
+                    ] {
+                        c.send_body_piece(piece, last, t0);
+                        got.extend(c.take_output());
+                    }
+                    assert_eq!(got, want, "{body:?} split at {a} {b}");
+                }
             }
         }
     }

@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +38,11 @@ pub use sealgate_core::spool::{
     QueuedMessage, RcptStatus, Recipient, SpoolError, check_segment, scan, unix_now,
 };
 use sealgate_proto::Envelope;
+
+/// Largest record copied forward by compaction (it is read whole).
+const COMPACT_MAX_RECORD: usize = 1024 * 1024;
+/// Pieces in which spilled bodies are copied into the log and messages are read for delivery.
+pub const COPY_CHUNK: usize = 256 * 1024;
 use tokio::sync::oneshot;
 
 fn create_new(path: &Path) -> Result<File, SpoolError> {
@@ -271,8 +276,8 @@ impl Spool {
         Ok(msg)
     }
 
-    /// The message bytes (headers + body) of a queued message.
-    pub async fn read_message(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
+    /// A reader of a queued message's bytes (headers + body), in pieces.
+    pub fn open_message(&self, id: &str) -> Result<MessageReader, SpoolError> {
         let loc = self
             .index
             .lock()
@@ -284,28 +289,43 @@ impl Spool {
                 path: self.dir.join(id),
                 source: io::Error::new(io::ErrorKind::NotFound, "not in the queue"),
             })?;
+        let path = seg_path(&self.dir, loc.seg);
         let file = {
             let mut h = self.handles.lock().map_err(|_| SpoolError::Gone)?;
             match h.get(&loc.seg) {
                 Some(f) => f.clone(),
                 None => {
-                    let path = seg_path(&self.dir, loc.seg);
                     let f = Arc::new(File::open(&path).map_err(io_err(&path))?);
                     h.insert(loc.seg, f.clone());
                     f
                 }
             }
         };
-        let path = seg_path(&self.dir, loc.seg);
-        tokio::task::spawn_blocking(move || {
-            let len = usize::try_from(loc.body_len).map_err(|_| SpoolError::NoSpace)?;
-            let mut buf = vec![0; len];
-            file.read_exact_at(&mut buf, loc.body_off)
-                .map_err(io_err(&path))?;
-            Ok(buf)
+        Ok(MessageReader {
+            file,
+            path,
+            pos: loc.body_off,
+            end: loc.body_off + loc.body_len,
+            len: loc.body_len,
         })
-        .await
-        .map_err(|_| SpoolError::Gone)?
+    }
+
+    /// At most the first `max` bytes of a queued message (a DSN's copy of the headers).
+    pub async fn read_head(&self, id: &str, max: usize) -> Result<Vec<u8>, SpoolError> {
+        let mut reader = self.open_message(id)?;
+        let mut out = Vec::new();
+        while out.len() < max {
+            match reader.next_chunk((max - out.len()).min(COPY_CHUNK)).await? {
+                Some(piece) => out.extend_from_slice(&piece),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The whole message bytes (tests; delivery reads in pieces).
+    pub async fn read_message(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
+        self.read_head(id, usize::MAX).await
     }
 
     /// Durably replaces the message's delivery state.
@@ -330,6 +350,81 @@ impl Spool {
             spill: None,
         })
         .await
+    }
+}
+
+/// A queued message's bytes, read in pieces off the async threads. It keeps its segment open,
+/// so a segment deleted or compacted meanwhile is still readable.
+#[derive(Debug)]
+pub struct MessageReader {
+    file: Arc<File>,
+    path: PathBuf,
+    pos: u64,
+    end: u64,
+    len: u64,
+}
+
+impl MessageReader {
+    /// Bytes of the message.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies the rest of the message into `w` in [`COPY_CHUNK`] pieces, blocking (for use off
+    /// the async threads); returns the bytes copied.
+    pub fn copy_to(&mut self, w: &mut impl Write) -> io::Result<u64> {
+        let mut chunk = vec![0u8; COPY_CHUNK];
+        let start = self.pos;
+        while self.pos < self.end {
+            let left = usize::try_from(self.end - self.pos).unwrap_or(usize::MAX);
+            let piece = chunk.get_mut(..left.min(COPY_CHUNK)).unwrap_or_default();
+            self.file.read_exact_at(piece, self.pos)?;
+            w.write_all(piece)?;
+            self.pos += piece.len() as u64;
+        }
+        Ok(self.pos - start)
+    }
+
+    /// The next at most `max` bytes; `None` at the end.
+    pub async fn next_chunk(&mut self, max: usize) -> Result<Option<Vec<u8>>, SpoolError> {
+        let left = self.end.saturating_sub(self.pos);
+        if left == 0 {
+            return Ok(None);
+        }
+        let n = usize::try_from(left).unwrap_or(usize::MAX).min(max.max(1));
+        let (file, path, at) = (self.file.clone(), self.path.clone(), self.pos);
+        let piece = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0; n];
+            file.read_exact_at(&mut buf, at).map_err(io_err(&path))?;
+            Ok::<_, SpoolError>(buf)
+        })
+        .await
+        .map_err(|_| SpoolError::Gone)??;
+        self.pos += n as u64;
+        Ok(Some(piece))
+    }
+}
+
+/// Reads `f` to its end in `chunk`-sized pieces, handing each to `each`; returns the bytes read.
+fn copy_file(
+    f: &mut File,
+    chunk: &mut [u8],
+    mut each: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let n = match f.read(chunk) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        each(chunk.get(..n).unwrap_or_default())?;
+        total += n as u64;
     }
 }
 
@@ -384,45 +479,105 @@ impl Writer {
             self.rotate()?;
         }
         let seg = self.active();
+        match self.write_records(jobs, seg) {
+            Ok((placed, compacted)) => {
+                self.place(jobs, placed, compacted);
+                self.delete_dead_segments();
+                Ok(())
+            }
+            Err(e) => {
+                // Whatever part of the batch reached the file is a torn tail: start afresh.
+                self.size = SEGMENT_BYTES;
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends the batch's records (spilled bodies copied from their files in pieces, the
+    /// rest gathered into one write) and syncs the segment; returns where the messages are.
+    #[allow(clippy::type_complexity)]
+    fn write_records(
+        &mut self,
+        jobs: &[Job],
+        seg: u64,
+    ) -> io::Result<(Vec<(usize, Option<Loc>)>, Vec<(String, Loc)>)> {
         let mut buf = Vec::with_capacity(64 * 1024);
         let mut placed: Vec<(usize, Option<Loc>)> = Vec::with_capacity(jobs.len());
         for (i, j) in jobs.iter().enumerate() {
             let r = &j.record;
-            let mut body = Vec::new();
-            if let Some(p) = &r.spill {
-                File::open(p)?.read_to_end(&mut body)?;
-            }
-            let rec = self.size + buf.len() as u64;
-            let (body_off, rec_len) = encode(
-                &mut buf,
-                RecordParts {
-                    kind: r.kind,
-                    id: &r.id,
-                    head: &r.head,
-                    body: &[&body, &r.body],
-                },
-            );
+            let (rec, body_off, rec_len) = match &r.spill {
+                Some(spill) => {
+                    // Write what was gathered, then stream the spilled record behind it.
+                    self.file.write_all(&buf)?;
+                    self.size += buf.len() as u64;
+                    buf.clear();
+                    let rec = self.size;
+                    let (body_off, rec_len) = self.copy_spilled(r, spill)?;
+                    self.size += rec_len;
+                    (rec, body_off, rec_len)
+                }
+                None => {
+                    let rec = self.size + buf.len() as u64;
+                    let parts = RecordParts {
+                        kind: r.kind,
+                        id: &r.id,
+                        head: &r.head,
+                        body: &[&r.body],
+                    };
+                    let (body_off, rec_len) = encode(&mut buf, parts);
+                    (rec, body_off, rec_len)
+                }
+            };
             let loc = (r.kind == KIND_MESSAGE).then(|| Loc {
                 seg,
                 rec,
                 rec_len,
                 body_off: rec + body_off,
-                body_len: (body.len() + r.body.len()) as u64,
+                body_len: rec_len - body_off,
                 state: None,
             });
             placed.push((i, loc));
         }
         let compacted = self.compact_into(&mut buf, seg);
-        let res = self
-            .file
-            .write_all(&buf)
-            .and_then(|()| self.file.sync_data());
-        if let Err(e) = res {
-            // Whatever part of the batch reached the file is a torn tail: start afresh.
-            self.size = SEGMENT_BYTES;
-            return Err(e);
-        }
+        self.file.write_all(&buf)?;
+        self.file.sync_data()?;
         self.size += buf.len() as u64;
+        Ok((placed, compacted))
+    }
+
+    /// Writes a record whose body starts in a spill file: the file is read twice in
+    /// [`COPY_CHUNK`] pieces (checksum, then copy), so a large message is never held whole.
+    /// Returns (body offset in the record, record length).
+    fn copy_spilled(&mut self, r: &Record, spill: &Path) -> io::Result<(u64, u64)> {
+        let mut f = File::open(spill)?;
+        let spilled = f.metadata()?.len();
+        let body_len = spilled + r.body.len() as u64;
+        let mut prefix = RecordPrefix::new(r.kind, &r.id, &r.head, body_len);
+        let mut chunk = vec![0u8; COPY_CHUNK];
+        let hashed = copy_file(&mut f, &mut chunk, |piece| {
+            prefix.hash_body(piece);
+            Ok(())
+        })?;
+        prefix.hash_body(&r.body);
+        let body_off = prefix.len();
+        self.file.write_all(&prefix.finish())?;
+        f.seek(io::SeekFrom::Start(0))?;
+        let file = &mut self.file;
+        let copied = copy_file(&mut f, &mut chunk, |piece| file.write_all(piece))?;
+        if copied != spilled || hashed != spilled {
+            return Err(io::Error::other("spill file changed while it was copied"));
+        }
+        self.file.write_all(&r.body)?;
+        Ok((body_off, body_off + body_len))
+    }
+
+    /// Records where the batch's messages are, once it is durable.
+    fn place(
+        &mut self,
+        jobs: &[Job],
+        placed: Vec<(usize, Option<Loc>)>,
+        compacted: Vec<(String, Loc)>,
+    ) {
         if let Ok(mut index) = self.index.lock() {
             for (id, loc) in compacted {
                 index.add(&id, loc);
@@ -441,8 +596,6 @@ impl Writer {
                 }
             }
         }
-        self.delete_dead_segments();
-        Ok(())
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -484,7 +637,12 @@ impl Writer {
         };
         let mut moved = Vec::new();
         for (id, l) in movers {
-            let Ok(len) = usize::try_from(l.rec_len) else {
+            // A large message is left where it is (its segment waits for it): copying it
+            // forward would hold it whole in memory.
+            let Some(len) = usize::try_from(l.rec_len)
+                .ok()
+                .filter(|&n| n <= COMPACT_MAX_RECORD)
+            else {
                 continue;
             };
             let mut rec = vec![0u8; len];

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -59,11 +59,16 @@ pub struct Maildirs {
 }
 
 impl Maildirs {
-    /// Delivers `data` as `NAME` into the Maildir `dir`; durable when it returns `Ok`.
-    pub async fn deliver(&self, dir: &Path, name: String, data: Vec<u8>) -> io::Result<()> {
+    /// Delivers a message as `NAME` into the Maildir `dir`, its bytes written by `content`
+    /// (off the async threads, in pieces: nothing needs the message whole); durable when it
+    /// returns `Ok`.
+    pub async fn deliver<F>(&self, dir: &Path, name: String, content: F) -> io::Result<()>
+    where
+        F: FnOnce(&mut File) -> io::Result<()> + Send + 'static,
+    {
         let prepared = self.prepared.lock().is_ok_and(|p| p.contains(dir));
         let d = dir.to_path_buf();
-        let res = tokio::task::spawn_blocking(move || write(&d, &name, &data, !prepared))
+        let res = tokio::task::spawn_blocking(move || write(&d, &name, content, !prepared))
             .await
             .unwrap_or_else(|e| Err(io::Error::other(e)));
         if let Ok(mut p) = self.prepared.lock() {
@@ -89,7 +94,12 @@ impl Maildirs {
     }
 }
 
-fn write(dir: &Path, name: &str, data: &[u8], prepare: bool) -> io::Result<()> {
+fn write(
+    dir: &Path,
+    name: &str,
+    content: impl FnOnce(&mut File) -> io::Result<()>,
+    prepare: bool,
+) -> io::Result<()> {
     if prepare {
         for sub in ["tmp", "new", "cur"] {
             fs::create_dir_all(dir.join(sub))?;
@@ -97,28 +107,35 @@ fn write(dir: &Path, name: &str, data: &[u8], prepare: bool) -> io::Result<()> {
     }
     let tmp = dir.join("tmp").join(name);
     let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_data()?;
+    if let Err(e) = content(&mut f).and_then(|()| f.sync_data()) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     fs::rename(&tmp, dir.join("new").join(name))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[tokio::test]
     async fn delivers_and_recreates_a_removed_maildir() {
         let dir = std::env::temp_dir().join(format!("sg-maildir-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let m = Maildirs::default();
-        m.deliver(&dir, "one".into(), b"hello".to_vec())
+        m.deliver(&dir, "one".into(), |f| f.write_all(b"hello"))
             .await
             .unwrap();
         assert_eq!(fs::read(dir.join("new/one")).unwrap(), b"hello");
         assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
         fs::remove_dir_all(&dir).unwrap();
-        assert!(m.deliver(&dir, "two".into(), b"x".to_vec()).await.is_err());
-        m.deliver(&dir, "three".into(), b"y".to_vec())
+        assert!(
+            m.deliver(&dir, "two".into(), |f| f.write_all(b"x"))
+                .await
+                .is_err()
+        );
+        m.deliver(&dir, "three".into(), |f| f.write_all(b"y"))
             .await
             .unwrap();
         assert_eq!(fs::read(dir.join("new/three")).unwrap(), b"y");

@@ -37,7 +37,7 @@ use crate::delivery::dns::Dns;
 use crate::delivery::maildir::Maildirs;
 use crate::live::{Live, Snapshot};
 use crate::peers::PeerStore;
-use crate::spool::{QueuedMessage, RcptStatus, Spool, unix_now};
+use crate::spool::{COPY_CHUNK, QueuedMessage, RcptStatus, Spool, unix_now};
 use crate::tls::client::CertCheck;
 use crate::tls::{suite_name, version_name};
 use sealgate_core::config::{Config, Destination, Route};
@@ -47,6 +47,8 @@ use sealgate_core::x509::subject_of;
 /// Idle connections kept per next hop, and for how long.
 const POOL_PER_HOP: usize = 8;
 const POOL_IDLE: Duration = Duration::from_secs(20);
+/// Longest a write to a next hop may block (it stopped reading): then the session fails.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Header bytes of the original returned in a DSN.
 const DSN_HEADER_MAX: usize = 64 * 1024;
 
@@ -367,14 +369,14 @@ impl Queue {
 
     /// One delivery attempt of every pending recipient of `msg`.
     async fn attempt(&self, mut msg: QueuedMessage) {
-        let body = match self.spool.read_message(&msg.id).await {
-            Ok(b) => b,
-            Err(e) => {
+        // The message is read in pieces by each delivery; here it must merely be there.
+        if let Err(e) = self.spool.open_message(&msg.id) {
+            {
                 tracing::error!(queue_id = %msg.id, error = %e, "cannot read queued message");
-                self.reschedule(msg, None).await;
+                self.reschedule(msg, false).await;
                 return;
             }
-        };
+        }
         let config = self.live.get().config.clone();
         let pending = msg.pending().map(|(i, r)| (i, r.address.as_str()));
         let groups = decide::group_by_route(&config, pending);
@@ -385,7 +387,7 @@ impl Queue {
                     .iter()
                     .map(|&i| (i, Outcome::Failed(decide::no_route())))
                     .collect(),
-                Some(route) => self.deliver_group(&msg, &body, route, &group).await,
+                Some(route) => self.deliver_group(&msg, route, &group).await,
             };
             for (i, o) in outcomes {
                 if let Some(r) = msg.recipients.get_mut(i) {
@@ -404,16 +406,16 @@ impl Queue {
             }
         }
         msg.attempts += 1;
-        self.reschedule(msg, Some(&body)).await;
+        self.reschedule(msg, true).await;
     }
 
     /// After an attempt: finish (DSN, remove) or persist the state and schedule the retry.
     /// `body` is `None` when the message could not be read (then it is only retried).
-    async fn reschedule(&self, mut msg: QueuedMessage, body: Option<&[u8]>) {
+    async fn reschedule(&self, mut msg: QueuedMessage, readable: bool) {
         let now = unix_now();
         let config = self.live.get().config.clone();
         let expired = decide::is_expired(msg.arrival, config.queue.max_queue_time, now);
-        if expired && body.is_some() {
+        if expired && readable {
             for r in msg.recipients.iter_mut() {
                 if r.status == RcptStatus::Pending {
                     let why = Status::expired(r.last_error.as_ref(), msg.attempts);
@@ -422,7 +424,7 @@ impl Queue {
             }
         }
         if msg.is_done() {
-            if let Err(e) = self.bounce(&msg, body.unwrap_or_default()).await {
+            if let Err(e) = self.bounce(&msg).await {
                 // Keep the message: better a late DSN than a lost one.
                 tracing::error!(queue_id = %msg.id, error = %e, "cannot queue DSN; keeping message");
                 return self.put_back(msg, now.saturating_add(60)).await;
@@ -453,11 +455,7 @@ impl Queue {
     }
 
     /// Queues a DSN to the sender for every failed recipient (none for a null sender).
-    async fn bounce(
-        &self,
-        msg: &QueuedMessage,
-        original: &[u8],
-    ) -> Result<(), crate::spool::SpoolError> {
+    async fn bounce(&self, msg: &QueuedMessage) -> Result<(), crate::spool::SpoolError> {
         let failed: Vec<RecipientStatus> = msg
             .recipients
             .iter()
@@ -477,6 +475,8 @@ impl Queue {
         if failed.is_empty() || msg.mail_from.is_empty() {
             return Ok(());
         }
+        // Only the header section goes back (RFC 3464 text/rfc822-headers), read up to its bound.
+        let original = self.spool.read_head(&msg.id, DSN_HEADER_MAX + 2).await?;
         let sink = self.spool.begin(Vec::new());
         let config = self.live.get().config.clone();
         let message_id = format!("{}.dsn@{}", sink.id(), config.hostname);
@@ -487,7 +487,7 @@ impl Queue {
             arrival_time: msg.arrival,
             now: unix_now(),
             recipients: &failed,
-            original_headers: dsn::header_section(original, DSN_HEADER_MAX),
+            original_headers: dsn::header_section(&original, DSN_HEADER_MAX),
             message_id: &message_id,
         });
         let mut sink = sink;
@@ -508,14 +508,13 @@ impl Queue {
     async fn deliver_group(
         &self,
         msg: &QueuedMessage,
-        body: &[u8],
         route: &Route,
         group: &Group,
     ) -> Vec<(usize, Outcome)> {
         let idx = group.recipients.as_slice();
         let all = |o: Outcome| idx.iter().map(|&i| (i, o.clone())).collect::<Vec<_>>();
         let hosts: Vec<(String, u16)> = match &route.destination {
-            Destination::Maildir(dir) => return self.deliver_maildir(msg, body, dir, idx).await,
+            Destination::Maildir(dir) => return self.deliver_maildir(msg, dir, idx).await,
             Destination::NextHops(h) => h.clone(),
             Destination::Mx(port) => match self.mx_hosts(group.mx_domain()).await {
                 Ok(h) => h.into_iter().map(|h| (h, *port)).collect(),
@@ -538,7 +537,7 @@ impl Queue {
             all_unresolvable = false;
             for ip in addrs {
                 let addr = SocketAddr::new(ip, *port);
-                match self.deliver_smtp(msg, body, route, host, addr, idx).await {
+                match self.deliver_smtp(msg, route, host, addr, idx).await {
                     Ok(outcomes) => return outcomes,
                     Err(e) => {
                         tracing::info!(queue_id = %msg.id, peer = %addr, error = %e, "next hop failed");
@@ -587,7 +586,6 @@ impl Queue {
     async fn deliver_smtp(
         &self,
         msg: &QueuedMessage,
-        body: &[u8],
         route: &Route,
         host: &str,
         addr: SocketAddr,
@@ -611,13 +609,13 @@ impl Queue {
         if let Some(conn) = self.pooled(&tag).await {
             // A parked connection may have been closed by the server meanwhile; `Err` means
             // nothing was sent, so a fresh connection is safe.
-            match self.transact(conn, msg, body, host, &tag, idx).await {
+            match self.transact(conn, msg, host, &tag, idx).await {
                 Ok(v) => return Ok(v),
                 Err(e) => tracing::debug!(peer = %addr, error = %e, "reused connection failed"),
             }
         }
         let conn = self.connect(&snap, route, attempt, host, addr).await?;
-        self.transact(conn, msg, body, host, &tag, idx).await
+        self.transact(conn, msg, host, &tag, idx).await
     }
 
     /// Runs one transaction on a ready connection and parks it afterwards.
@@ -625,7 +623,6 @@ impl Queue {
         &self,
         mut conn: ClientConn,
         msg: &QueuedMessage,
-        body: &[u8],
         host: &str,
         key: &PoolKey,
         idx: &[usize],
@@ -655,9 +652,11 @@ impl Queue {
         loop {
             let failure: Status = match conn.next_event().await {
                 Ok(ClientEvent::SendBody) => {
-                    conn.session.send_body(body, Instant::now());
                     sent = true;
-                    continue;
+                    match self.send_body(&mut conn, &msg.id).await {
+                        Ok(()) => continue,
+                        Err(e) => e,
+                    }
                 }
                 Ok(ClientEvent::TransactionDone { rcpt, mail, data }) => {
                     let peer = format!("{host} [{}] ({})", addr, conn.tls_desc());
@@ -704,6 +703,33 @@ impl Queue {
             } else {
                 Err(failure)
             };
+        }
+    }
+
+    /// Streams the queued message `id` as the DATA of `conn`, a [`COPY_CHUNK`] piece at a time
+    /// (read, dot-stuffed, written), so no message is ever held whole. An error leaves the
+    /// transaction without its final dot: the server accepted nothing.
+    async fn send_body(&self, conn: &mut ClientConn, id: &str) -> Result<(), Status> {
+        let addr = conn.addr;
+        let mut reader = self.spool.open_message(id).map_err(|e| {
+            Status::transient(Source::Local, 3, 0, format!("cannot read the message: {e}"))
+        })?;
+        loop {
+            let piece = reader.next_chunk(COPY_CHUNK).await.map_err(|e| {
+                Status::transient(Source::Local, 3, 0, format!("cannot read the message: {e}"))
+            })?;
+            let last = piece.is_none();
+            conn.session.send_body_piece(
+                piece.as_deref().unwrap_or_default(),
+                last,
+                Instant::now(),
+            );
+            conn.write_out()
+                .await
+                .map_err(|e| session_failure(addr, e))?;
+            if last {
+                return Ok(());
+            }
         }
     }
 
@@ -910,7 +936,6 @@ impl Queue {
     async fn deliver_maildir(
         &self,
         msg: &QueuedMessage,
-        body: &[u8],
         dir: &std::path::Path,
         idx: &[usize],
     ) -> Vec<(usize, Outcome)> {
@@ -925,14 +950,18 @@ impl Queue {
             let Some(r) = msg.recipients.get(i) else {
                 continue;
             };
-            let mut data = format!(
+            let head = format!(
                 "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
                 msg.mail_from, r.address
-            )
-            .into_bytes();
-            data.extend_from_slice(body);
+            );
             let name = format!("{}.{}_{}.{}", unix_now(), msg.id, i, hostname);
-            let o = match self.maildirs.deliver(&dir, name, data).await {
+            let reader = self.spool.open_message(&msg.id);
+            let content = move |f: &mut std::fs::File| {
+                let mut reader = reader.map_err(std::io::Error::other)?;
+                std::io::Write::write_all(f, head.as_bytes())?;
+                reader.copy_to(f).map(|_| ())
+            };
+            let o = match self.maildirs.deliver(&dir, name, content).await {
                 Ok(()) => Outcome::Delivered(
                     Status::new(
                         Source::Local,
@@ -1109,21 +1138,29 @@ impl ClientConn {
         }
     }
 
+    /// Writes what the machine has to send, bounded by [`WRITE_TIMEOUT`]: a next hop that
+    /// stops reading cannot wedge the connection.
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        let out = self.session.take_output();
+        if out.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.conn.write_all(&out).await?;
+            self.conn.flush().await
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, write)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))?
+    }
+
     /// Drives I/O until the machine has an event.
     async fn next_event(&mut self) -> Result<ClientEvent, Status> {
         let addr = self.addr;
         loop {
-            let out = self.session.take_output();
-            if !out.is_empty() {
-                self.conn
-                    .write_all(&out)
-                    .await
-                    .map_err(|e| session_failure(addr, e))?;
-                self.conn
-                    .flush()
-                    .await
-                    .map_err(|e| session_failure(addr, e))?;
-            }
+            self.write_out()
+                .await
+                .map_err(|e| session_failure(addr, e))?;
             if let Some(ev) = self.session.poll_event() {
                 return Ok(ev);
             }
