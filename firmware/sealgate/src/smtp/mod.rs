@@ -26,7 +26,10 @@ use sealgate_core::x509::sha256_hex;
 
 /// Bodies are moved from the session machine to the spool sink in chunks of at least this.
 const BODY_CHUNK: usize = 64 * 1024;
+/// The read buffer inside DATA (throughput) and while commands arrive (where a session idles:
+/// command lines are at most 512 octets, and the machine buffers pipelined input itself).
 const READ_BUF: usize = 16 * 1024;
+const IDLE_READ_BUF: usize = 1024;
 
 /// Everything a session needs, shared by all listeners.
 #[derive(Debug)]
@@ -308,7 +311,7 @@ impl Smtpd {
         };
         s.session
             .set_spool_free(self.spool_free.load(Ordering::Relaxed));
-        let mut buf = vec![0u8; READ_BUF];
+        let mut buf = Vec::new();
         let mut shutdown = self.shutdown.subscribe();
         loop {
             while let Some(ev) = s.session.poll_event() {
@@ -332,6 +335,14 @@ impl Smtpd {
             }
             if !s.session.wants_input() {
                 return SessionEnd::Stalled;
+            }
+            let want = if s.sink.is_some() {
+                READ_BUF
+            } else {
+                IDLE_READ_BUF
+            };
+            if buf.len() != want {
+                buf = vec![0; want];
             }
             if let Some(end) = read_input(conn, &mut s, &mut buf, &mut shutdown).await {
                 return end;
