@@ -184,6 +184,10 @@ const MAX_ECHO: usize = 64;
 /// one with more is in a mail loop and refused at DATA with `554 5.4.6`.
 pub const MAX_HOPS: usize = 50;
 
+/// How long a session outside a transaction may wait for a command while the gateway is near
+/// its connection cap ([`ServerSession::set_stress`]).
+pub const STRESS_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Commands that a client on the forced-TLS list may not issue in plaintext.
 const TLS_ONLY_VERBS: [&[u8]; 6] = [b"MAIL", b"RCPT", b"DATA", b"ETRN", b"AUTH", b"BDAT"];
 
@@ -431,6 +435,8 @@ pub struct ServerSession {
     errors: u32,
     spool_free: u64,
     last_activity: Instant,
+    /// The gateway is near its connection cap: idle sessions get [`STRESS_COMMAND_TIMEOUT`].
+    stress: bool,
 }
 
 impl ServerSession {
@@ -454,6 +460,7 @@ impl ServerSession {
             errors: 0,
             spool_free: u64::MAX,
             last_activity: now,
+            stress: false,
         };
         let greeting = format!("{} ESMTP Sealgate", session.params.hostname);
         Reply::plain(220, greeting).write_to(&mut session.output);
@@ -590,10 +597,21 @@ impl ServerSession {
         self.spool_free = bytes;
     }
 
+    /// Under stress (the runtime says the gateway is near its connection cap), a session
+    /// waiting for a command outside a transaction may idle only [`STRESS_COMMAND_TIMEOUT`]:
+    /// idle and slow clients make room sooner for the ones that send mail (Postfix's stress
+    /// mode does the same).
+    pub fn set_stress(&mut self, on: bool) {
+        self.stress = on;
+    }
+
     /// When `handle_timeout` must be called if no input arrives first.
     pub fn deadline(&self) -> Option<Instant> {
         let limits = &self.params.limits;
         let timeout = match self.state {
+            State::Command if self.stress && self.envelope.is_none() => {
+                limits.command_timeout.min(STRESS_COMMAND_TIMEOUT)
+            }
             State::Command | State::AwaitTls => limits.command_timeout,
             State::Data => limits.data_timeout,
             State::AwaitStore | State::AwaitEtrn | State::Closed => return None,
@@ -2105,6 +2123,22 @@ mod tests {
         );
         let (out, _, _) = transcript(input.as_bytes(), 7);
         finals(&out).last().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn stress_shortens_idle_timeouts_outside_transactions() {
+        let mut h = Harness::new(Peer::Stranger);
+        let t0 = h.now;
+        let idle = t0 + Duration::from_secs(300);
+        assert_eq!(h.s.deadline(), Some(idle));
+        h.s.set_stress(true);
+        assert_eq!(h.s.deadline(), Some(t0 + STRESS_COMMAND_TIMEOUT));
+        h.act(&send("EHLO c.test\r\nMAIL FROM:<a@r.test>\r\n"));
+        // Inside a transaction the full timeout holds.
+        assert_eq!(h.s.deadline(), Some(h.now + Duration::from_secs(300)));
+        h.s.set_stress(false);
+        h.act(&send("RSET\r\n"));
+        assert_eq!(h.s.deadline(), Some(h.now + Duration::from_secs(300)));
     }
 
     #[test]

@@ -46,16 +46,22 @@ pub struct Smtpd {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     spool_free: AtomicU64,
     shutdown: watch::Sender<bool>,
+    /// Whether the gateway is under stress ([`Smtpd::stressed`]); idle sessions watch it to
+    /// shorten their deadline at once.
+    stress: watch::Sender<bool>,
 }
 
 /// Releases the per-IP slot when the session ends.
 struct IpSlot<'a> {
     smtpd: &'a Smtpd,
     ip: IpAddr,
+    /// The global connection slot, released first when the session ends.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for IpSlot<'_> {
     fn drop(&mut self) {
+        drop(self.permit.take());
         if let Ok(mut m) = self.smtpd.per_ip.lock()
             && let Some(n) = m.get_mut(&self.ip)
         {
@@ -64,6 +70,7 @@ impl Drop for IpSlot<'_> {
                 m.remove(&self.ip);
             }
         }
+        self.smtpd.update_stress();
     }
 }
 
@@ -82,6 +89,7 @@ impl Smtpd {
             per_ip: Mutex::new(HashMap::new()),
             spool_free: AtomicU64::new(free),
             shutdown: watch::Sender::new(false),
+            stress: watch::Sender::new(false),
             live,
             spool,
             queue,
@@ -92,6 +100,29 @@ impl Smtpd {
     /// Sessions open right now.
     pub fn active_sessions(&self) -> usize {
         self.max_connections - self.sessions.available_permits()
+    }
+
+    /// More than three quarters of the connection slots are taken: sessions idling outside a
+    /// transaction get the short stress timeout.
+    fn stressed(&self) -> bool {
+        self.sessions.available_permits().saturating_mul(4) < self.max_connections
+    }
+
+    /// Tells idle sessions when stress begins or ends.
+    fn update_stress(&self) {
+        let now = self.stressed();
+        let changed = self
+            .stress
+            .send_if_modified(|v| std::mem::replace(v, now) != now);
+        if changed {
+            tracing::warn!(
+                sessions = self.active_sessions(),
+                max = self.max_connections,
+                stress = now,
+                "connection stress: idle sessions outside a transaction now time out after {}",
+                if now { "10s" } else { "smtp.command_timeout" }
+            );
+        }
     }
 
     /// Closes idle sessions at once and waits until every session has ended, at most `grace`;
@@ -110,7 +141,7 @@ impl Smtpd {
             .store(self.spool.free_bytes(), Ordering::Relaxed);
     }
 
-    fn admit(&self, ip: IpAddr) -> Result<(OwnedSemaphorePermit, IpSlot<'_>), &'static str> {
+    fn admit(&self, ip: IpAddr) -> Result<IpSlot<'_>, &'static str> {
         let permit = self
             .sessions
             .clone()
@@ -125,7 +156,13 @@ impl Smtpd {
             return Err("421 4.7.0 Too many connections from your address\r\n");
         }
         *n += 1;
-        Ok((permit, IpSlot { smtpd: self, ip }))
+        drop(m);
+        self.update_stress();
+        Ok(IpSlot {
+            smtpd: self,
+            ip,
+            permit: Some(permit),
+        })
     }
 
     /// Accepts connections until the process ends.
@@ -153,7 +190,7 @@ impl Smtpd {
             Ok(a) => a,
             Err(_) => return,
         };
-        let (_permit, _slot) = match self.admit(peer.ip()) {
+        let _slot = match self.admit(peer.ip()) {
             Ok(x) => x,
             Err(reply) => {
                 tracing::info!(client = %peer.ip(), local = %local, result = reply.trim_end(), "session refused");
@@ -313,6 +350,7 @@ impl Smtpd {
             .set_spool_free(self.spool_free.load(Ordering::Relaxed));
         let mut buf = Vec::new();
         let mut shutdown = self.shutdown.subscribe();
+        let mut stress = self.stress.subscribe();
         loop {
             while let Some(ev) = s.session.poll_event() {
                 if let Some(end) = self.perform(snap, conn, &mut s, stats, ev).await {
@@ -336,6 +374,7 @@ impl Smtpd {
             if !s.session.wants_input() {
                 return SessionEnd::Stalled;
             }
+            s.session.set_stress(self.stressed());
             let want = if s.sink.is_some() {
                 READ_BUF
             } else {
@@ -344,7 +383,11 @@ impl Smtpd {
             if buf.len() != want {
                 buf = vec![0; want];
             }
-            if let Some(end) = read_input(conn, &mut s, &mut buf, &mut shutdown).await {
+            let mut wake = Wake {
+                shutdown: &mut shutdown,
+                stress: &mut stress,
+            };
+            if let Some(end) = read_input(conn, &mut s, &mut buf, &mut wake).await {
                 return end;
             }
         }
@@ -497,11 +540,17 @@ struct SessionIo {
 /// Waits for input until the machine's deadline (then tells it) or shutdown: a session not
 /// inside DATA is told `421 4.3.2` and closed at once; one inside DATA may finish its message
 /// within the grace period. `Some` ends the session.
+/// What ends an idle session's wait besides input and its deadline.
+struct Wake<'a> {
+    shutdown: &'a mut watch::Receiver<bool>,
+    stress: &'a mut watch::Receiver<bool>,
+}
+
 async fn read_input(
     conn: &mut Conn,
     s: &mut SessionIo,
     buf: &mut [u8],
-    shutdown: &mut watch::Receiver<bool>,
+    wake: &mut Wake<'_>,
 ) -> Option<SessionEnd> {
     // Far in the future when the machine sets no deadline.
     let deadline = s
@@ -517,7 +566,9 @@ async fn read_input(
                 return None;
             }
         },
-        _ = shutdown.changed(), if idle => {
+        // Stress began or ended: the deadline is computed again.
+        Ok(()) = wake.stress.changed(), if idle => return None,
+        _ = wake.shutdown.changed(), if idle => {
             let _ = conn
                 .write_all(b"421 4.3.2 Service shutting down, try again later\r\n")
                 .await;
