@@ -18,6 +18,7 @@ Knobs, read when they matter (changeable at run time with ``set()``):
   ``"hang"`` never answer the ClientHello: read and discard whatever the client sends until it
   gives up and closes (bounded by ``hang_limit``);
   ``"fail"`` wait for the ClientHello, answer with bytes that are not TLS, close;
+  ``"refuse"`` answer STARTTLS with ``454 4.7.0`` (offered, then refused) and go on in plaintext;
 - ``close_after_data`` (bool): close the connection right after the 250 to DATA, so a sender
   cannot park and reuse it (each message then shows up as its own session).
 
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from netserver import ThreadedServer
 
-HANDSHAKES = ("ok", "hang", "fail")
+HANDSHAKES = ("ok", "hang", "fail", "refuse")
 LINE_CAP = 64 << 10
 POLL = 0.2
 
@@ -307,7 +308,8 @@ class _Conn:
                 mail_from, rcpts = None, []
                 self.reply(f"250 {p.hostname}")
             elif verb == "STARTTLS":
-                if s.tls or not (p.offer_starttls and p._ctx is not None):
+                if s.tls or not (p.offer_starttls and p._ctx is not None) or p.handshake == "refuse":
+                    s.handshake = p.handshake
                     self.reply("454 4.7.0 TLS not available")
                     continue
                 s.starttls = True

@@ -132,6 +132,24 @@ def test_may_without_starttls_goes_plaintext(gateways, peer):
     assert rec["name"] == PEER_IP, rec
 
 
+# --- STARTTLS offered, then refused: fallback like a failed handshake ------------------------------
+
+
+def test_refused_starttls_falls_back_and_is_remembered(gateways, peer):
+    peer.set(handshake="refuse")
+    a = gateway_a(gateways, peer, retry="1h")
+    mark = marker("refused")
+    qid = submit(a, mark)
+    # Delivered within the same attempt (the retry is an hour away), in plaintext.
+    msg, s = peer.wait_message(mark, timeout=15)
+    a.wait_queue_empty(15)
+    assert not msg.tls, msg
+    assert deferrals(a, qid) == 0
+    a.wait_log(r"TLS fallback.*STARTTLS refused: 454 4\.7\.0", timeout=10)
+    rec = peer_record(a, lambda r: r["tls_broken_until"] is not None, "a TLS-broken mark")
+    assert rec["starttls_offered"] is True, rec
+
+
 # --- a handshake that hangs: fallback with memory --------------------------------------------------
 
 

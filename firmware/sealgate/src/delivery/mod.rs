@@ -762,72 +762,92 @@ impl Queue {
             let mut conn = self.open(&snap.config, addr, &attempt).await?;
             let event = conn.next_event().await?;
             let now = unix_now();
-            match event {
-                ClientEvent::StartTls => match self.secure(snap, route, &attempt, host, conn).await
-                {
-                    Secured::Ready(conn) => return Ok(*conn),
-                    Secured::Defer(status) => return Err(status),
-                    Secured::Plaintext {
-                        reason,
-                        attempt: plain,
-                    } if !reconnected => {
-                        tracing::warn!(peer = %addr, host, policy = %reason, "TLS fallback");
-                        attempt = plain;
-                        reconnected = true;
-                        continue;
-                    }
-                    Secured::Plaintext { reason, .. } => {
-                        return Err(Status::transient(
-                            Source::TlsPolicy,
-                            7,
-                            5,
-                            format!("{addr}: {reason}"),
-                        ));
-                    }
-                },
-                ClientEvent::Ready(caps) => {
-                    let d = attempt.after_ehlo(caps.starttls, now);
+            let secured = match event {
+                ClientEvent::StartTls => self.secure(snap, route, &attempt, host, conn).await,
+                // A refused STARTTLS counts like a failed handshake (`may` falls back).
+                ClientEvent::Failed(ClientError::StartTlsRefused(r)) => {
+                    let d = attempt.after_ehlo(true, now);
                     self.peers.apply(&key, now, &d);
-                    return match d.action {
-                        AfterEhlo::Plaintext(reason) => {
-                            tracing::info!(peer = %addr, host, policy = %reason, "plaintext session");
-                            Ok(conn)
-                        }
-                        AfterEhlo::Defer(d) => Err(policy_status(&d)),
-                        AfterEhlo::UseTls => Err(session_failure(
-                            addr,
-                            "the session went on without the STARTTLS the policy asked for",
-                        )),
-                    };
+                    let why =
+                        HandshakeFailure::Failed(format!("STARTTLS refused: {}", r.one_line()));
+                    self.tls_failed(&attempt, addr, host, &why)
                 }
-                ClientEvent::Failed(ClientError::TlsNotOffered) => {
-                    let d = attempt.after_ehlo(false, now);
-                    self.peers.apply(&key, now, &d);
-                    return Err(match d.action {
-                        AfterEhlo::Defer(d) => {
-                            tracing::warn!(peer = %addr, host, policy = %d, "STARTTLS missing");
-                            policy_status(&d)
-                        }
-                        _ => Status::transient(
-                            Source::TlsPolicy,
-                            7,
-                            4,
-                            format!("{addr}: the server did not offer STARTTLS"),
-                        ),
-                    });
+                event => return self.no_tls(&attempt, addr, host, event, conn),
+            };
+            match secured {
+                Secured::Ready(conn) => return Ok(*conn),
+                Secured::Defer(status) => return Err(status),
+                Secured::Plaintext {
+                    reason,
+                    attempt: plain,
+                } if !reconnected => {
+                    tracing::warn!(peer = %addr, host, policy = %reason, "TLS fallback");
+                    attempt = plain;
+                    reconnected = true;
+                    continue;
                 }
-                ClientEvent::Failed(e @ ClientError::ResponseInjection) => {
-                    tracing::warn!(peer = %addr, host, error = %e, "STARTTLS response injection; session aborted");
+                Secured::Plaintext { reason, .. } => {
                     return Err(Status::transient(
                         Source::TlsPolicy,
                         7,
-                        0,
-                        format!("{addr}: {e}"),
+                        5,
+                        format!("{addr}: {reason}"),
                     ));
                 }
-                ClientEvent::Failed(e) => return Err(session_failure(addr, e)),
-                other => return Err(session_failure(addr, format!("unexpected {other:?}"))),
             }
+        }
+    }
+
+    /// The session went on without a TLS attempt: ready in plaintext (as the policy allows),
+    /// STARTTLS missing, response injection, or another failure.
+    fn no_tls(
+        &self,
+        attempt: &Attempt,
+        addr: SocketAddr,
+        host: &str,
+        event: ClientEvent,
+        conn: ClientConn,
+    ) -> Result<ClientConn, Status> {
+        let key = attempt.peer().clone();
+        let now = unix_now();
+        match event {
+            ClientEvent::Ready(caps) => {
+                let d = attempt.after_ehlo(caps.starttls, now);
+                self.peers.apply(&key, now, &d);
+                match d.action {
+                    AfterEhlo::Plaintext(reason) => {
+                        tracing::info!(peer = %addr, host, policy = %reason, "plaintext session");
+                        Ok(conn)
+                    }
+                    AfterEhlo::Defer(d) => Err(policy_status(&d)),
+                    AfterEhlo::UseTls => Err(session_failure(
+                        addr,
+                        "the session went on without the STARTTLS the policy asked for",
+                    )),
+                }
+            }
+            ClientEvent::Failed(ClientError::TlsNotOffered) => {
+                let d = attempt.after_ehlo(false, now);
+                self.peers.apply(&key, now, &d);
+                Err(match d.action {
+                    AfterEhlo::Defer(d) => {
+                        tracing::warn!(peer = %addr, host, policy = %d, "STARTTLS missing");
+                        policy_status(&d)
+                    }
+                    _ => Status::transient(
+                        Source::TlsPolicy,
+                        7,
+                        4,
+                        format!("{addr}: the server did not offer STARTTLS"),
+                    ),
+                })
+            }
+            ClientEvent::Failed(e @ ClientError::ResponseInjection) => {
+                tracing::warn!(peer = %addr, host, error = %e, "STARTTLS response injection; session aborted");
+                Err(injection(addr))
+            }
+            ClientEvent::Failed(e) => Err(session_failure(addr, e)),
+            other => Err(session_failure(addr, format!("unexpected {other:?}"))),
         }
     }
 
@@ -850,19 +870,12 @@ impl Queue {
         let timeout = snap.config.tls.handshake_timeout;
         let done = match conn.handshake(config, host, timeout).await {
             Ok(done) => done,
-            Err(failure) => {
-                let now = unix_now();
-                let d = attempt.after_handshake_failure(&failure, now);
-                self.peers.apply(&key, now, &d);
-                return match d.action {
-                    AfterFailure::ReconnectPlaintext { reason, attempt } => {
-                        Secured::Plaintext { reason, attempt }
-                    }
-                    AfterFailure::Defer(d) => {
-                        tracing::warn!(peer = %addr, host, policy = %d, "TLS handshake failed");
-                        Secured::Defer(policy_status(&d))
-                    }
-                };
+            Err(StartTlsError::Injection) => {
+                tracing::warn!(peer = %addr, host, "STARTTLS response injection (bytes after the 220); session aborted");
+                return Secured::Defer(injection(addr));
+            }
+            Err(StartTlsError::Handshake(failure)) => {
+                return self.tls_failed(attempt, addr, host, &failure);
             }
         };
         let (cert, detail) =
@@ -902,6 +915,29 @@ impl Queue {
             Ok(ClientEvent::Failed(e)) => Secured::Defer(session_failure(addr, e)),
             Ok(other) => Secured::Defer(session_failure(addr, format!("unexpected {other:?}"))),
             Err(e) => Secured::Defer(e),
+        }
+    }
+
+    /// The handshake failed (or STARTTLS was refused): the policy engine says whether to
+    /// reconnect in plaintext (`may`, remembered) or defer; its effects go to the peer table.
+    fn tls_failed(
+        &self,
+        attempt: &Attempt,
+        addr: SocketAddr,
+        host: &str,
+        failure: &HandshakeFailure,
+    ) -> Secured {
+        let now = unix_now();
+        let d = attempt.after_handshake_failure(failure, now);
+        self.peers.apply(attempt.peer(), now, &d);
+        match d.action {
+            AfterFailure::ReconnectPlaintext { reason, attempt } => {
+                Secured::Plaintext { reason, attempt }
+            }
+            AfterFailure::Defer(d) => {
+                tracing::warn!(peer = %addr, host, policy = %d, "TLS handshake failed");
+                Secured::Defer(policy_status(&d))
+            }
         }
     }
 
@@ -1008,6 +1044,24 @@ enum Secured {
     Defer(Status),
 }
 
+/// Why STARTTLS did not give a TLS session.
+enum StartTlsError {
+    /// The handshake failed or timed out.
+    Handshake(HandshakeFailure),
+    /// Bytes arrived after the `220` to STARTTLS, before the handshake.
+    Injection,
+}
+
+/// The status of a session aborted for STARTTLS response injection.
+fn injection(addr: SocketAddr) -> Status {
+    Status::transient(
+        Source::TlsPolicy,
+        7,
+        0,
+        format!("{addr}: {}", ClientError::ResponseInjection),
+    )
+}
+
 /// A transaction the client machine refused to start: too large for the server's SIZE
 /// (`552 5.3.4`), SMTPUTF8 needed but not offered (`550 5.6.7`), else a session fault.
 fn refused_transaction(e: &ClientError) -> Outcome {
@@ -1042,7 +1096,7 @@ fn log_attempt(
         .map(Reply::one_line)
         .unwrap_or_else(|| "no recipient accepted".into());
     tracing::info!(
-        queue_id,
+        queue_id = %queue_id,
         peer = %conn.addr,
         host,
         tls = %tls.map_or("none", |t| t.version.as_str()),
@@ -1193,16 +1247,27 @@ impl ClientConn {
         config: Arc<rustls::ClientConfig>,
         host: &str,
         timeout: Duration,
-    ) -> Result<Handshaken, HandshakeFailure> {
-        let tcp = self.conn.take_plain().ok_or_else(|| {
-            HandshakeFailure::Failed("STARTTLS on a connection that is not plaintext".into())
-        })?;
+    ) -> Result<Handshaken, StartTlsError> {
+        let failed = |why: String| StartTlsError::Handshake(HandshakeFailure::Failed(why));
+        let tcp = self
+            .conn
+            .take_plain()
+            .ok_or_else(|| failed("STARTTLS on a connection that is not plaintext".into()))?;
+        // Anything the server sent after its 220 and before our ClientHello, in whatever read
+        // it arrived, is an attack (response injection): nothing may be pending now.
+        let mut probe = [0u8; 1];
+        match tcp.try_read(&mut probe) {
+            Ok(0) => return Err(failed("connection closed after the 220 to STARTTLS".into())),
+            Ok(_) => return Err(StartTlsError::Injection),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(failed(e.to_string())),
+        }
         let name = rustls::pki_types::ServerName::try_from(host.to_string())
-            .map_err(|e| HandshakeFailure::Failed(format!("bad server name {host}: {e}")))?;
+            .map_err(|e| failed(format!("bad server name {host}: {e}")))?;
         let s = tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, tcp))
             .await
-            .map_err(|_| HandshakeFailure::Timeout)?
-            .map_err(|e| HandshakeFailure::Failed(e.to_string()))?;
+            .map_err(|_| StartTlsError::Handshake(HandshakeFailure::Timeout))?
+            .map_err(|e| failed(e.to_string()))?;
         let (_, cc) = s.get_ref();
         let done = Handshaken {
             version: version_name(cc.protocol_version()),
