@@ -111,18 +111,18 @@ pub async fn run_on(
     let smtp = listen_smtp(&smtpd, &live, appliance.is_some(), &mut problems).await?;
     let mut bound_other = smtp.implicit.clone();
     // The management API (F-MGMT): its own listeners; one that cannot be bound is logged.
-    let mgmt_bound = crate::mgmt::Mgmt::start(
-        live.clone(),
-        peers.clone(),
-        queue.clone(),
-        store.clone(),
-        board.serial().to_string(),
-        state_dir.clone(),
-        appliance
+    let mgmt_bound = crate::mgmt::Mgmt::start(crate::mgmt::MgmtDeps {
+        live: live.clone(),
+        peers: peers.clone(),
+        queue: queue.clone(),
+        store: store.clone(),
+        serial: board.serial().to_string(),
+        state_dir: state_dir.clone(),
+        appliance: appliance
             .clone()
             .map(|a| a as Arc<dyn crate::mgmt::ApplianceOps>),
         sealed_error,
-    )
+    })
     .await;
     if mgmt_bound.is_empty() {
         problems.push("the management API is not listening".into());

@@ -19,6 +19,7 @@ use clap::{Args, Subcommand};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Bytes, Frame, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -28,7 +29,10 @@ use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use sealgate_api as api;
 use sealgate_core::verifiers::ServerCertCheck;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -188,109 +192,133 @@ pub fn run(args: DeviceArgs) -> ExitCode {
 async fn device(args: DeviceArgs) -> Result<(), Error> {
     let client = Client::new(&args.conn)?;
     let secs = args.conn.timeout;
-    let json = args.conn.json;
-    let call = async {
-        match &args.command {
-            DeviceCommand::Status => {
-                let v = client.call(Method::GET, "/api/v1/status", None).await?;
-                println!("{}", pretty(&v));
-            }
-            DeviceCommand::PushConfig { file } => {
-                let blob = read_small(file, MAX_CONFIG).await?;
-                let v = client
-                    .call(Method::PUT, "/api/v1/config", Some(Upload::Bytes(blob)))
-                    .await?;
-                if json {
-                    println!("{}", pretty(&v));
-                } else {
-                    let seq = &v["sequence"];
-                    let key = v["key_id"].as_str().unwrap_or("?");
-                    if v["applied"].as_bool() == Some(true) {
-                        println!("config applied: sequence {seq}, signed by key {key}");
-                    } else {
-                        println!("config already applied: sequence {seq}; nothing to do");
-                    }
-                }
-            }
-            DeviceCommand::PushUpdate { file, reboot } => {
-                let path = if *reboot {
-                    "/api/v1/update?reboot=1"
-                } else {
-                    "/api/v1/update"
-                };
-                let upload = Upload::file(file).await?;
-                let v = client.call(Method::PUT, path, Some(upload)).await?;
-                if json {
-                    println!("{}", pretty(&v));
-                } else {
-                    let i = &v["installed"];
-                    println!(
-                        "installed version {} into slot {}; {}",
-                        i["version"],
-                        i["slot"],
-                        if *reboot {
-                            "the box reboots into it now"
-                        } else {
-                            "active after a reboot"
-                        }
-                    );
-                }
-            }
-            DeviceCommand::Reboot => {
-                let v = client.call(Method::POST, "/api/v1/reboot", None).await?;
-                summary(json, &v, "the box is rebooting".into());
-            }
-            DeviceCommand::Poweroff => {
-                let v = client.call(Method::POST, "/api/v1/poweroff", None).await?;
-                summary(json, &v, "the box is powering off".into());
-            }
-            DeviceCommand::PeerReset { peer } => {
-                let path = format!("/api/v1/peers/{}/reset", encode_segment(peer));
-                let v = client.call(Method::POST, &path, None).await?;
-                let n = v["reset"].as_u64().unwrap_or(0);
-                summary(
-                    json,
-                    &v,
-                    format!("reset {n} peer record(s) matching {peer}"),
-                );
-            }
-            DeviceCommand::Queue { command } => match command {
-                None | Some(QueueCommand::List) => {
-                    let v = client.call(Method::GET, "/api/v1/queue", None).await?;
-                    if json {
-                        println!("{}", pretty(&v));
-                    } else {
-                        print!("{}", queue_table(&v));
-                    }
-                }
-                Some(QueueCommand::Release { id }) => {
-                    let path = format!("/api/v1/queue/{}/release", encode_segment(id));
-                    let v = client.call(Method::POST, &path, None).await?;
-                    summary(
-                        json,
-                        &v,
-                        format!("released {id}: delivery is attempted now"),
-                    );
-                }
-                Some(QueueCommand::Delete { id }) => {
-                    let path = format!("/api/v1/queue/{}", encode_segment(id));
-                    let v = client.call(Method::DELETE, &path, None).await?;
-                    summary(json, &v, format!("deleted {id} from the queue"));
-                }
-            },
-        }
-        Ok(())
+    let out = Out {
+        json: args.conn.json,
     };
-    tokio::time::timeout(Duration::from_secs(secs), call)
-        .await
-        .unwrap_or(Err(Error::Timeout(secs)))
+    tokio::time::timeout(
+        Duration::from_secs(secs),
+        command(&client, &args.command, out),
+    )
+    .await
+    .unwrap_or(Err(Error::Timeout(secs)))
 }
 
-fn summary(json: bool, v: &Value, text: String) {
-    if json {
-        println!("{}", pretty(v));
+/// How answers are printed: the box's JSON (`--json`) or a summary.
+#[derive(Debug, Clone, Copy)]
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// The answer's JSON with `--json`, else the summary `text` makes of its body.
+    fn print<T: DeserializeOwned>(
+        self,
+        a: &Answer,
+        text: impl FnOnce(T) -> String,
+    ) -> Result<(), Error> {
+        if self.json {
+            println!("{}", pretty(&a.json));
+        } else {
+            println!("{}", text(a.body()?));
+        }
+        Ok(())
+    }
+}
+
+async fn command(client: &Client, command: &DeviceCommand, out: Out) -> Result<(), Error> {
+    match command {
+        DeviceCommand::Status => {
+            let a = client.call(Method::GET, api::STATUS, None).await?;
+            println!("{}", pretty(&a.json));
+            Ok(())
+        }
+        DeviceCommand::PushConfig { file } => {
+            let blob = read_small(file, MAX_CONFIG).await?;
+            let a = client
+                .call(Method::PUT, api::CONFIG, Some(Upload::Bytes(blob)))
+                .await?;
+            out.print(&a, |c: api::ConfigPushed| {
+                if c.applied {
+                    format!(
+                        "config applied: sequence {}, signed by key {}",
+                        c.sequence, c.key_id
+                    )
+                } else {
+                    format!(
+                        "config already applied: sequence {}; nothing to do",
+                        c.sequence
+                    )
+                }
+            })
+        }
+        DeviceCommand::PushUpdate { file, reboot } => push_update(client, file, *reboot, out).await,
+        DeviceCommand::Reboot => {
+            let a = client.call(Method::POST, api::REBOOT, None).await?;
+            out.print(&a, |_: api::Rebooting| "the box is rebooting".into())
+        }
+        DeviceCommand::Poweroff => {
+            let a = client.call(Method::POST, api::POWEROFF, None).await?;
+            out.print(&a, |_: api::PoweringOff| "the box is powering off".into())
+        }
+        DeviceCommand::PeerReset { peer } => {
+            let path = api::fill(api::PEER_RESET, &encode_segment(peer));
+            let a = client.call(Method::POST, &path, None).await?;
+            out.print(&a, |r: api::PeerReset| {
+                format!("reset {} peer record(s) matching {peer}", r.reset)
+            })
+        }
+        DeviceCommand::Queue { command } => queue(client, command.as_ref(), out).await,
+    }
+}
+
+async fn push_update(client: &Client, file: &Path, reboot: bool, out: Out) -> Result<(), Error> {
+    let path = if reboot {
+        format!("{}?{}", api::UPDATE, api::UPDATE_REBOOT)
     } else {
-        println!("{text}");
+        api::UPDATE.to_string()
+    };
+    let upload = Upload::file(file).await?;
+    let a = client.call(Method::PUT, &path, Some(upload)).await?;
+    out.print(&a, |u: api::UpdateInstalled| {
+        // As the JSON shows them: the version as its object, the slot quoted.
+        let version = serde_json::to_string(&u.installed.version).unwrap_or_default();
+        let slot = serde_json::to_string(&u.installed.slot).unwrap_or_default();
+        format!(
+            "installed version {version} into slot {slot}; {}",
+            if reboot {
+                "the box reboots into it now"
+            } else {
+                "active after a reboot"
+            }
+        )
+    })
+}
+
+async fn queue(client: &Client, command: Option<&QueueCommand>, out: Out) -> Result<(), Error> {
+    match command {
+        None | Some(QueueCommand::List) => {
+            let a = client.call(Method::GET, api::QUEUE, None).await?;
+            if out.json {
+                println!("{}", pretty(&a.json));
+            } else {
+                print!("{}", queue_table(&a.body()?));
+            }
+            Ok(())
+        }
+        Some(QueueCommand::Release { id }) => {
+            let path = api::fill(api::QUEUE_RELEASE, &encode_segment(id));
+            let a = client.call(Method::POST, &path, None).await?;
+            out.print(&a, |_: api::QueueReleased| {
+                format!("released {id}: delivery is attempted now")
+            })
+        }
+        Some(QueueCommand::Delete { id }) => {
+            let path = api::fill(api::QUEUE_MESSAGE, &encode_segment(id));
+            let a = client.call(Method::DELETE, &path, None).await?;
+            out.print(&a, |_: api::QueueDeleted| {
+                format!("deleted {id} from the queue")
+            })
+        }
     }
 }
 
@@ -299,36 +327,24 @@ fn pretty(v: &Value) -> String {
 }
 
 /// The queue listing for people.
-fn queue_table(v: &Value) -> String {
+fn queue_table(list: &api::QueueList) -> String {
     let mut s = String::new();
-    let empty = Vec::new();
-    for m in v["messages"].as_array().unwrap_or(&empty) {
-        let from = match m["from"].as_str() {
-            Some("") | None => "<>",
-            Some(f) => f,
-        };
+    for m in &list.messages {
+        let from = if m.from.is_empty() { "<>" } else { &m.from };
         s.push_str(&format!(
-            "{}  {:>9} B  attempts {}  next {}  from {}\n",
-            m["id"].as_str().unwrap_or("?"),
-            m["size"],
-            m["attempts"],
-            m["next_attempt"],
-            from
+            "{}  {} B  attempts {}  next {}  from {}\n",
+            m.id, m.size, m.attempts, m.next_attempt, from
         ));
-        for r in m["recipients"].as_array().unwrap_or(&empty) {
-            s.push_str(&format!(
-                "    {:<9} {}",
-                r["status"].as_str().unwrap_or("?"),
-                r["address"].as_str().unwrap_or("?")
-            ));
-            if let Some(d) = r["detail"].as_str() {
+        for r in &m.recipients {
+            s.push_str(&format!("    {:<9} {}", r.status.as_str(), r.address));
+            if let Some(d) = &r.detail {
                 s.push_str(&format!("  ({d})"));
             }
             s.push('\n');
         }
     }
-    s.push_str(&format!("{} message(s) queued", v["count"]));
-    if v["truncated"].as_bool() == Some(true) {
+    s.push_str(&format!("{} message(s) queued", list.count));
+    if list.truncated {
         s.push_str(" (listing truncated)");
     }
     s.push('\n');
@@ -474,56 +490,14 @@ impl Client {
         let name = a.server_name.clone().unwrap_or_else(|| host.clone());
         let server_name = ServerName::try_from(name.clone())
             .map_err(|_| Error::Usage(format!("{name:?} is not a server name")))?;
-        let verifier: Arc<dyn ServerCertVerifier> = match (&a.pin, &a.ca) {
-            (Some(pin), None) => Arc::new(pinned_server(parse_pin(pin)?, provider.clone())),
-            (None, Some(ca)) => {
-                let pem = std::fs::read(ca).map_err(|source| Error::File {
-                    path: ca.clone(),
-                    source,
-                })?;
-                let mut roots = rustls::RootCertStore::empty();
-                for c in CertificateDer::pem_slice_iter(&pem) {
-                    let c = c.map_err(|e| Error::Tls(format!("{}: {e}", ca.display())))?;
-                    roots
-                        .add(c)
-                        .map_err(|e| Error::Tls(format!("{}: {e}", ca.display())))?;
-                }
-                if roots.is_empty() {
-                    return Err(Error::Tls(format!("{}: no CA certificate", ca.display())));
-                }
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .map_err(|e| Error::Tls(e.to_string()))?
-            }
-            _ => {
-                return Err(Error::Usage(
-                    "how is the box's certificate to be checked? give --pin SHA256 or --ca CA.pem \
-                     (one of them)"
-                        .into(),
-                ));
-            }
-        };
-        let builder = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Tls(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier);
+            .with_custom_certificate_verifier(server_check(a, provider)?);
         let mut config = match (&a.cert, &a.key) {
             (Some(cert), Some(key)) => {
-                let read = |p: &PathBuf| {
-                    std::fs::read(p).map_err(|source| Error::File {
-                        path: p.clone(),
-                        source,
-                    })
-                };
-                let chain = CertificateDer::pem_slice_iter(&read(cert)?)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| Error::Tls(format!("{}: {e}", cert.display())))?;
-                if chain.is_empty() {
-                    return Err(Error::Tls(format!("{}: no certificate", cert.display())));
-                }
-                let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
-                    .map_err(|e| Error::Tls(format!("{}: {e}", key.display())))?;
+                let (chain, key_der) = client_identity(cert, key)?;
                 builder
                     .with_client_auth_cert(chain, key_der)
                     .map_err(|e| Error::Tls(format!("client certificate: {e}")))?
@@ -532,23 +506,7 @@ impl Client {
             _ => return Err(Error::Usage("--cert and --key go together".into())),
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let token = match &a.token_file {
-            Some(p) => {
-                let t = std::fs::read_to_string(p).map_err(|source| Error::File {
-                    path: p.clone(),
-                    source,
-                })?;
-                let t = t.trim().to_string();
-                if t.is_empty() || t.bytes().any(|b| !b.is_ascii_graphic()) {
-                    return Err(Error::Usage(format!(
-                        "{}: the token must be one word of printable ASCII",
-                        p.display()
-                    )));
-                }
-                Some(t)
-            }
-            None => None,
-        };
+        let token = a.token_file.as_deref().map(read_token).transpose()?;
         let authority = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -564,30 +522,14 @@ impl Client {
         })
     }
 
-    /// One request on a fresh connection; `Ok` is a 2xx answer's JSON.
-    async fn call(&self, method: Method, path: &str, body: Option<Upload>) -> Result<Value, Error> {
-        let connect_err = |reason: String| Error::Connect {
-            addr: self.authority.clone(),
-            reason,
-        };
-        let tcp = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| connect_err("timed out".into()))?
-        .map_err(|e| connect_err(e.to_string()))?;
-        let tls = self
-            .tls
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|e| Error::Tls(format!("TLS with {}: {e}", self.authority)))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| Error::Http(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+    /// One request on a fresh connection; `Ok` is a 2xx answer.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Upload>,
+    ) -> Result<Answer, Error> {
+        let mut sender = self.connect().await?;
         let (body, len): (BoxBody<Bytes, io::Error>, u64) = match body {
             None => (empty(), 0),
             Some(Upload::Bytes(b)) => {
@@ -622,26 +564,149 @@ impl Client {
             .await
             .map_err(|e| Error::Http(format!("reading the answer: {e}")))?
             .to_bytes();
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Answer::of(status, &bytes)
+    }
+
+    /// TCP, TLS and the HTTP/1.1 handshake with the box.
+    async fn connect(&self) -> Result<SendRequest<BoxBody<Bytes, io::Error>>, Error> {
+        let connect_err = |reason: String| Error::Connect {
+            addr: self.authority.clone(),
+            reason,
+        };
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| connect_err("timed out".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+        let tls = self
+            .tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| Error::Tls(format!("TLS with {}: {e}", self.authority)))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| Error::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+}
+
+/// A 2xx answer: its JSON, printed as it is with `--json`, or read as its `sealgate-api` type.
+#[derive(Debug)]
+struct Answer {
+    json: Value,
+}
+
+impl Answer {
+    /// The answer to `status`: `Ok` for 2xx, else the refusal with the box's reason and check.
+    fn of(status: StatusCode, bytes: &[u8]) -> Result<Answer, Error> {
+        let json: Value = serde_json::from_slice(bytes).map_err(|e| {
             Error::Http(format!(
                 "HTTP {status}: the answer is not JSON ({e}): {}",
                 String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
             ))
         })?;
         if status.is_success() {
-            Ok(v)
-        } else {
-            Err(Error::Refused {
-                status,
-                error: v["error"]
-                    .as_str()
-                    .unwrap_or("(no reason given)")
-                    .to_string(),
-                check: v["check"].as_str().map(str::to_string),
-                body: v,
-            })
+            return Ok(Answer { json });
         }
+        let e = api::ErrorBody::deserialize(&json).unwrap_or(api::ErrorBody {
+            error: String::new(),
+            check: String::new(),
+        });
+        Err(Error::Refused {
+            status,
+            error: if e.error.is_empty() {
+                "(no reason given)".into()
+            } else {
+                e.error
+            },
+            check: Some(e.check).filter(|c| !c.is_empty()),
+            body: json,
+        })
     }
+
+    /// The body as the endpoint's type.
+    fn body<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        T::deserialize(&self.json)
+            .map_err(|e| Error::Http(format!("the box's answer is not as expected: {e}")))
+    }
+}
+
+/// How the box's certificate is checked: `--pin` or `--ca` (exactly one).
+fn server_check(
+    a: &ConnArgs,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, Error> {
+    match (&a.pin, &a.ca) {
+        (Some(pin), None) => Ok(Arc::new(pinned_server(parse_pin(pin)?, provider))),
+        (None, Some(ca)) => {
+            let pem = std::fs::read(ca).map_err(|source| Error::File {
+                path: ca.clone(),
+                source,
+            })?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&pem) {
+                let c = c.map_err(|e| Error::Tls(format!("{}: {e}", ca.display())))?;
+                roots
+                    .add(c)
+                    .map_err(|e| Error::Tls(format!("{}: {e}", ca.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(Error::Tls(format!("{}: no CA certificate", ca.display())));
+            }
+            let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| Error::Tls(e.to_string()))?;
+            Ok(v)
+        }
+        _ => Err(Error::Usage(
+            "how is the box's certificate to be checked? give --pin SHA256 or --ca CA.pem \
+             (one of them)"
+                .into(),
+        )),
+    }
+}
+
+/// The admin client certificate chain and its key (`--cert`, `--key`).
+fn client_identity(
+    cert: &PathBuf,
+    key: &PathBuf,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|source| Error::File {
+            path: p.clone(),
+            source,
+        })
+    };
+    let chain = CertificateDer::pem_slice_iter(&read(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls(format!("{}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(Error::Tls(format!("{}: no certificate", cert.display())));
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
+        .map_err(|e| Error::Tls(format!("{}: {e}", key.display())))?;
+    Ok((chain, key_der))
+}
+
+/// The bearer token in `path` (surrounding whitespace ignored): one word of printable ASCII.
+fn read_token(path: &Path) -> Result<String, Error> {
+    let t = std::fs::read_to_string(path).map_err(|source| Error::File {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let t = t.trim().to_string();
+    if t.is_empty() || t.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(Error::Usage(format!(
+            "{}: the token must be one word of printable ASCII",
+            path.display()
+        )));
+    }
+    Ok(t)
 }
 
 fn body_method(m: Option<&Method>) -> bool {
@@ -750,5 +815,44 @@ mod tests {
         assert_eq!(encode_segment("127.0.0.1"), "127.0.0.1");
         assert_eq!(encode_segment("::1"), "::1");
         assert_eq!(encode_segment("a/b c"), "a%2Fb%20c");
+    }
+
+    #[test]
+    fn answers_and_refusals() {
+        let a = Answer::of(StatusCode::OK, br#"{"peer": "p", "reset": 2}"#).unwrap();
+        let r: api::PeerReset = a.body().unwrap();
+        assert_eq!(r.reset, 2);
+        assert!(a.body::<api::QueueList>().is_err());
+        let e = Answer::of(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            br#"{"error": "sequence: replayed", "check": "sequence"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "HTTP 422 Unprocessable Entity: sequence: replayed (check: sequence)"
+        );
+        let e = Answer::of(StatusCode::NOT_FOUND, b"{}").unwrap_err();
+        assert_eq!(e.to_string(), "HTTP 404 Not Found: (no reason given)");
+        assert!(Answer::of(StatusCode::OK, b"<html>").is_err());
+    }
+
+    #[test]
+    fn the_queue_for_people() {
+        let list: api::QueueList = serde_json::from_str(
+            r#"{"count": 1, "truncated": true, "messages": [
+                {"id": "X1", "from": "", "size": 412, "arrival": 1, "attempts": 1,
+                 "next_attempt": 5, "recipients": [
+                    {"address": "c@c.test", "status": "pending", "detail": "4.4.1 refused",
+                     "source": "connection"},
+                    {"address": "d@d.test", "status": "delivered", "detail": null,
+                     "source": null}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            queue_table(&list),
+            "X1  412 B  attempts 1  next 5  from <>\n    pending   c@c.test  (4.4.1 refused)\n    \
+             delivered d@d.test\n1 message(s) queued (listing truncated)\n"
+        );
     }
 }

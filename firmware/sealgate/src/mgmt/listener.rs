@@ -1,0 +1,253 @@
+//! The management API's listeners: rustls with the served certificate (or a throwaway when the
+//! sealed store is unavailable), the accept loops with their connection slots, and each
+//! connection served by hyper's HTTP/1.1 with the axum router, within the handshake, header and
+//! connection time limits and the header bounds. The connection's peer address and
+//! client-certificate pin reach the router as a request extension ([`ConnInfo`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::service::Service as _;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use sealgate_core::config::Config;
+use sealgate_core::verifiers::{OfferClientAuth, provider};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use super::auth::{hex, sha256};
+use super::routes::{self, ConnInfo};
+use super::{
+    HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, MAX_HEADERS, Mgmt,
+    UPDATE_TIMEOUT,
+};
+use crate::live::Live;
+
+/// The served certificate: `mgmt.certificate` as the running config loaded it (so a new
+/// certificate applies with a new config), else as the sealed store held it at start.
+#[derive(Debug)]
+struct ServedCert {
+    live: Arc<Live>,
+    at_start: Option<(String, Arc<CertifiedKey>)>,
+}
+
+impl ResolvesServerCert for ServedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let snap = self.live.get();
+        let name = &snap.config.mgmt.certificate;
+        snap.server_tls
+            .as_ref()
+            .and_then(|t| t.certified_key(name))
+            .or_else(|| {
+                self.at_start
+                    .as_ref()
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, k)| k.clone())
+            })
+    }
+}
+
+/// The API's TLS side, ready to accept.
+pub(super) struct Tls {
+    acceptor: TlsAcceptor,
+    /// `mgmt.certificate` at start.
+    name: String,
+    /// SHA-256 of the served leaf at start, for the console.
+    fingerprint: Option<String>,
+    /// The served certificate is a throwaway made now (no sealed store).
+    pub ephemeral: bool,
+}
+
+impl Tls {
+    /// The certificate to serve and the rustls configuration, or `None` (logged): no such
+    /// certificate, or no sealed store and no throwaway either.
+    pub fn new(mgmt: &Mgmt, config: &Config) -> Option<Tls> {
+        let name = config.mgmt.certificate.clone();
+        let live_key = mgmt
+            .live
+            .get()
+            .server_tls
+            .as_ref()
+            .and_then(|t| t.certified_key(&name));
+        let mut at_start = {
+            let guard = mgmt.store.lock().unwrap_or_else(|p| p.into_inner());
+            guard
+                .as_ref()
+                .and_then(|s| crate::tls::sealed_key(s, &name))
+                .map(|k| (name.clone(), k))
+        };
+        let mut ephemeral = false;
+        if at_start.is_none() && live_key.is_none() {
+            at_start = Some((name.clone(), throwaway(mgmt, config, &name)?));
+            ephemeral = true;
+        }
+        let fingerprint = live_key
+            .as_ref()
+            .or(at_start.as_ref().map(|(_, k)| k))
+            .and_then(|k| k.cert.first())
+            .map(|c| hex(&sha256(c.as_ref())));
+        let served = ServedCert {
+            live: mgmt.live.clone(),
+            at_start,
+        };
+        match server_config(served) {
+            Ok(c) => Some(Tls {
+                acceptor: TlsAcceptor::from(c),
+                name,
+                fingerprint,
+                ephemeral,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "management API off: TLS configuration");
+                None
+            }
+        }
+    }
+}
+
+/// No sealed store (another board's disk, tampering): the box must still be reachable to say
+/// so. A throwaway certificate, made in memory now and never stored, serves the API; no key of
+/// the sealed store is used. `None` (logged) when the store is fine but has no such
+/// certificate, or none can be made.
+fn throwaway(mgmt: &Mgmt, config: &Config, name: &str) -> Option<Arc<CertifiedKey>> {
+    if mgmt.sealed_error.is_none() {
+        tracing::error!(certificate = %name, "management API off: no such certificate");
+        return None;
+    }
+    match throwaway_key(&config.hostname, name) {
+        Ok(k) => {
+            tracing::warn!(
+                "management API on a throwaway certificate: the sealed store is not available"
+            );
+            Some(k)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "management API off: cannot make a throwaway certificate");
+            None
+        }
+    }
+}
+
+/// A self-signed certificate made in memory for the API when the sealed store is unavailable.
+fn throwaway_key(hostname: &str, name: &str) -> Result<Arc<CertifiedKey>, String> {
+    let ck = rcgen::generate_simple_self_signed(vec![hostname.to_string()])
+        .map_err(|e| e.to_string())?;
+    crate::tls::sealed_certified_key(
+        name,
+        &ck.signing_key.serialize_der(),
+        ck.cert.pem().as_bytes(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn server_config(cert: ServedCert) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut sc = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        // A client certificate is asked for, not required; it is judged by its pin per request.
+        .with_client_cert_verifier(Arc::new(OfferClientAuth::new(Vec::new())))
+        .with_cert_resolver(Arc::new(cert));
+    sc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(sc))
+}
+
+/// Binds every address and serves it with one router and one set of connection slots;
+/// returns the bound addresses (one that cannot be bound is logged and skipped).
+pub(super) async fn bind(mgmt: Arc<Mgmt>, addrs: Vec<SocketAddr>, tls: Tls) -> Vec<SocketAddr> {
+    let app = routes::router(mgmt);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut bound = Vec::new();
+    for addr in addrs {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                let at = l.local_addr().unwrap_or(addr);
+                println!("sealgate mgmt: https://{at}");
+                if let Some(fp) = &tls.fingerprint {
+                    println!(
+                        "sealgate mgmt: certificate sha256 {fp}{}",
+                        if tls.ephemeral { " (throwaway)" } else { "" }
+                    );
+                }
+                tracing::info!(listen = %at, certificate = %tls.name, "management API listening");
+                bound.push(at);
+                tokio::spawn(serve(l, tls.acceptor.clone(), app.clone(), slots.clone()));
+            }
+            Err(e) => {
+                tracing::error!(listen = %addr, error = %e, "management API: cannot listen")
+            }
+        }
+    }
+    bound
+}
+
+/// Accepts connections while a slot is free; one beyond [`MAX_CONNECTIONS`] is closed at once.
+async fn serve(listener: TcpListener, tls: TlsAcceptor, app: Router, slots: Arc<Semaphore>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "management API: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "management API: too many connections; closed");
+            continue;
+        };
+        let tls = tls.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            connection(tcp, peer, tls, app).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One connection: the TLS handshake, then one request (no keep-alive) through the router.
+async fn connection(tcp: TcpStream, peer: SocketAddr, tls: TlsAcceptor, app: Router) {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "management API: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "management API: TLS handshake timed out");
+            return;
+        }
+    };
+    let certificate = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| sha256(c));
+    let info = ConnInfo { peer, certificate };
+    let app = TowerToHyperService::new(app);
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        app.call(req)
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(64 * 1024)
+        .keep_alive(false);
+    let conn = http.serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(UPDATE_TIMEOUT, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::info!(%peer, error = %e, "management API: connection error"),
+        Err(_) => {
+            tracing::warn!(%peer, "management API: connection closed after the time limit")
+        }
+    }
+}
