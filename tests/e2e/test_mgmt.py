@@ -386,3 +386,36 @@ def test_queue_release_delete_and_peer_reset(gateways):
     assert on_disk[HOP_IP]["last_tls"] is None, "the reset is written out before the reply"
     p = device(gw, "peer-reset", "nobody.test", token=token_file, ok=False)
     assert p.returncode == 1 and "no peer matches nobody.test" in p.stderr, p.stderr
+
+
+def test_strangers_holding_hundreds_of_connections_cannot_starve_the_admin(gateways, admins):
+    """400 idle strangers from 20 other addresses (half of them after a TLS handshake, half
+    without one) hold every connection they get: at most 8 per address, so the admins — with a
+    pinned certificate and with a token — are served on their first try."""
+    token = "flood-admin-token"
+    gw = start(gateways, admin_certificates=[cert_sha256(admins["pinned"][0])],
+               admin_token_sha256=[hashlib.sha256(token.encode()).hexdigest()])
+    host, port = gw.api.rsplit(":", 1)
+    held = []
+    for k in range(400):
+        tcp = socket.socket()
+        tcp.settimeout(5)
+        tcp.bind((f"127.2.0.{1 + k % 20}", 0))
+        try:
+            tcp.connect((host, int(port)))
+            if k % 2:
+                tcp = ctx(gw).wrap_socket(tcp)
+        except OSError:  # closed at once: no slot for it
+            tcp.close()
+            continue
+        held.append(tcp)
+    try:
+        gw.wait_log(r"management API: too many connections from this address", timeout=10)
+        s = status(gw, cert=admins["pinned"])
+        assert s["mgmt"]["pinned_certificates"] == 1
+        tokfile = gw.state / "admin-token"
+        tokfile.write_text(token)
+        assert status(gw, token=tokfile)["mgmt"]["tokens"] == 1
+    finally:
+        for c in held:
+            c.close()

@@ -192,6 +192,15 @@ impl Mgmt {
     }
 }
 
+impl Mgmt {
+    /// Whether `pin` (SHA-256 of a client certificate) is an admin's: pinned in the running
+    /// config or baked into the image.
+    pub(super) fn is_admin_certificate(&self, pin: &[u8; 32]) -> bool {
+        self.live.get().config.mgmt.admin_certificates.contains(pin)
+            || self.baked_pins.contains(pin)
+    }
+}
+
 /// The dev board's token: read from `STATE/mgmt-token`, or made there (0600) on first use.
 /// Returns its SHA-256; the token itself is never logged.
 pub(super) fn dev_token(state_dir: &Path) -> io::Result<[u8; 32]> {

@@ -4,8 +4,9 @@
 //! connection time limits and the header bounds. The connection's peer address and
 //! client-certificate pin reach the router as a request extension ([`ConnInfo`]).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -19,14 +20,14 @@ use rustls::sign::CertifiedKey;
 use sealgate_core::config::Config;
 use sealgate_core::verifiers::{OfferClientAuth, provider};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::auth::{hex, sha256};
 use super::routes::{self, ConnInfo};
 use super::{
-    HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, MAX_HEADERS, Mgmt,
-    UPDATE_TIMEOUT,
+    ADMIN_RESERVE, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES,
+    MAX_HEADERS, MAX_PER_ADDRESS, Mgmt, UPDATE_TIMEOUT,
 };
 use crate::live::Live;
 
@@ -160,8 +161,8 @@ fn server_config(cert: ServedCert) -> Result<Arc<ServerConfig>, rustls::Error> {
 /// Binds every address and serves it with one router and one set of connection slots;
 /// returns the bound addresses (one that cannot be bound is logged and skipped).
 pub(super) async fn bind(mgmt: Arc<Mgmt>, addrs: Vec<SocketAddr>, tls: Tls) -> Vec<SocketAddr> {
-    let app = routes::router(mgmt);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let app = routes::router(mgmt.clone());
+    let slots = Arc::new(Admission::default());
     let mut bound = Vec::new();
     for addr in addrs {
         match TcpListener::bind(addr).await {
@@ -176,7 +177,12 @@ pub(super) async fn bind(mgmt: Arc<Mgmt>, addrs: Vec<SocketAddr>, tls: Tls) -> V
                 }
                 tracing::info!(listen = %at, certificate = %tls.name, "management API listening");
                 bound.push(at);
-                tokio::spawn(serve(l, tls.acceptor.clone(), app.clone(), slots.clone()));
+                let server = Server {
+                    tls: tls.acceptor.clone(),
+                    app: app.clone(),
+                    mgmt: mgmt.clone(),
+                };
+                tokio::spawn(serve(l, server, slots.clone()));
             }
             Err(e) => {
                 tracing::error!(listen = %addr, error = %e, "management API: cannot listen")
@@ -186,8 +192,84 @@ pub(super) async fn bind(mgmt: Arc<Mgmt>, addrs: Vec<SocketAddr>, tls: Tls) -> V
     bound
 }
 
-/// Accepts connections while a slot is free; one beyond [`MAX_CONNECTIONS`] is closed at once.
-async fn serve(listener: TcpListener, tls: TlsAcceptor, app: Router, slots: Arc<Semaphore>) {
+/// Who gets a connection slot: at most [`MAX_PER_ADDRESS`] per client address, and
+/// [`MAX_CONNECTIONS`] in all, of which [`ADMIN_RESERVE`] are kept for pinned admin
+/// certificates (a connection that gets a reserved slot must present one in its handshake).
+#[derive(Debug)]
+struct Admission {
+    general: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            general: Arc::new(Semaphore::new(MAX_CONNECTIONS - ADMIN_RESERVE)),
+            reserve: Arc::new(Semaphore::new(ADMIN_RESERVE)),
+            per_address: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Admission {
+    /// A slot for a connection from `ip`, or why not.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
+        let mut per = self.per_address.lock().map_err(|_| "internal error")?;
+        let n = per.entry(ip).or_insert(0);
+        if *n >= MAX_PER_ADDRESS {
+            return Err("too many connections from this address");
+        }
+        let (permit, reserved) = match self.general.clone().try_acquire_owned() {
+            Ok(p) => (p, false),
+            Err(_) => match self.reserve.clone().try_acquire_owned() {
+                Ok(p) => (p, true),
+                Err(_) => return Err("too many connections"),
+            },
+        };
+        *n += 1;
+        Ok(Slot {
+            _permit: permit,
+            reserved,
+            ip,
+            admission: self.clone(),
+        })
+    }
+}
+
+/// A connection's slot, given back when the connection ends.
+#[derive(Debug)]
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    /// From the admins' reserve: the connection must present a pinned admin certificate.
+    reserved: bool,
+    ip: IpAddr,
+    admission: Arc<Admission>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut per) = self.admission.per_address.lock()
+            && let Some(n) = per.get_mut(&self.ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What serving a connection needs.
+#[derive(Clone)]
+struct Server {
+    tls: TlsAcceptor,
+    app: Router,
+    mgmt: Arc<Mgmt>,
+}
+
+/// Accepts connections while a slot is free for them; one without is closed at once (logged).
+async fn serve(listener: TcpListener, server: Server, slots: Arc<Admission>) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -197,21 +279,23 @@ async fn serve(listener: TcpListener, tls: TlsAcceptor, app: Router, slots: Arc<
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "management API: too many connections; closed");
-            continue;
+        let slot = match slots.admit(peer.ip()) {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::warn!(%peer, limit = MAX_CONNECTIONS, per_address = MAX_PER_ADDRESS, "management API: {why}; closed");
+                continue;
+            }
         };
-        let tls = tls.clone();
-        let app = app.clone();
+        let server = server.clone();
         tokio::spawn(async move {
-            connection(tcp, peer, tls, app).await;
-            drop(permit);
+            connection(tcp, peer, server, slot).await;
         });
     }
 }
 
 /// One connection: the TLS handshake, then one request (no keep-alive) through the router.
-async fn connection(tcp: TcpStream, peer: SocketAddr, tls: TlsAcceptor, app: Router) {
+async fn connection(tcp: TcpStream, peer: SocketAddr, server: Server, slot: Slot) {
+    let Server { tls, app, mgmt } = server;
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -229,6 +313,10 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, tls: TlsAcceptor, app: Rou
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| sha256(c));
+    if slot.reserved && !certificate.is_some_and(|c| mgmt.is_admin_certificate(&c)) {
+        tracing::warn!(%peer, "management API: a slot kept for admins, and no admin certificate; closed");
+        return;
+    }
     let info = ConnInfo { peer, certificate };
     let app = TowerToHyperService::new(app);
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
@@ -249,5 +337,38 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, tls: TlsAcceptor, app: Rou
         Err(_) => {
             tracing::warn!(%peer, "management API: connection closed after the time limit")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(n: usize) -> IpAddr {
+        IpAddr::from([127, 1, (n / 250) as u8, (n % 250) as u8 + 1])
+    }
+
+    #[test]
+    fn slots_per_address_in_all_and_the_admin_reserve() {
+        let a = Arc::new(Admission::default());
+        let one: Vec<Slot> = (0..MAX_PER_ADDRESS)
+            .filter_map(|_| a.admit(ip(0)).ok())
+            .collect();
+        assert_eq!(one.len(), MAX_PER_ADDRESS);
+        assert!(a.admit(ip(0)).is_err(), "the per-address bound");
+        drop(one);
+        assert!(a.admit(ip(0)).is_ok(), "slots come back");
+        let general: Vec<Slot> = (0..MAX_CONNECTIONS - ADMIN_RESERVE)
+            .map(|n| a.admit(ip(n / MAX_PER_ADDRESS + 1)).expect("general slot"))
+            .collect();
+        assert!(general.iter().all(|s| !s.reserved));
+        let base = MAX_CONNECTIONS;
+        let reserved: Vec<Slot> = (0..ADMIN_RESERVE)
+            .map(|n| a.admit(ip(base + n)).expect("reserved slot"))
+            .collect();
+        assert!(reserved.iter().all(|s| s.reserved));
+        assert_eq!(a.admit(ip(2 * base)).err(), Some("too many connections"));
+        drop(reserved);
+        assert!(a.admit(ip(2 * base)).is_ok_and(|s| s.reserved));
     }
 }
