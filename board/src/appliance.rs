@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -306,7 +306,8 @@ impl Watchdog {
     }
 
     /// [`Watchdog::from_env`] with the reason on failure. `Ok(None)` when the variable is not
-    /// set or the descriptor was already adopted by this process. The adopted descriptor is made
+    /// set or the descriptor was already adopted by this process; an error when it is not an
+    /// open character device ([`Watchdog::adopt`] leaves it alone). The adopted descriptor is made
     /// close-on-exec, so the gateway's own children never inherit it.
     pub fn try_from_env() -> io::Result<Option<Watchdog>> {
         let Some(v) = std::env::var_os(WATCHDOG_FD_ENV) else {
@@ -321,10 +322,22 @@ impl Watchdog {
                     format!("not a descriptor number: {v:?}"),
                 )
             })?;
+        Self::adopt(raw)
+    }
+
+    /// Adopts the inherited descriptor `raw` (at most once per process: `Ok(None)` after
+    /// that). A descriptor that is not open, or not a character device (a watchdog device
+    /// is one; a file, pipe or socket is not), is refused with the reason and left as it was
+    /// — open, not owned, so nothing of whoever holds it is closed.
+    fn adopt(raw: RawFd) -> io::Result<Option<Watchdog>> {
         if ADOPTED.swap(true, Ordering::SeqCst) {
             return Ok(None);
         }
-        let fd = match crate::sys::adopt_inherited_fd(raw) {
+        let accept = |fd: BorrowedFd<'_>| {
+            ensure_char_device(fd)
+                .map_err(|e| io::Error::new(e.kind(), format!("descriptor {raw} refused: {e}")))
+        };
+        let fd = match crate::sys::adopt_inherited_fd(raw, accept) {
             Ok(fd) => fd,
             Err(e) => {
                 ADOPTED.store(false, Ordering::SeqCst);
@@ -365,6 +378,27 @@ impl Watchdog {
         let mut f = fs::File::from(self.fd);
         io::Write::write_all(&mut f, b"V")
     }
+}
+
+/// `Ok` when `fd` is a character device (what a watchdog is); otherwise the error names what
+/// it is instead.
+fn ensure_char_device(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use rustix::fs::FileType;
+    let st = rustix::fs::fstat(fd)?;
+    let kind = match FileType::from_raw_mode(st.st_mode) {
+        FileType::CharacterDevice => return Ok(()),
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Fifo => "a pipe",
+        FileType::Socket => "a socket",
+        FileType::BlockDevice => "a block device",
+        FileType::Symlink => "a symbolic link",
+        FileType::Unknown => "of an unknown type",
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("not a character device (it is {kind}), so not a watchdog"),
+    ))
 }
 
 /// Flushes every filesystem, remounts the `ext4` mounts read-only (best effort), and reboots.
@@ -491,6 +525,29 @@ mod tests {
         assert_eq!(cmdline_value("", "a"), None);
         assert_eq!(cmdline_value("  a=1\n", "a"), Some("1"));
         assert_eq!(cmdline_value("a==1", "a"), Some("=1"));
+    }
+
+    #[test]
+    fn a_watchdog_descriptor_that_is_no_character_device_is_refused() {
+        let p = std::env::temp_dir().join(format!("sg-wd-file-{}", std::process::id()));
+        let file = fs::File::create(&p).unwrap();
+        let e = Watchdog::adopt(file.as_raw_fd()).unwrap_err();
+        assert!(e.to_string().contains("regular file"), "{e}");
+        assert!(e.to_string().contains("not a character device"), "{e}");
+        // Left open and still the file's: writing through it works.
+        io::Write::write_all(&mut &file, b"still open").unwrap();
+        let _ = fs::remove_file(&p);
+
+        let (reader, writer) = io::pipe().unwrap();
+        let e = Watchdog::adopt(reader.as_raw_fd()).unwrap_err();
+        assert!(e.to_string().contains("a pipe"), "{e}");
+        io::Write::write_all(&mut &writer, b"x").unwrap();
+
+        // Not adopted: a later attempt is checked again rather than answered `None`.
+        assert!(Watchdog::adopt(file.as_raw_fd()).is_err());
+        // /dev/null is a character device: it passes the check.
+        let null = fs::File::open("/dev/null").unwrap();
+        assert!(ensure_char_device(null.as_fd()).is_ok());
     }
 
     #[test]

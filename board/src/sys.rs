@@ -80,9 +80,14 @@ pub(crate) fn watchdog_get_timeout(fd: BorrowedFd<'_>) -> io::Result<u32> {
 }
 
 /// Takes ownership of a descriptor this process inherited (named by the environment), after
-/// checking that it is open. The caller must make sure nothing else in the process owns it
-/// (the appliance module adopts the watchdog descriptor at most once per process).
-pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+/// checking that it is open and that `accept` (given it borrowed) agrees; when either check
+/// fails the descriptor is left as it was, open and not owned. The caller must make sure
+/// nothing else in the process owns it (the appliance module adopts the watchdog descriptor at
+/// most once per process).
+pub(crate) fn adopt_inherited_fd(
+    fd: RawFd,
+    accept: impl FnOnce(BorrowedFd<'_>) -> io::Result<()>,
+) -> io::Result<OwnedFd> {
     if fd < 3 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -93,6 +98,9 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // unused one yields EBADF.
     let r = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     check(r.into())?;
+    // SAFETY: the descriptor is open (checked above) and stays open for the borrow, which
+    // ends with this call (`accept` cannot keep it: the lifetime is local).
+    accept(unsafe { BorrowedFd::borrow_raw(fd) })?;
     // SAFETY: the descriptor is open (checked above), was handed to this process by its parent
     // for it to own, and the only caller adopts it at most once, so no other owner exists.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -223,7 +231,7 @@ mod tests {
 
     #[test]
     fn adopting_a_closed_or_standard_descriptor_fails() {
-        assert!(adopt_inherited_fd(1).is_err());
-        assert!(adopt_inherited_fd(1_000_000).is_err());
+        assert!(adopt_inherited_fd(1, |_| Ok(())).is_err());
+        assert!(adopt_inherited_fd(1_000_000, |_| Ok(())).is_err());
     }
 }

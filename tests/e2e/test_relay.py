@@ -3,8 +3,10 @@
 import re
 import smtplib
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from clients import marker, verifying_ctx
+from fakepeer import FakePeer
 from harness import (
     Raw,
     free_port,
@@ -13,6 +15,7 @@ from harness import (
     queue_id,
     received_headers,
     send_raw_message,
+    submit_one,
     wait_until,
 )
 
@@ -105,6 +108,33 @@ def test_relay_connection_reuse(gateways):
 
     per_session = wait_until(counts, 20, "B's session lines for A's connections")
     assert len(per_session) < len(marks), f"no connection reuse: {per_session}"
+
+
+def test_burst_to_one_next_hop_stays_within_max_connections_per_hop(gateways):
+    """Twelve messages arriving at once for one next hop: at most `max_connections_per_hop`
+    (here 2) connections are ever opened to it; the other deliveries wait for a parked one
+    and reuse it (the log's conn_use counts up), and every message arrives once."""
+    peer = FakePeer("127.0.0.6", idle_timeout=60.0)
+    try:
+        a = gateways.simple(
+            "a", hostname="gw-a.test", local_domains=["a.test"],
+            routes=[{"domain": "b.test", "next_hop": [peer.hop], "tls": "none"}],
+            queue={"max_deliveries": 16, "max_connections_per_hop": 2})
+        marks = [marker(f"burst{i}") for i in range(12)]
+        with ThreadPoolExecutor(len(marks)) as pool:
+            list(pool.map(lambda m: submit_one(a.addr, "alice@a.test", "u@b.test", m), marks))
+        for m in marks:
+            peer.wait_message(m)
+        a.wait_queue_empty()
+        for m in marks:
+            assert len(peer.with_marker(m)) == 1, m
+        sessions = peer.sessions()
+        assert 1 <= len(sessions) <= 2, [(s.n, len(s.messages)) for s in sessions]
+        uses = [int(u) for u in re.findall(r"delivery attempt .*? conn_use=(\d+)", a.log())]
+        assert len(uses) == len(marks) and max(uses) >= len(marks) // 2, uses
+    finally:
+        peer.close()
+    assert not peer.errors, peer.errors
 
 
 def test_open_relay_refused(gateways):

@@ -1,16 +1,22 @@
 //! Choosing and staging the slot to boot: boot control read from the `bootctl` partition, the
-//! chosen slot's bundle verified while its payload is copied out, refusals recorded in boot
-//! control with the reason, and the fallback to the other slot. Plain file I/O, so the whole
-//! decision runs on a host with temporary files standing in for the partitions.
+//! chosen slot's bundle verified while its payload is copied out, and the fallback to the other
+//! slot. Plain file I/O, so the whole decision runs on a host with temporary files standing in
+//! for the partitions.
+//!
+//! A slot that fails is handled by why ([`SlotFailure`]): a bad bundle (signature, key, board,
+//! floor, format, length, hash; a payload the kernel cannot execute) is refused — marked
+//! unbootable in boot control with the reason. A local failure (staging into `/run`, reading
+//! the slot's partition, recording the boot try, `exec`) only skips the slot on this boot
+//! ([`Skipped`]): boot control keeps it bootable and gets back the try this boot used.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sealgate_image::bootctl::{BootControl, BootCtlError, Choice, Slot};
-use sealgate_image::bundle::{self, Header};
+use sealgate_image::bundle::{self, BundleError, Header};
 use sealgate_image::version::Version;
 
 /// Longest note kept in boot control (the format's bound).
@@ -28,6 +34,43 @@ pub struct Trust<'a> {
     pub board: &'a str,
     /// Largest payload accepted.
     pub max_payload: u64,
+}
+
+/// Why a chosen slot did not boot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlotFailure {
+    /// The slot itself is bad (its bundle failed verification, its partition is missing, its
+    /// payload is not an executable): refused, marked unbootable in boot control.
+    #[error("{0}")]
+    BadBundle(String),
+    /// Something on this box failed on this boot (I/O staging into `/run` or reading the
+    /// slot's partition, writing boot control, `exec`): the slot is skipped on this boot only.
+    #[error("{0}")]
+    Local(String),
+}
+
+/// The slots skipped on this boot after a local failure: never chosen again before the next
+/// boot, whatever boot control says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped([bool; 2]);
+
+impl Skipped {
+    fn index(slot: Slot) -> usize {
+        match slot {
+            Slot::A => 0,
+            Slot::B => 1,
+        }
+    }
+
+    /// Slot `slot` is not chosen again on this boot.
+    pub fn insert(&mut self, slot: Slot) {
+        self.0[Self::index(slot)] = true;
+    }
+
+    /// Whether `slot` was skipped on this boot.
+    pub fn contains(&self, slot: Slot) -> bool {
+        self.0[Self::index(slot)]
+    }
 }
 
 /// A verified payload ready to be executed.
@@ -143,24 +186,96 @@ pub fn refuse(
     }
 }
 
-/// Chooses a slot, records the try, verifies the slot's bundle while copying its payload to
-/// `<run_dir>/sealgate-<a|b>`, and falls back to the other slot when that fails (recording
-/// why). `slot_devs` are the devices of slots A and B (`None`: partition not found). `None`
-/// when no slot can boot (logged with both slots' state).
+/// Skips `slot` on this boot after a local failure: it is added to `skipped` and boot control
+/// is left bootable. With `give_back_try` (a trial whose try was recorded) the try is returned
+/// and boot control stored again (a failed store is logged: the slot then lost one try).
+pub fn skip(
+    ctl_dev: &mut File,
+    ctl: &mut BootControl,
+    skipped: &mut Skipped,
+    slot: Slot,
+    give_back_try: bool,
+    reason: &str,
+    log: &mut dyn FnMut(String),
+) {
+    log(format!(
+        "slot {} SKIPPED on this boot: {reason}",
+        slot.letter()
+    ));
+    skipped.insert(slot);
+    if give_back_try {
+        let st = ctl.slot_mut(slot);
+        st.tries = st.tries.saturating_add(1);
+        if let Err(e) = store(ctl_dev, ctl) {
+            log(format!(
+                "WARNING: cannot give slot {} its try back in boot control: {e}",
+                slot.letter()
+            ));
+        }
+    }
+}
+
+/// Acts on `failure` of `slot` (booted as a `trial` or not): a bad bundle is refused
+/// ([`refuse`]), a local failure skips the slot on this boot ([`skip`], its try given back).
+pub fn fail(
+    ctl_dev: &mut File,
+    ctl: &mut BootControl,
+    skipped: &mut Skipped,
+    slot: Slot,
+    trial: bool,
+    failure: &SlotFailure,
+    log: &mut dyn FnMut(String),
+) {
+    match failure {
+        SlotFailure::BadBundle(reason) => refuse(ctl_dev, ctl, slot, reason, log),
+        SlotFailure::Local(reason) => skip(ctl_dev, ctl, skipped, slot, trial, reason, log),
+    }
+}
+
+/// What a failed `exec` of the staged `program` means: a payload the kernel cannot execute
+/// (`ENOEXEC`, `EINVAL`, `ELIBBAD`, or `ENOENT` while the file exists: a missing ELF
+/// interpreter, or glibc's `/bin/sh` fallback for a non-ELF file) is a bad bundle; anything
+/// else (memory, permissions, a vanished file) is local.
+pub fn exec_failure(program: &Path, err: &io::Error) -> SlotFailure {
+    use rustix::io::Errno;
+    let reason = format!("cannot execute {}: {err}", program.display());
+    let bad = match Errno::from_io_error(err) {
+        Some(Errno::NOEXEC | Errno::INVAL | Errno::LIBBAD) => true,
+        Some(Errno::NOENT) => program.is_file(),
+        _ => false,
+    };
+    if bad {
+        SlotFailure::BadBundle(reason)
+    } else {
+        SlotFailure::Local(reason)
+    }
+}
+
+/// Chooses a slot not in `skipped`, records the try, verifies the slot's bundle while copying
+/// its payload to `<run_dir>/sealgate-<a|b>`, and falls back to the other slot when that fails
+/// ([`fail`]: a bad bundle is refused, a local failure skips the slot on this boot).
+/// `slot_devs` are the devices of slots A and B (`None`: partition not found). `None` when no
+/// slot can boot (logged with both slots' state).
 ///
-/// A trial boot whose try cannot be recorded is refused: booting it anyway could loop forever
-/// on a bad image instead of falling back.
+/// A trial boot whose try cannot be recorded is skipped on this boot: booting it anyway could
+/// loop forever on a bad image instead of falling back.
 pub fn choose_and_stage(
     ctl_dev: &mut File,
     ctl: &mut BootControl,
+    skipped: &mut Skipped,
     slot_devs: [Option<&Path>; 2],
     trust: &Trust<'_>,
     run_dir: &Path,
     log: &mut dyn FnMut(String),
 ) -> Option<Staged> {
     for _ in 0..MAX_ROUNDS {
-        let (slot, trial) = choose(ctl, log)?;
-        if !record_try(ctl_dev, ctl, slot, trial, log) {
+        let (slot, trial) = choose(ctl, skipped, log)?;
+        if let Err(e) = record_try(ctl_dev, ctl, trial, log) {
+            // Nothing reached the disk: the try is given back in memory only.
+            let st = ctl.slot_mut(slot);
+            st.tries = st.tries.saturating_add(1);
+            let reason = format!("cannot record the boot try: {e}");
+            skip(ctl_dev, ctl, skipped, slot, false, &reason, log);
             continue;
         }
         let dev = match slot {
@@ -181,24 +296,53 @@ pub fn choose_and_stage(
         let floor = ctl.floor;
         match stage(dev, trust, floor, &program) {
             Ok(h) => return Some(staged(ctl_dev, ctl, slot, trial, &h, program, log)),
-            Err(reason) => refuse(ctl_dev, ctl, slot, &reason, log),
+            Err(failure) => fail(ctl_dev, ctl, skipped, slot, trial, &failure, log),
         }
     }
     log("NO BOOTABLE SLOT: boot control keeps choosing refused slots".to_string());
     None
 }
 
-/// Boot control's choice (slot, trial boot?), logged; `None` when no slot is bootable (logged
-/// with both slots' state).
-fn choose(ctl: &mut BootControl, log: &mut dyn FnMut(String)) -> Option<(Slot, bool)> {
-    let (slot, trial) = match ctl.choose() {
+/// [`BootControl::choose`] among the slots not in `skipped`; a skipped slot is left exactly as
+/// it is (not chosen, no try used).
+pub fn choose_excluding(ctl: &mut BootControl, skipped: &Skipped) -> Choice {
+    let mut view = ctl.clone();
+    for s in Slot::ALL {
+        if skipped.contains(s) {
+            view.slot_mut(s).priority = 0;
+        }
+    }
+    let choice = view.choose();
+    for s in Slot::ALL {
+        if !skipped.contains(s) {
+            *ctl.slot_mut(s) = view.slot(s).clone();
+        }
+    }
+    choice
+}
+
+/// Boot control's choice among the slots not skipped (slot, trial boot?), logged; `None` when
+/// no slot is left (logged with both slots' state).
+fn choose(
+    ctl: &mut BootControl,
+    skipped: &Skipped,
+    log: &mut dyn FnMut(String),
+) -> Option<(Slot, bool)> {
+    let (slot, trial) = match choose_excluding(ctl, skipped) {
         Choice::Boot { slot, trial } => (slot, trial),
         Choice::NoBootableSlot => {
+            let state = |s: Slot| {
+                let mut d = describe(ctl, s);
+                if skipped.contains(s) {
+                    d.push_str(" (SKIPPED on this boot)");
+                }
+                d
+            };
             log(format!(
                 "NO BOOTABLE SLOT (floor {}): {}; {}",
                 ctl.floor,
-                describe(ctl, Slot::A),
-                describe(ctl, Slot::B)
+                state(Slot::A),
+                state(Slot::B)
             ));
             return None;
         }
@@ -217,29 +361,22 @@ fn choose(ctl: &mut BootControl, log: &mut dyn FnMut(String)) -> Option<(Slot, b
     Some((slot, trial))
 }
 
-/// Stores boot control after a choice (recording the try). `false` when a trial boot's try
-/// cannot be recorded: the slot is then refused. For a known good slot a failure is logged.
+/// Stores boot control after a choice (recording the try). An error when a trial boot's try
+/// cannot be recorded (the slot is then skipped); for a known good slot a failure is logged.
 fn record_try(
     ctl_dev: &mut File,
     ctl: &mut BootControl,
-    slot: Slot,
     trial: bool,
     log: &mut dyn FnMut(String),
-) -> bool {
-    if let Err(e) = store(ctl_dev, ctl) {
-        if trial {
-            refuse(
-                ctl_dev,
-                ctl,
-                slot,
-                &format!("cannot record the boot try: {e}"),
-                log,
-            );
-            return false;
+) -> Result<(), String> {
+    match store(ctl_dev, ctl) {
+        Err(e) if trial => Err(e),
+        Err(e) => {
+            log(format!("WARNING: cannot write boot control: {e}"));
+            Ok(())
         }
-        log(format!("WARNING: cannot write boot control: {e}"));
+        Ok(()) => Ok(()),
     }
-    true
 }
 
 /// Logs the verified bundle `h` staged as `program` and, if boot control disagrees about the
@@ -282,28 +419,56 @@ fn staged(
     }
 }
 
+/// A writer that remembers a failed write, so that a bundle I/O error names its side.
+struct Tracked<W> {
+    inner: W,
+    failed: bool,
+}
+
+impl<W: Write> Write for Tracked<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).inspect_err(|_| self.failed = true)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().inspect_err(|_| self.failed = true)
+    }
+}
+
 /// Verifies the bundle on `dev` (floor `floor`) while copying its payload to `program`
-/// (created anew, mode 0500); on any failure `program` is removed and the reason returned.
+/// (created anew, mode 0500); on any failure `program` is removed and the failure returned:
+/// [`SlotFailure::BadBundle`] when verification failed, [`SlotFailure::Local`] when the
+/// partition could not be opened or read or `program` not created or written.
 pub fn stage(
     dev: &Path,
     trust: &Trust<'_>,
     floor: Version,
     program: &Path,
-) -> Result<Header, String> {
-    let input = File::open(dev).map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+) -> Result<Header, SlotFailure> {
+    let local = SlotFailure::Local;
+    let input =
+        File::open(dev).map_err(|e| local(format!("cannot open {}: {e}", dev.display())))?;
     match fs::remove_file(program) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot remove old {}: {e}", program.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(local(format!(
+                "cannot remove old {}: {e}",
+                program.display()
+            )));
+        }
     }
     let out = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o500)
         .open(program)
-        .map_err(|e| format!("cannot create {}: {e}", program.display()))?;
+        .map_err(|e| local(format!("cannot create {}: {e}", program.display())))?;
     let mut r = BufReader::with_capacity(64 << 10, input);
-    let mut w = BufWriter::with_capacity(64 << 10, out);
+    let mut w = Tracked {
+        inner: BufWriter::with_capacity(64 << 10, out),
+        failed: false,
+    };
     let result = bundle::verify_stream(
         &mut r,
         trust.keys,
@@ -312,11 +477,14 @@ pub fn stage(
         trust.max_payload,
         &mut w,
     )
-    .map_err(|e| e.to_string())
     .and_then(|h| {
-        w.flush()
-            .map_err(|e| format!("cannot write {}: {e}", program.display()))?;
+        w.flush()?;
         Ok(h)
+    })
+    .map_err(|e| match e {
+        BundleError::Io(e) if w.failed => local(format!("cannot write {}: {e}", program.display())),
+        BundleError::Io(e) => local(format!("cannot read {}: {e}", dev.display())),
+        e => SlotFailure::BadBundle(e.to_string()),
     });
     drop(w);
     if result.is_err() {
@@ -341,6 +509,13 @@ mod tests {
 
     fn v(s: &str) -> Version {
         s.parse().unwrap()
+    }
+
+    /// The state the loader keeps through one boot.
+    struct OneBoot {
+        dev: File,
+        ctl: BootControl,
+        skipped: Skipped,
     }
 
     /// A temporary directory with a bootctl "partition", two slot "partitions", a run dir and
@@ -445,26 +620,67 @@ mod tests {
         }
 
         fn run_with(&mut self, dev: &mut File, slots: [Option<&str>; 2]) -> Option<Staged> {
+            let ctl = load_boot_control(dev, &mut |l| self.lines.push(l));
+            let mut boot = OneBoot {
+                dev: dev.try_clone().unwrap(),
+                ctl,
+                skipped: Skipped::default(),
+            };
+            self.stage_in(&mut boot, slots)
+        }
+
+        /// A new boot: boot control loaded, nothing skipped yet.
+        fn begin(&mut self) -> OneBoot {
+            let mut dev = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.path("bootctl"))
+                .unwrap();
+            let ctl = load_boot_control(&mut dev, &mut |l| self.lines.push(l));
+            OneBoot {
+                dev,
+                ctl,
+                skipped: Skipped::default(),
+            }
+        }
+
+        /// One round of `boot` (the loader's loop) within the boot `b`.
+        fn stage_in(&mut self, b: &mut OneBoot, slots: [Option<&str>; 2]) -> Option<Staged> {
             let a = slots[0].map(|n| self.path(n));
-            let b = slots[1].map(|n| self.path(n));
+            let bb = slots[1].map(|n| self.path(n));
             let trust = Trust {
                 keys: &self.keys,
                 board: BOARD,
                 max_payload: bundle::MAX_PAYLOAD,
             };
-            let mut ctl = load_boot_control(dev, &mut |l| self.lines.push(l));
             let run = self.dir.join("run");
             let mut lines = Vec::new();
             let r = choose_and_stage(
-                dev,
-                &mut ctl,
-                [a.as_deref(), b.as_deref()],
+                &mut b.dev,
+                &mut b.ctl,
+                &mut b.skipped,
+                [a.as_deref(), bb.as_deref()],
                 &trust,
                 &run,
                 &mut |l| lines.push(l),
             );
             self.lines.extend(lines);
             r
+        }
+
+        /// The staged program of boot `b` failed (as its `exec` would).
+        fn fail_in(&mut self, b: &mut OneBoot, staged: &Staged, failure: &SlotFailure) {
+            let mut lines = Vec::new();
+            fail(
+                &mut b.dev,
+                &mut b.ctl,
+                &mut b.skipped,
+                staged.slot,
+                staged.trial,
+                failure,
+                &mut |l| lines.push(l),
+            );
+            self.lines.extend(lines);
         }
 
         fn log(&self) -> String {
@@ -673,9 +889,16 @@ mod tests {
         let mut ro = File::open(rig.path("bootctl")).unwrap();
         assert!(rig.run_with(&mut ro, [Some("slot_a"), None]).is_none());
         assert!(
-            rig.log().contains("cannot record the boot try"),
+            rig.log()
+                .contains("slot a SKIPPED on this boot: cannot record the boot try"),
             "{}",
             rig.log()
+        );
+        // Skipped, not refused: A keeps its tries and stays bootable.
+        let a = rig.read_ctl().slot(Slot::A).clone();
+        assert_eq!(
+            (a.priority, a.tries),
+            (1, sealgate_image::bootctl::DEFAULT_TRIES)
         );
 
         // A known-good slot still boots from a read-only boot control.
@@ -686,6 +909,163 @@ mod tests {
         assert_eq!(
             rig.run_with(&mut ro, [Some("slot_a"), None]).unwrap().slot,
             Slot::A
+        );
+    }
+
+    /// Slot A known good (1.0.0), slot B freshly installed (1.1.0, on trial, preferred).
+    fn good_a_trial_b(rig: &Rig) -> BootControl {
+        rig.write_slot("slot_a", v("1.0.0"), BOARD, None);
+        rig.write_slot("slot_b", v("1.1.0"), BOARD, None);
+        let mut ctl = BootControl::new_image(v("1.0.0"));
+        ctl.mark_successful(Slot::A);
+        ctl.install_begin(Slot::B);
+        ctl.install_commit(Slot::B, v("1.1.0"));
+        rig.write_ctl(&mut ctl);
+        ctl
+    }
+
+    #[test]
+    fn a_local_staging_failure_skips_the_slot_on_this_boot_and_keeps_its_tries() {
+        let mut rig = Rig::new("local");
+        let before = good_a_trial_b(&rig);
+        // /run/sealgate-b cannot be replaced (a non-empty directory stands in its way).
+        fs::create_dir_all(rig.path("run/sealgate-b/x")).unwrap();
+        let staged = rig.run([Some("slot_a"), Some("slot_b")]).unwrap();
+        assert_eq!((staged.slot, staged.trial), (Slot::A, false));
+        assert!(
+            rig.log()
+                .contains("slot b SKIPPED on this boot: cannot remove old"),
+            "{}",
+            rig.log()
+        );
+        assert!(!rig.log().contains("REFUSED"), "{}", rig.log());
+        // Boot control is unchanged for B: still bootable, its try given back.
+        let after = rig.read_ctl();
+        assert_eq!(after.slot(Slot::B), before.slot(Slot::B));
+        assert!(after.bootable(Slot::B));
+
+        // The next boot, with /run usable again, boots B on trial.
+        fs::remove_dir_all(rig.path("run/sealgate-b")).unwrap();
+        let staged = rig.run([Some("slot_a"), Some("slot_b")]).unwrap();
+        assert_eq!((staged.slot, staged.trial), (Slot::B, true));
+        assert_eq!(
+            rig.read_ctl().slot(Slot::B).tries,
+            sealgate_image::bootctl::DEFAULT_TRIES - 1
+        );
+    }
+
+    #[test]
+    fn with_every_slot_skipped_nothing_boots_and_boot_control_is_kept() {
+        let mut rig = Rig::new("allskipped");
+        rig.write_slot("slot_a", v("1.0.0"), BOARD, None);
+        let mut before = BootControl::new_image(v("1.0.0"));
+        rig.write_ctl(&mut before);
+        fs::remove_dir_all(rig.path("run")).unwrap();
+        fs::write(rig.path("run"), b"not a directory").unwrap();
+        assert!(rig.run([Some("slot_a"), None]).is_none());
+        let log = rig.log();
+        assert!(log.contains("slot a SKIPPED on this boot: cannot"), "{log}");
+        assert!(log.contains("NO BOOTABLE SLOT"), "{log}");
+        assert!(log.contains("(SKIPPED on this boot)"), "{log}");
+        assert_eq!(rig.read_ctl().slot(Slot::A), before.slot(Slot::A));
+    }
+
+    #[test]
+    fn an_exec_failure_skips_when_local_and_refuses_when_the_payload_is_bad() {
+        let mut rig = Rig::new("exec");
+        let before = good_a_trial_b(&rig);
+        // A local exec failure of B: the loop falls back to A in the same boot, B untouched.
+        let mut boot = rig.begin();
+        let staged = rig
+            .stage_in(&mut boot, [Some("slot_a"), Some("slot_b")])
+            .unwrap();
+        assert_eq!((staged.slot, staged.trial), (Slot::B, true));
+        let enomem = io::Error::from_raw_os_error(rustix::io::Errno::NOMEM.raw_os_error());
+        let failure = exec_failure(&staged.program, &enomem);
+        assert!(matches!(failure, SlotFailure::Local(_)), "{failure:?}");
+        rig.fail_in(&mut boot, &staged, &failure);
+        assert!(boot.skipped.contains(Slot::B));
+        let next = rig
+            .stage_in(&mut boot, [Some("slot_a"), Some("slot_b")])
+            .unwrap();
+        assert_eq!((next.slot, next.trial), (Slot::A, false));
+        assert_eq!(rig.read_ctl().slot(Slot::B), before.slot(Slot::B));
+        // Once A failed locally too, nothing is left on this boot.
+        rig.fail_in(&mut boot, &next, &failure);
+        assert!(
+            rig.stage_in(&mut boot, [Some("slot_a"), Some("slot_b")])
+                .is_none()
+        );
+        assert_eq!(rig.read_ctl().slot(Slot::A), before.slot(Slot::A));
+
+        // A payload the kernel cannot execute: B is refused, with the reason.
+        let mut boot = rig.begin();
+        let staged = rig
+            .stage_in(&mut boot, [Some("slot_a"), Some("slot_b")])
+            .unwrap();
+        assert_eq!(staged.slot, Slot::B);
+        let enoexec = io::Error::from_raw_os_error(rustix::io::Errno::NOEXEC.raw_os_error());
+        let failure = exec_failure(&staged.program, &enoexec);
+        assert!(matches!(failure, SlotFailure::BadBundle(_)), "{failure:?}");
+        rig.fail_in(&mut boot, &staged, &failure);
+        let b = rig.read_ctl().slot(Slot::B).clone();
+        assert_eq!((b.priority, b.tries, b.successful), (0, 0, false));
+        assert!(b.note.contains("cannot execute"), "{}", b.note);
+        assert!(rig.log().contains("slot b REFUSED"), "{}", rig.log());
+    }
+
+    #[test]
+    fn exec_errors_are_classified() {
+        use rustix::io::Errno;
+        let dir = Rig::new("execclass");
+        let program = dir.path("prog");
+        let err = |e: Errno| io::Error::from_raw_os_error(e.raw_os_error());
+        // A missing file is local; ENOENT for a file that exists is a missing interpreter.
+        assert!(matches!(
+            exec_failure(&program, &err(Errno::NOENT)),
+            SlotFailure::Local(_)
+        ));
+        fs::write(&program, b"#!/nonexistent\n").unwrap();
+        assert!(matches!(
+            exec_failure(&program, &err(Errno::NOENT)),
+            SlotFailure::BadBundle(_)
+        ));
+        for e in [Errno::NOEXEC, Errno::INVAL, Errno::LIBBAD] {
+            assert!(matches!(
+                exec_failure(&program, &err(e)),
+                SlotFailure::BadBundle(_)
+            ));
+        }
+        for e in [Errno::NOMEM, Errno::ACCESS, Errno::TXTBSY, Errno::IO] {
+            assert!(matches!(
+                exec_failure(&program, &err(e)),
+                SlotFailure::Local(_)
+            ));
+        }
+        let f = exec_failure(&program, &err(Errno::NOMEM));
+        assert!(f.to_string().starts_with("cannot execute"), "{f}");
+    }
+
+    #[test]
+    fn a_skipped_slot_is_never_chosen_and_keeps_its_tries() {
+        let mut ctl = BootControl::new_image(v("1.0.0"));
+        ctl.install_commit(Slot::B, v("1.1.0"));
+        let mut skipped = Skipped::default();
+        skipped.insert(Slot::B);
+        let b_before = ctl.slot(Slot::B).clone();
+        assert_eq!(
+            choose_excluding(&mut ctl, &skipped),
+            Choice::Boot {
+                slot: Slot::A,
+                trial: true
+            }
+        );
+        assert_eq!(ctl.slot(Slot::B), &b_before);
+        skipped.insert(Slot::A);
+        assert_eq!(choose_excluding(&mut ctl, &skipped), Choice::NoBootableSlot);
+        assert_eq!(
+            ctl.slot(Slot::A).tries,
+            sealgate_image::bootctl::DEFAULT_TRIES - 1
         );
     }
 

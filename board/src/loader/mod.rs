@@ -2,9 +2,10 @@
 //! filesystems, loads the shipped modules, brings the network up, finds the partitions,
 //! chooses a slot from boot control, verifies its signed bundle into `/run`, arms the watchdog
 //! and `exec`s the gateway. One console line per step, prefixed `sealgate-loader: `; every
-//! failure says why. It never panics (a panic of PID 1 is a kernel panic): a refused slot falls
-//! back to the other one, and with none left it halts, printing why, with the watchdog unarmed
-//! so the console stays readable.
+//! failure says why. It never panics (a panic of PID 1 is a kernel panic): a slot that fails
+//! falls back to the other one — refused in boot control when its bundle is bad, only
+//! `SKIPPED on this boot` when the failure was local (see [`boot::SlotFailure`]) — and with
+//! none left it halts, printing why, with the watchdog unarmed so the console stays readable.
 
 pub mod boot;
 pub mod modules;
@@ -198,10 +199,13 @@ fn boot(cmdline: &str, parts: &std::collections::BTreeMap<String, PathBuf>) -> !
         parts.get("slot_b").map(PathBuf::as_path),
     ];
     let mut watchdog: Option<Watchdog> = None;
+    // Slots that failed locally on this boot: never chosen again before the next one.
+    let mut skipped = boot::Skipped::default();
     loop {
         let Some(staged) = boot::choose_and_stage(
             &mut ctl_dev,
             &mut ctl,
+            &mut skipped,
             slot_devs,
             &trust,
             Path::new(RUN_DIR),
@@ -212,10 +216,16 @@ fn boot(cmdline: &str, parts: &std::collections::BTreeMap<String, PathBuf>) -> !
         if watchdog.is_none() {
             watchdog = arm_watchdog(cmdline);
         }
-        let reason = exec_staged(&staged, watchdog.as_ref());
-        boot::refuse(&mut ctl_dev, &mut ctl, staged.slot, &reason, &mut |l| {
-            say(&l)
-        });
+        let failure = exec_staged(&staged, watchdog.as_ref());
+        boot::fail(
+            &mut ctl_dev,
+            &mut ctl,
+            &mut skipped,
+            staged.slot,
+            staged.trial,
+            &failure,
+            &mut |l| say(&l),
+        );
     }
 }
 
@@ -285,8 +295,8 @@ fn give_up(watchdog: Option<Watchdog>) -> ! {
 }
 
 /// Executes the staged program, handing it the watchdog (if armed, petted first); returns
-/// only when the exec fails, with the reason.
-fn exec_staged(staged: &boot::Staged, watchdog: Option<&Watchdog>) -> String {
+/// only when the exec fails, with what that means for the slot ([`boot::exec_failure`]).
+fn exec_staged(staged: &boot::Staged, watchdog: Option<&Watchdog>) -> boot::SlotFailure {
     let mut cmd = Command::new(&staged.program);
     cmd.args(staged.args());
     if let Some(w) = watchdog {
@@ -305,7 +315,7 @@ fn exec_staged(staged: &boot::Staged, watchdog: Option<&Watchdog>) -> String {
         staged.args().join(" ")
     ));
     let err = cmd.exec();
-    format!("cannot execute {}: {err}", staged.program.display())
+    boot::exec_failure(&staged.program, &err)
 }
 
 fn arm_watchdog(cmdline: &str) -> Option<Watchdog> {

@@ -110,6 +110,9 @@ pub struct QueueConfig {
     pub min_free_bytes: u64,
     /// Concurrent delivery attempts.
     pub max_deliveries: usize,
+    /// Connections open at once to one next-hop address, busy or parked for reuse
+    /// (Postfix's `default_destination_concurrency_limit`).
+    pub max_connections_per_hop: usize,
     pub connect_timeout: Duration,
     /// Source address of outbound SMTP connections (Postfix's `smtp_bind_address`); `None`
     /// lets the kernel choose.

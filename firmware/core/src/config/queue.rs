@@ -47,6 +47,15 @@ pub(super) fn check(q: &RawQueue) -> Result<QueueConfig, ConfigError> {
             n @ 1..=4096 => n,
             _ => return Err(invalid("queue.max_deliveries", "must be 1 to 4096")),
         },
+        max_connections_per_hop: match q.max_connections_per_hop.unwrap_or(20) {
+            n @ 1..=1000 => n,
+            _ => {
+                return Err(invalid(
+                    "queue.max_connections_per_hop",
+                    "must be 1 to 1000",
+                ));
+            }
+        },
         connect_timeout: duration_in(
             "queue.connect_timeout",
             q.connect_timeout.as_deref(),

@@ -56,6 +56,7 @@ pub(super) struct RawQueue {
     pub(super) retry_schedule: Option<Vec<String>>,
     pub(super) min_free_bytes: Option<u64>,
     pub(super) max_deliveries: Option<usize>,
+    pub(super) max_connections_per_hop: Option<usize>,
     pub(super) connect_timeout: Option<String>,
     pub(super) bind_address: Option<String>,
 }

@@ -461,6 +461,14 @@ const AFTER_HEAD: &[(&str, &str)] = &[
         "config key queue.max_deliveries: must be 1 to 4096",
     ),
     (
+        "[queue]\nmax_connections_per_hop = 0",
+        "config key queue.max_connections_per_hop: must be 1 to 1000",
+    ),
+    (
+        "[queue]\nmax_connections_per_hop = 1001",
+        "config key queue.max_connections_per_hop: must be 1 to 1000",
+    ),
+    (
         "[queue]\nconnect_timeout = \"0s\"",
         "config key queue.connect_timeout: must be between 1s and 1d",
     ),
@@ -1112,7 +1120,7 @@ fn syntax_errors_stay_syntax_errors() {
 #[test]
 fn defaults() {
     let c = Config::from_toml(HEAD, "t").unwrap();
-    let cases: [(&str, String, &str); 23] = [
+    let cases: [(&str, String, &str); 24] = [
         ("hostname", format!("{:?}", c.hostname), "\"localhost\""),
         (
             "max_message_bytes",
@@ -1160,6 +1168,11 @@ fn defaults() {
             "max_deliveries",
             format!("{:?}", c.queue.max_deliveries),
             "64",
+        ),
+        (
+            "max_connections_per_hop",
+            format!("{:?}", c.queue.max_connections_per_hop),
+            "20",
         ),
         (
             "connect_timeout",
@@ -1232,6 +1245,7 @@ fn every_key_set() {
         retry_schedule = ["10", "1", "5m", "1h", "1d", "007s"]
         min_free_bytes = 0
         max_deliveries = 4096
+        max_connections_per_hop = 1000
         connect_timeout = "5 m"
         bind_address = "::1"
         [tls]
@@ -1340,6 +1354,11 @@ fn every_key_set() {
             "max_deliveries",
             format!("{:?}", c.queue.max_deliveries),
             "4096",
+        ),
+        (
+            "max_connections_per_hop",
+            format!("{:?}", c.queue.max_connections_per_hop),
+            "1000",
         ),
         (
             "connect_timeout",

@@ -5,7 +5,8 @@
 //!
 //! Health check (F-IMAGE): the config is valid (the daemon started on it), every listener
 //! accepts a TCP connection and the SMTP ones answer `220`, and the spool directory takes a
-//! write + fsync. Only then is the slot marked successful. A failed check logs why and reboots,
+//! write + fsync. Only then is the slot marked successful (a failed boot-control write is
+//! retried 5 times over 15 s; then health is `unmarked`). A failed check logs why and reboots,
 //! which costs the slot one of its tries; after the last one the loader falls back.
 
 pub mod update;
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sealgate_board::appliance::{self as board, Watchdog};
-use sealgate_image::bootctl::Slot;
+use sealgate_image::bootctl::{BootControl, Slot};
 use sealgate_image::version::Version;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
@@ -34,6 +35,17 @@ pub const LABELS: [&str; 5] = ["bootctl", "slot_a", "slot_b", "sealed", "data"];
 
 /// How long the health check waits for a listener.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pauses between the tries of marking the slot successful after a passed health check
+/// (5 tries in all).
+const MARK_BACKOFF: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
+/// The health state after a passed health check whose slot could not be marked successful
+/// (boot control not writable): the box serves, but the slot is still on trial.
+pub const HEALTH_UNMARKED: &str = "unmarked";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplianceError {
@@ -61,7 +73,9 @@ pub enum Fault {
     Hang,
 }
 
-/// The health state as the status API shows it.
+/// The health state as the status API shows it: `starting`, `good` (the slot was marked
+/// successful), `failed` (the health check failed) or [`HEALTH_UNMARKED`] (it passed, but boot
+/// control could not be written to mark the slot successful).
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Health {
     pub state: &'static str,
@@ -241,27 +255,20 @@ impl Appliance {
             match checked {
                 Ok(()) => {
                     let me2 = me.clone();
-                    let marked = tokio::task::spawn_blocking(move || {
-                        me2.boot.modify(|bc| bc.mark_successful(me2.slot))
+                    let health = tokio::task::spawn_blocking(move || {
+                        let slot = me2.slot;
+                        let write = || me2.boot.modify(|bc| bc.mark_successful(slot));
+                        mark_successful(slot, write, std::thread::sleep)
                     })
-                    .await;
-                    match marked {
-                        Ok(Ok(bc)) => {
-                            me.set_health("good", None);
-                            println!(
-                                "sealgate: health check passed; slot {} marked successful, rollback floor {}",
-                                me.slot.letter(),
-                                bc.floor
-                            );
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "marking the slot successful did not finish");
+                        Health {
+                            state: HEALTH_UNMARKED,
+                            detail: Some(format!("marking the slot successful: {e}")),
                         }
-                        Ok(Err(e)) => {
-                            me.set_health("unmarked", Some(e.to_string()));
-                            println!(
-                                "sealgate: health check passed but boot control not updated: {e}"
-                            );
-                        }
-                        Err(e) => me.set_health("unmarked", Some(e.to_string())),
-                    }
+                    });
+                    me.set_health(health.state, health.detail);
                 }
                 Err(why) if me.trial => {
                     me.set_health("failed", Some(why.clone()));
@@ -344,6 +351,58 @@ impl Appliance {
     }
 }
 
+/// Marks `slot` successful through `write` (boot control loaded, changed, stored and
+/// fsync'ed), retrying a failed write after each pause of [`MARK_BACKOFF`] (waited with
+/// `sleep`): 5 tries over 15 s. Returns the health to report: `good`, or [`HEALTH_UNMARKED`]
+/// with the last error when every try failed — logged as an error; the slot then stays on
+/// trial in boot control, so its next boot uses one of its tries. Never panics.
+fn mark_successful<E: std::fmt::Display>(
+    slot: Slot,
+    mut write: impl FnMut() -> Result<BootControl, E>,
+    mut sleep: impl FnMut(Duration),
+) -> Health {
+    let tries = MARK_BACKOFF.len() + 1;
+    let mut pauses = MARK_BACKOFF.iter();
+    let mut attempt = 1;
+    loop {
+        let e = match write() {
+            Ok(bc) => {
+                println!(
+                    "sealgate: health check passed; slot {} marked successful, rollback floor {}",
+                    slot.letter(),
+                    bc.floor
+                );
+                return Health {
+                    state: "good",
+                    detail: None,
+                };
+            }
+            Err(e) => e,
+        };
+        let Some(&pause) = pauses.next() else {
+            println!(
+                "sealgate: ERROR: health check passed but slot {} NOT marked successful: boot \
+                 control not written after {tries} tries: {e}; health {HEALTH_UNMARKED}",
+                slot.letter()
+            );
+            tracing::error!(slot = %slot.letter(), tries, error = %e,
+                "slot not marked successful: boot control cannot be written");
+            return Health {
+                state: HEALTH_UNMARKED,
+                detail: Some(format!("boot control not written after {tries} tries: {e}")),
+            };
+        };
+        println!(
+            "sealgate: cannot mark slot {} successful in boot control (try {attempt} of \
+             {tries}): {e}; retrying in {} s",
+            slot.letter(),
+            pause.as_secs()
+        );
+        sleep(pause);
+        attempt += 1;
+    }
+}
+
 /// Syncs and reboots (blocking). As PID 1 this never returns.
 pub fn reboot_now() {
     board::sync_and_reboot();
@@ -396,4 +455,56 @@ fn fault_from_cmdline() -> Option<Fault> {
 #[cfg(not(feature = "test-faults"))]
 fn fault_from_cmdline() -> Option<Fault> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A boot-control writer that fails `fails` times, then stores; counts its calls.
+    fn flaky(fails: usize, calls: &mut usize) -> impl FnMut() -> Result<BootControl, String> + '_ {
+        move || {
+            *calls += 1;
+            if *calls <= fails {
+                Err(format!("write error {calls}"))
+            } else {
+                let mut bc = BootControl::new_image(Version::new(1, 2, 3));
+                bc.mark_successful(Slot::A);
+                Ok(bc)
+            }
+        }
+    }
+
+    #[test]
+    fn marking_the_slot_is_retried_with_backoff_then_reported_unmarked() {
+        let secs = |v: &[Duration]| v.iter().map(Duration::as_secs).collect::<Vec<_>>();
+        // Succeeds at once: no pause.
+        let (mut calls, mut slept) = (0, Vec::new());
+        let h = mark_successful(Slot::A, flaky(0, &mut calls), |d| slept.push(d));
+        assert_eq!((h.state, h.detail), ("good", None));
+        assert_eq!((calls, slept.len()), (1, 0));
+
+        // Fails 3 times, then succeeds on the 4th try after 1, 2 and 4 s.
+        let (mut calls, mut slept) = (0, Vec::new());
+        let h = mark_successful(Slot::A, flaky(3, &mut calls), |d| slept.push(d));
+        assert_eq!(h.state, "good");
+        assert_eq!(calls, 4);
+        assert_eq!(secs(&slept), [1, 2, 4]);
+
+        // Succeeds on the 5th and last try.
+        let (mut calls, mut slept) = (0, Vec::new());
+        let h = mark_successful(Slot::B, flaky(4, &mut calls), |d| slept.push(d));
+        assert_eq!((h.state, calls), ("good", 5));
+        assert_eq!(secs(&slept), [1, 2, 4, 8]);
+
+        // Never succeeds: 5 tries, 1 + 2 + 4 + 8 s, then unmarked with the last error.
+        let (mut calls, mut slept) = (0, Vec::new());
+        let h = mark_successful(Slot::B, flaky(usize::MAX, &mut calls), |d| slept.push(d));
+        assert_eq!(h.state, HEALTH_UNMARKED);
+        assert_eq!(calls, 5);
+        assert_eq!(secs(&slept), [1, 2, 4, 8]);
+        let detail = h.detail.unwrap_or_default();
+        assert!(detail.contains("write error 5"), "{detail}");
+        assert!(detail.contains("5 tries"), "{detail}");
+    }
 }

@@ -7,6 +7,7 @@
 //! recipient is delivered or failed for good (and its DSN, if any, is itself queued).
 
 pub mod dns;
+mod hops;
 pub mod maildir;
 
 use std::collections::{BTreeSet, HashMap};
@@ -34,6 +35,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::conn::Conn;
 use crate::delivery::dns::Dns;
+use crate::delivery::hops::{HopSlot, HopSlots};
 use crate::delivery::maildir::Maildirs;
 use crate::live::{Live, Snapshot};
 use crate::peers::PeerStore;
@@ -44,9 +46,13 @@ use sealgate_core::config::{Config, Destination, Route};
 use sealgate_core::delivery::{self as decide, Group, Outcome, Source, Status};
 use sealgate_core::x509::subject_of;
 
-/// Idle connections kept per next hop, and for how long.
-const POOL_PER_HOP: usize = 8;
+/// How long an idle parked connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(20);
+/// Longest a delivery waits for a connection to its next hop when all
+/// `queue.max_connections_per_hop` are busy; then it is deferred.
+const HOP_WAIT: Duration = Duration::from_secs(120);
+/// Parked connections that fail on reuse before a delivery stops trying the pool.
+const REUSE_TRIES: usize = 3;
 /// Longest a write to a next hop may block (it stopped reading): then the session fails.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Header bytes of the original returned in a DSN.
@@ -121,6 +127,8 @@ pub struct Queue {
     wake: Notify,
     dns: Option<Dns>,
     pool: Mutex<HashMap<PoolKey, Vec<(Instant, ClientConn)>>>,
+    /// Connections open per next-hop address (busy or parked).
+    hops: Arc<HopSlots>,
     peers: Arc<PeerStore>,
     slots: Arc<Semaphore>,
     /// Relative Maildir paths are taken from here.
@@ -157,6 +165,7 @@ impl Queue {
             wake: Notify::new(),
             dns,
             pool: Mutex::new(HashMap::new()),
+            hops: Arc::new(HopSlots::default()),
             peers,
             state_dir,
             maildirs: Maildirs::default(),
@@ -429,7 +438,17 @@ impl Queue {
                 tracing::error!(queue_id = %msg.id, error = %e, "cannot queue DSN; keeping message");
                 return self.put_back(msg, now.saturating_add(60)).await;
             }
-            if let Err(e) = self.spool.remove(&msg.id).await {
+            // Delivered everywhere: a removal lost in a power cut only means one more delivery.
+            let delivered = msg
+                .recipients
+                .iter()
+                .all(|r| matches!(r.status, RcptStatus::Delivered(_)));
+            let removed = if delivered {
+                self.spool.remove_delivered(&msg.id).await
+            } else {
+                self.spool.remove(&msg.id).await
+            };
+            if let Err(e) = removed {
                 tracing::error!(queue_id = %msg.id, error = %e, "cannot remove finished message");
             }
             if let Ok(mut st) = self.state.lock() {
@@ -606,16 +625,85 @@ impl Queue {
             }
         };
         let tag = PoolKey::new(addr, route, &attempt);
-        if let Some(conn) = self.pooled(&tag).await {
-            // A parked connection may have been closed by the server meanwhile; `Err` means
-            // nothing was sent, so a fresh connection is safe.
-            match self.transact(conn, msg, host, &tag, idx).await {
-                Ok(v) => return Ok(v),
-                Err(e) => tracing::debug!(peer = %addr, error = %e, "reused connection failed"),
+        let limit = snap.config.queue.max_connections_per_hop;
+        let mut reuse_failures = 0;
+        loop {
+            match self
+                .connection_for(&tag, limit, reuse_failures < REUSE_TRIES)
+                .await?
+            {
+                Next::Reuse(conn) => match self.transact(*conn, msg, host, &tag, idx).await {
+                    Ok(v) => return Ok(v),
+                    // A parked connection may have been closed by the server meanwhile; `Err`
+                    // means nothing was sent, so another connection is safe.
+                    Err(e) => {
+                        reuse_failures += 1;
+                        tracing::debug!(peer = %addr, error = %e, "reused connection failed");
+                    }
+                },
+                Next::Open(slot) => {
+                    let mut conn = self.connect(&snap, route, attempt, host, addr).await?;
+                    conn.hop = Some(slot);
+                    return self.transact(conn, msg, host, &tag, idx).await;
+                }
             }
         }
-        let conn = self.connect(&snap, route, attempt, host, addr).await?;
-        self.transact(conn, msg, host, &tag, idx).await
+    }
+
+    /// A parked connection for `tag`, or a slot to open a new one to its address; when all
+    /// `limit` slots are taken, waits (at most [`HOP_WAIT`]) for one to be parked or freed.
+    /// A connection parked under another key for the same address is closed to make room.
+    async fn connection_for(
+        &self,
+        tag: &PoolKey,
+        limit: usize,
+        reuse: bool,
+    ) -> Result<Next, Status> {
+        let deadline = tokio::time::Instant::now() + HOP_WAIT;
+        loop {
+            let freed = self.hops.freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if reuse && let Some(conn) = self.pooled(tag).await {
+                return Ok(Next::Reuse(Box::new(conn)));
+            }
+            if let Some(slot) = self.hops.try_take(tag.addr, limit) {
+                return Ok(Next::Open(slot));
+            }
+            self.evict_other(tag);
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(Status::transient(
+                    Source::Local,
+                    4,
+                    5,
+                    format!(
+                        "{}: all {limit} connections (queue.max_connections_per_hop) stayed busy for {} s",
+                        tag.addr,
+                        HOP_WAIT.as_secs()
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// Closes one connection parked for `tag`'s address under another key (other TLS
+    /// demands), so that its slot comes free for `tag`.
+    fn evict_other(&self, tag: &PoolKey) {
+        let victim = self.pool.lock().ok().and_then(|mut pool| {
+            let key = pool
+                .iter()
+                .find(|(k, v)| k.addr == tag.addr && *k != tag && !v.is_empty())
+                .map(|(k, _)| k.clone())?;
+            let conns = pool.get_mut(&key)?;
+            let (_, conn) = conns.remove(0);
+            if conns.is_empty() {
+                pool.remove(&key);
+            }
+            Some(conn)
+        });
+        if let Some(conn) = victim {
+            tokio::spawn(conn.quit());
+        }
     }
 
     /// Runs one transaction on a ready connection and parks it afterwards.
@@ -648,6 +736,7 @@ impl Queue {
             let o = refused_transaction(&e);
             return Ok(idx.iter().map(|&i| (i, o.clone())).collect());
         }
+        conn.uses = conn.uses.saturating_add(1);
         let mut sent = false;
         loop {
             let failure: Status = match conn.next_event().await {
@@ -733,15 +822,15 @@ impl Queue {
         }
     }
 
-    /// Parks a connection that is ready for the next transaction (at most [`POOL_PER_HOP`] per
-    /// key; more are dropped).
+    /// Parks a connection that is ready for the next transaction and wakes the deliveries
+    /// waiting for one. (Their number is bounded by its slot: `queue.max_connections_per_hop`.)
     fn park(&self, key: &PoolKey, conn: ClientConn) {
         if let Ok(mut p) = self.pool.lock() {
-            let v = p.entry(key.clone()).or_default();
-            if v.len() < POOL_PER_HOP {
-                v.push((Instant::now(), conn));
-            }
+            p.entry(key.clone())
+                .or_default()
+                .push((Instant::now(), conn));
         }
+        self.hops.wake();
     }
 
     /// Opens a session to `addr` as the policy engine says, and consults it at each step: after
@@ -966,6 +1055,8 @@ impl Queue {
             buf: vec![0; 8192],
             tls: None,
             level: attempt.level(),
+            hop: None,
+            uses: 0,
         })
     }
 
@@ -1106,6 +1197,7 @@ fn log_attempt(
         peer_cert = %tls.map_or("-", |t| t.fingerprint.as_str()),
         subject = ?tls.map_or("-", |t| t.subject.as_str()),
         resumed = tls.is_some_and(|t| t.resumed),
+        conn_use = conn.uses,
         rcpts = outcomes.len(),
         accepted = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Delivered(_))).count(),
         result = %result,
@@ -1135,6 +1227,18 @@ struct ClientConn {
     tls: Option<TlsInfo>,
     /// The effective TLS level it was opened under.
     level: Level,
+    /// Its place among its next hop's connections (`None` until it is ready for mail).
+    hop: Option<HopSlot>,
+    /// Transactions run on it so far (Postfix's `conn_use`).
+    uses: u32,
+}
+
+/// What [`Queue::connection_for`] found.
+enum Next {
+    /// A parked connection, still idle.
+    Reuse(Box<ClientConn>),
+    /// Room for a new connection.
+    Open(HopSlot),
 }
 
 /// The TLS session of a connection, for logs.

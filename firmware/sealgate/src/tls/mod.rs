@@ -195,6 +195,8 @@ impl ServerTls {
                 fallback,
             }));
             sc.ticketer = ticketer.clone();
+            // Our suite order (AES-128-GCM first, see `provider`), not the client's.
+            sc.ignore_client_order = true;
             sc.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
             Ok(Arc::new(sc))
         };
