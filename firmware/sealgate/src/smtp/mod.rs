@@ -209,10 +209,9 @@ impl Smtpd {
                 return;
             };
             let timeout = snap.config.tls.handshake_timeout;
-            match self
-                .handshake(&mut conn, tls, timeout, local.ip(), peer.ip())
-                .await
-            {
+            // Boxed (here and below): a rare step's large future is allocated while it runs
+            // instead of widening every idle session's task by its size.
+            match Box::pin(self.handshake(&mut conn, tls, timeout, local.ip(), peer.ip())).await {
                 Ok((info, cert)) => {
                     implicit = Some(info);
                     implicit_cert = cert;
@@ -242,7 +241,7 @@ impl Smtpd {
             client_cert: implicit_cert,
             ..Default::default()
         };
-        let result = self.run_session(&snap, &mut conn, info, &mut stats).await;
+        let result = Box::pin(self.run_session(&snap, &mut conn, info, &mut stats)).await;
         let _ = conn.shutdown().await;
         self.session_done(ip, local, &stats, &result);
     }
@@ -359,7 +358,7 @@ impl Smtpd {
             }
             if s.session.body_len() >= BODY_CHUNK
                 && let Some(sink) = s.sink.as_mut()
-                && let Err(e) = sink.append(s.session.take_body()).await
+                && let Err(e) = Box::pin(sink.append(s.session.take_body())).await
             {
                 tracing::error!(error = %e, "spool write failed");
                 return SessionEnd::SpoolWrite;
@@ -403,11 +402,11 @@ impl Smtpd {
         ev: Event,
     ) -> Option<SessionEnd> {
         match ev {
-            Event::StartTls => return self.start_tls(snap, conn, s, stats).await,
+            Event::StartTls => return Box::pin(self.start_tls(snap, conn, s, stats)).await,
             Event::MessageStart => {
                 s.session
                     .set_spool_free(self.spool_free.load(Ordering::Relaxed));
-                s.sink = Some(self.begin_message(snap, s).await);
+                s.sink = Some(Box::pin(self.begin_message(snap, s)).await);
             }
             Event::MessageComplete(envelope) => {
                 if s.session.is_closed() {
@@ -416,7 +415,7 @@ impl Smtpd {
                     s.sink = None;
                     return None;
                 }
-                let result = self.store_message(s, &envelope, stats).await;
+                let result = Box::pin(self.store_message(s, &envelope, stats)).await;
                 s.session.message_stored(result, Instant::now());
             }
             Event::Etrn(domain) => {
@@ -448,10 +447,7 @@ impl Smtpd {
             return Some(SessionEnd::NoCertificate);
         };
         let timeout = snap.config.tls.handshake_timeout;
-        match self
-            .handshake(conn, tls, timeout, s.local_ip, s.client_ip)
-            .await
-        {
+        match Box::pin(self.handshake(conn, tls, timeout, s.local_ip, s.client_ip)).await {
             Ok((t, cert)) => {
                 stats.tls = Some(t.clone());
                 stats.client_cert = cert;
