@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 #[derive(Debug)]
 pub enum Conn {
     Plain(TcpStream),
-    ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    ServerTls(Box<crate::tls::stream::ServerStream>),
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// Transient state while a STARTTLS handshake owns the socket.
     Upgrading,
@@ -26,6 +26,16 @@ impl Conn {
                 *self = other;
                 None
             }
+        }
+    }
+
+    /// Waits until a read would not block (data, end of input or an error), holding no
+    /// buffer meanwhile. Client-side TLS is always "readable": its reads wait themselves.
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => crate::tls::stream::peek(s).await,
+            Conn::ServerTls(s) => s.readable().await,
+            Conn::ClientTls(_) | Conn::Upgrading => Ok(()),
         }
     }
 

@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::tls::stream::ServerStream;
 use sealgate_proto::Envelope;
 use sealgate_proto::received::{ReceivedFields, received_header};
 use sealgate_proto::server::{ClientInfo, Event, ServerSession, StoreResult, TlsInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio_rustls::TlsAcceptor;
 
 use crate::conn::Conn;
 use crate::delivery::Queue;
@@ -298,12 +298,11 @@ impl Smtpd {
         client: IpAddr,
     ) -> Result<(TlsInfo, Option<String>), String> {
         let tcp = conn.take_plain().ok_or("already TLS")?;
-        let acceptor = TlsAcceptor::from(tls.for_local(local));
-        let hs = tokio::time::timeout(timeout, acceptor.accept(tcp))
+        let hs = tokio::time::timeout(timeout, ServerStream::accept(tcp, tls.for_local(local)))
             .await
             .map_err(|_| "handshake timeout".to_string())?
             .map_err(|e| e.to_string())?;
-        let (_, sc) = hs.get_ref();
+        let sc = hs.state();
         let client_cert = sc
             .peer_certificates()
             .and_then(|c| c.first())
@@ -323,7 +322,8 @@ impl Smtpd {
         let info = TlsInfo {
             version: version_name(sc.protocol_version()),
             cipher: suite_name(sc.negotiated_cipher_suite()),
-            sni: sc.server_name().map(str::to_string),
+            // The unbuffered connection does not expose it; nothing uses it.
+            sni: None,
             verified_client,
         };
         *conn = Conn::ServerTls(Box::new(hs));
@@ -374,14 +374,6 @@ impl Smtpd {
                 return SessionEnd::Stalled;
             }
             s.session.set_stress(self.stressed());
-            let want = if s.sink.is_some() {
-                READ_BUF
-            } else {
-                IDLE_READ_BUF
-            };
-            if buf.len() != want {
-                buf = vec![0; want];
-            }
             let mut wake = Wake {
                 shutdown: &mut shutdown,
                 stress: &mut stress,
@@ -545,7 +537,7 @@ struct Wake<'a> {
 async fn read_input(
     conn: &mut Conn,
     s: &mut SessionIo,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
     wake: &mut Wake<'_>,
 ) -> Option<SessionEnd> {
     // Far in the future when the machine sets no deadline.
@@ -554,8 +546,20 @@ async fn read_input(
         .deadline()
         .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(86_400));
     let idle = s.sink.is_none();
+    // Between commands the session waits for input with no buffer at all; inside DATA the
+    // larger buffer is kept from read to read.
+    let want = if idle { IDLE_READ_BUF } else { READ_BUF };
+    let read_some = async {
+        if idle {
+            conn.readable().await?;
+        }
+        if buf.len() != want {
+            *buf = vec![0; want];
+        }
+        conn.read(buf).await
+    };
     let read = tokio::select! {
-        r = tokio::time::timeout_at(deadline.into(), conn.read(buf)) => match r {
+        r = tokio::time::timeout_at(deadline.into(), read_some) => match r {
             Ok(r) => r,
             Err(_) => {
                 s.session.handle_timeout(Instant::now());
@@ -575,6 +579,9 @@ async fn read_input(
         Ok(0) => Some(SessionEnd::Disconnected),
         Ok(n) => {
             s.session.feed(buf.get(..n).unwrap_or(&[]), Instant::now());
+            if idle {
+                *buf = Vec::new();
+            }
             None
         }
         Err(e) => Some(SessionEnd::Read(e)),

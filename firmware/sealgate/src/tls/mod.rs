@@ -15,6 +15,7 @@
 //! network.
 
 pub mod client;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::fs;
