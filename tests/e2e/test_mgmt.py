@@ -389,18 +389,21 @@ def test_queue_release_delete_and_peer_reset(gateways):
 
 
 def test_strangers_holding_hundreds_of_connections_cannot_starve_the_admin(gateways, admins):
-    """400 idle strangers from 20 other addresses (half of them after a TLS handshake, half
-    without one) hold every connection they get: at most 8 per address, so the admins — with a
-    pinned certificate and with a token — are served on their first try."""
+    """400 idle strangers from 40 other addresses (half of them after a TLS handshake, half
+    without one) hold every connection they get: at most 8 per address, 320 in all, more than
+    the box's 256, so the oldest strangers' are closed to make room; the admins — with a pinned
+    certificate and with a token — are served on their first try."""
     token = "flood-admin-token"
     gw = start(gateways, admin_certificates=[cert_sha256(admins["pinned"][0])],
                admin_token_sha256=[hashlib.sha256(token.encode()).hexdigest()])
     host, port = gw.api.rsplit(":", 1)
     held = []
-    for k in range(400):
+    # 10 from one address first (2 over its bound), then 400 from 40 addresses.
+    sources = ["127.2.1.1"] * 10 + [f"127.2.0.{1 + k % 40}" for k in range(400)]
+    for k, src in enumerate(sources):
         tcp = socket.socket()
         tcp.settimeout(5)
-        tcp.bind((f"127.2.0.{1 + k % 20}", 0))
+        tcp.bind((src, 0))
         try:
             tcp.connect((host, int(port)))
             if k % 2:
@@ -411,6 +414,7 @@ def test_strangers_holding_hundreds_of_connections_cannot_starve_the_admin(gatew
         held.append(tcp)
     try:
         gw.wait_log(r"management API: too many connections from this address", timeout=10)
+        gw.wait_log(r"management API: all connections taken; the oldest stranger's closed", timeout=10)
         s = status(gw, cert=admins["pinned"])
         assert s["mgmt"]["pinned_certificates"] == 1
         tokfile = gw.state / "admin-token"

@@ -4,7 +4,7 @@
 //! connection time limits and the header bounds. The connection's peer address and
 //! client-certificate pin reach the router as a request extension ([`ConnInfo`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,14 +20,14 @@ use rustls::sign::CertifiedKey;
 use sealgate_core::config::Config;
 use sealgate_core::verifiers::{OfferClientAuth, provider};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
 use super::auth::{hex, sha256};
 use super::routes::{self, ConnInfo};
 use super::{
-    ADMIN_RESERVE, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES,
-    MAX_HEADERS, MAX_PER_ADDRESS, Mgmt, UPDATE_TIMEOUT,
+    HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, MAX_HEADERS,
+    MAX_PER_ADDRESS, Mgmt, UPDATE_TIMEOUT,
 };
 use crate::live::Live;
 
@@ -192,69 +192,87 @@ pub(super) async fn bind(mgmt: Arc<Mgmt>, addrs: Vec<SocketAddr>, tls: Tls) -> V
     bound
 }
 
-/// Who gets a connection slot: at most [`MAX_PER_ADDRESS`] per client address, and
-/// [`MAX_CONNECTIONS`] in all, of which [`ADMIN_RESERVE`] are kept for pinned admin
-/// certificates (a connection that gets a reserved slot must present one in its handshake).
-#[derive(Debug)]
+/// Who gets a connection slot: at most [`MAX_PER_ADDRESS`] per client address and
+/// [`MAX_CONNECTIONS`] in all. With all taken, the oldest connection not proven an admin's (no
+/// pinned admin certificate in its handshake) is closed to make room for the new one, so
+/// strangers holding every slot delay an admin by at most the time it takes
+/// [`MAX_CONNECTIONS`] newer connections to arrive, and never refuse one. Only when every open
+/// connection is an admin's is a new one refused.
+#[derive(Debug, Default)]
 struct Admission {
-    general: Arc<Semaphore>,
-    reserve: Arc<Semaphore>,
-    per_address: Mutex<HashMap<IpAddr, usize>>,
+    state: Mutex<Slots>,
 }
 
-impl Default for Admission {
-    fn default() -> Self {
-        Self {
-            general: Arc::new(Semaphore::new(MAX_CONNECTIONS - ADMIN_RESERVE)),
-            reserve: Arc::new(Semaphore::new(ADMIN_RESERVE)),
-            per_address: Mutex::new(HashMap::new()),
-        }
-    }
+#[derive(Debug, Default)]
+struct Slots {
+    per_address: HashMap<IpAddr, usize>,
+    /// Open connections by admission number, oldest first: whether an admin certificate was
+    /// seen, and the signal that closes it.
+    open: BTreeMap<u64, (bool, Arc<Notify>)>,
+    next: u64,
 }
 
 impl Admission {
-    /// A slot for a connection from `ip`, or why not.
+    /// A slot for a connection from `ip` (closing the oldest stranger's when all are taken),
+    /// or why not.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
-        let mut per = self.per_address.lock().map_err(|_| "internal error")?;
-        let n = per.entry(ip).or_insert(0);
-        if *n >= MAX_PER_ADDRESS {
+        let mut st = self.state.lock().map_err(|_| "internal error")?;
+        if st.per_address.get(&ip).copied().unwrap_or(0) >= MAX_PER_ADDRESS {
             return Err("too many connections from this address");
         }
-        let (permit, reserved) = match self.general.clone().try_acquire_owned() {
-            Ok(p) => (p, false),
-            Err(_) => match self.reserve.clone().try_acquire_owned() {
-                Ok(p) => (p, true),
-                Err(_) => return Err("too many connections"),
-            },
-        };
-        *n += 1;
+        if st.open.len() >= MAX_CONNECTIONS {
+            let victim = st
+                .open
+                .iter()
+                .find(|(_, (admin, _))| !admin)
+                .map(|(k, _)| *k);
+            match victim.and_then(|k| st.open.remove(&k)) {
+                Some((_, close)) => close.notify_one(),
+                None => return Err("too many connections"),
+            }
+        }
+        let id = st.next;
+        st.next += 1;
+        let close = Arc::new(Notify::new());
+        st.open.insert(id, (false, close.clone()));
+        *st.per_address.entry(ip).or_insert(0) += 1;
         Ok(Slot {
-            _permit: permit,
-            reserved,
+            id,
             ip,
+            close,
             admission: self.clone(),
         })
+    }
+
+    /// The connection presented a pinned admin certificate: it is never closed to make room.
+    fn mark_admin(&self, slot: &Slot) {
+        if let Ok(mut st) = self.state.lock()
+            && let Some(entry) = st.open.get_mut(&slot.id)
+        {
+            entry.0 = true;
+        }
     }
 }
 
 /// A connection's slot, given back when the connection ends.
 #[derive(Debug)]
 struct Slot {
-    _permit: OwnedSemaphorePermit,
-    /// From the admins' reserve: the connection must present a pinned admin certificate.
-    reserved: bool,
+    id: u64,
     ip: IpAddr,
+    /// Notified when the slot was taken away to make room: the connection must end.
+    close: Arc<Notify>,
     admission: Arc<Admission>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Ok(mut per) = self.admission.per_address.lock()
-            && let Some(n) = per.get_mut(&self.ip)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per.remove(&self.ip);
+        if let Ok(mut st) = self.admission.state.lock() {
+            st.open.remove(&self.id);
+            if let Some(n) = st.per_address.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    st.per_address.remove(&self.ip);
+                }
             }
         }
     }
@@ -293,8 +311,19 @@ async fn serve(listener: TcpListener, server: Server, slots: Arc<Admission>) {
     }
 }
 
-/// One connection: the TLS handshake, then one request (no keep-alive) through the router.
+/// One connection, ended early when its slot is taken away for a newer one.
 async fn connection(tcp: TcpStream, peer: SocketAddr, server: Server, slot: Slot) {
+    let close = slot.close.clone();
+    tokio::select! {
+        _ = close.notified() => {
+            tracing::info!(%peer, limit = MAX_CONNECTIONS, "management API: all connections taken; the oldest stranger's closed to make room");
+        }
+        _ = serve_one(tcp, peer, server, &slot) => {}
+    }
+}
+
+/// The TLS handshake, then one request (no keep-alive) through the router.
+async fn serve_one(tcp: TcpStream, peer: SocketAddr, server: Server, slot: &Slot) {
     let Server { tls, app, mgmt } = server;
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
@@ -313,9 +342,8 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, server: Server, slot: Slot
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| sha256(c));
-    if slot.reserved && !certificate.is_some_and(|c| mgmt.is_admin_certificate(&c)) {
-        tracing::warn!(%peer, "management API: a slot kept for admins, and no admin certificate; closed");
-        return;
+    if certificate.is_some_and(|c| mgmt.is_admin_certificate(&c)) {
+        slot.admission.mark_admin(slot);
     }
     let info = ConnInfo { peer, certificate };
     let app = TowerToHyperService::new(app);
@@ -349,7 +377,7 @@ mod tests {
     }
 
     #[test]
-    fn slots_per_address_in_all_and_the_admin_reserve() {
+    fn slots_per_address_and_in_all_with_the_oldest_stranger_closed_to_make_room() {
         let a = Arc::new(Admission::default());
         let one: Vec<Slot> = (0..MAX_PER_ADDRESS)
             .filter_map(|_| a.admit(ip(0)).ok())
@@ -358,17 +386,41 @@ mod tests {
         assert!(a.admit(ip(0)).is_err(), "the per-address bound");
         drop(one);
         assert!(a.admit(ip(0)).is_ok(), "slots come back");
-        let general: Vec<Slot> = (0..MAX_CONNECTIONS - ADMIN_RESERVE)
-            .map(|n| a.admit(ip(n / MAX_PER_ADDRESS + 1)).expect("general slot"))
+        let mut held: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|n| a.admit(ip(n / MAX_PER_ADDRESS + 1)).expect("a slot"))
             .collect();
-        assert!(general.iter().all(|s| !s.reserved));
-        let base = MAX_CONNECTIONS;
-        let reserved: Vec<Slot> = (0..ADMIN_RESERVE)
-            .map(|n| a.admit(ip(base + n)).expect("reserved slot"))
+        // Connections 0 and 1 are admins'; the oldest stranger's is number 2.
+        a.mark_admin(&held[0]);
+        a.mark_admin(&held[1]);
+        let newcomer = a.admit(ip(10_000)).expect("room is made");
+        assert_eq!(a.state.lock().unwrap().open.len(), MAX_CONNECTIONS);
+        for (n, s) in held.iter().enumerate() {
+            let closed = Arc::strong_count(&s.close) == 1;
+            assert_eq!(closed, n == 2, "slot {n}");
+        }
+        // The closed connection's task then ends and drops its slot.
+        held.remove(2);
+        assert_eq!(a.state.lock().unwrap().open.len(), MAX_CONNECTIONS);
+        drop(newcomer);
+        // With nothing but admins open, a new connection is refused.
+        drop(held);
+        let admins: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|n| a.admit(ip(n / MAX_PER_ADDRESS + 1)).expect("a slot"))
             .collect();
-        assert!(reserved.iter().all(|s| s.reserved));
-        assert_eq!(a.admit(ip(2 * base)).err(), Some("too many connections"));
-        drop(reserved);
-        assert!(a.admit(ip(2 * base)).is_ok_and(|s| s.reserved));
+        admins.iter().for_each(|s| a.mark_admin(s));
+        assert_eq!(a.admit(ip(20_000)).err(), Some("too many connections"));
+    }
+
+    #[tokio::test]
+    async fn a_closed_slot_wakes_its_connection() {
+        let a = Arc::new(Admission::default());
+        let first = a.admit(ip(1)).unwrap();
+        let _rest: Vec<Slot> = (1..MAX_CONNECTIONS)
+            .map(|n| a.admit(ip(n / MAX_PER_ADDRESS + 2)).unwrap())
+            .collect();
+        let _newcomer = a.admit(ip(9_999)).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), first.close.notified())
+            .await
+            .expect("the oldest stranger is told to close");
     }
 }

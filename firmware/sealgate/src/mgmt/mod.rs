@@ -58,14 +58,12 @@ pub const DEV_LISTEN: &str = "127.0.0.1:8443";
 pub const APPLIANCE_LISTEN: &str = "0.0.0.0:8443";
 /// The dev board's token file in the state directory.
 pub const TOKEN_FILE: &str = "mgmt-token";
-/// Concurrent connections; more are closed at once.
+/// Concurrent connections; with all taken, the oldest one without a pinned admin certificate
+/// is closed for a new one (an admin is never refused for lack of a slot).
 pub const MAX_CONNECTIONS: usize = 256;
 /// Connections at once from one client address (strangers need many addresses to fill the
 /// slots, and each slot is held at most a handshake plus a header timeout).
 pub const MAX_PER_ADDRESS: usize = 8;
-/// Of [`MAX_CONNECTIONS`], kept for connections that present a pinned admin certificate: the
-/// admin is never refused for lack of a slot, whatever strangers hold.
-pub const ADMIN_RESERVE: usize = 16;
 /// TLS handshake, request header and request body (between two chunks) time limits.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
