@@ -175,11 +175,12 @@ def test_exim_relays_8bit_and_utf8_to_sealgate(gateways, _module_pki, exim, mode
     # The original header fields are there, byte for byte (Exim and Sealgate only prepend).
     assert headers_of(sent8) in headers_of(got8), got8[:1200]
     assert headers_of(sentu) in headers_of(gotu), gotu[:1200]
-    for got in (got8, gotu):
+    # RFC 6531 §3.7.3: the SMTPUTF8 transaction is received "with UTF8SMTPS".
+    for got, proto in ((got8, "ESMTPS"), (gotu, "UTF8SMTPS")):
         rec = received_headers(got)
         assert "by gw.test (Sealgate)" in rec[0], rec
         assert f"from {exim.hostname} ([{EXIM_IP}])" in rec[0], rec
-        assert re.search(r"with ESMTPS \(TLSv1\.[23] TLS\w+\)", rec[0]), rec
+        assert re.search(rf"with {proto} \(TLSv1\.[23] TLS\w+\)", rec[0]), rec
         assert f"by {exim.hostname} with " in rec[1], rec
     # The UTF-8 sender got through, which Sealgate takes only with SMTPUTF8 (553 5.6.7 else).
     gw.wait_log(r"queued queue_id=\S+ client=127\.0\.0\.41 from=jürgen@ex\.test rcpts=1 ")

@@ -649,13 +649,16 @@ impl ServerSession {
     }
 
     /// `SMTP`, `ESMTP`, `ESMTPS` or `ESMTPSA`, for the Received header.
+    /// The `with` of the `Received:` field: `SMTP`, `ESMTP`, `ESMTPS`, or for a transaction
+    /// with SMTPUTF8 `UTF8SMTP` / `UTF8SMTPS` (RFC 3848, RFC 6531 §3.7.3).
     pub fn protocol(&self) -> &'static str {
-        if self.tls.is_some() {
-            "ESMTPS"
-        } else if self.esmtp {
-            "ESMTP"
-        } else {
-            "SMTP"
+        let utf8 = self.envelope.as_ref().is_some_and(|e| e.smtputf8);
+        match (utf8, self.tls.is_some(), self.esmtp) {
+            (true, true, _) => "UTF8SMTPS",
+            (true, false, _) => "UTF8SMTP",
+            (false, true, _) => "ESMTPS",
+            (false, false, true) => "ESMTP",
+            (false, false, false) => "SMTP",
         }
     }
 
@@ -2074,12 +2077,22 @@ mod tests {
             out.starts_with("250-mx.local.test\r\n") && !out.contains("STARTTLS"),
             "{out}"
         );
+        // A transaction with SMTPUTF8 is received "with UTF8SMTPS"; the next one without it
+        // is ESMTPS again.
+        h.s.feed(b"MAIL FROM:<j\xc3\xbcrgen@c.test> SMTPUTF8\r\n", h.now);
+        assert!(String::from_utf8_lossy(&h.s.take_output()).starts_with("250"));
+        assert_eq!(h.s.protocol(), "UTF8SMTPS");
+        h.s.feed(b"RSET\r\nMAIL FROM:<a@c.test>\r\n", h.now);
+        h.s.take_output();
+        assert_eq!(h.s.protocol(), "ESMTPS");
 
         let mut h = Harness::new(Peer::NoCert);
         h.s.feed(b"HELO c.test\r\n", h.now);
         assert_eq!(h.s.protocol(), "SMTP");
         h.s.feed(b"EHLO c.test\r\n", h.now);
         assert!(!String::from_utf8_lossy(&h.s.take_output()).contains("STARTTLS"));
+        h.s.feed(b"MAIL FROM:<a@c.test> SMTPUTF8\r\n", h.now);
+        assert_eq!(h.s.protocol(), "UTF8SMTP");
 
         let h = Harness::new(Peer::Implicit);
         assert_eq!(h.s.protocol(), "ESMTPS");
