@@ -934,6 +934,7 @@ mod tests {
                 timeout: Duration::from_secs(10),
                 max_conns: 8,
                 sync_dir: false,
+                no_fsync: false,
             };
             let sink = Sink::bind("127.0.0.1:0", cfg).await.expect("bind");
             let addr = sink.local_addr().expect("address").to_string();

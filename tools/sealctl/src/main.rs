@@ -174,8 +174,12 @@ struct SinkArgs {
     #[arg(long)]
     tls_self_signed: bool,
     /// Also fsync the directory after creating each file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_fsync")]
     sync_dir: bool,
+    /// NOT DURABLE: answer 250 without any fsync. For a next hop that must not
+    /// be the bottleneck of a relay benchmark; never a reference for acceptance.
+    #[arg(long)]
+    no_fsync: bool,
     /// Most concurrent sessions.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_conns: u64,
@@ -315,6 +319,7 @@ async fn bench_sink(args: SinkArgs) -> ExitCode {
         timeout: Duration::from_secs_f64(args.timeout),
         max_conns: usize::try_from(args.max_conns).unwrap_or(usize::MAX),
         sync_dir: args.sync_dir,
+        no_fsync: args.no_fsync,
     };
     let sink = match Sink::bind(&args.listen, cfg).await {
         Ok(sink) => sink,

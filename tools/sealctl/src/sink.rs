@@ -45,6 +45,9 @@ pub struct SinkConfig {
     pub max_conns: usize,
     /// Also fsync the directory after creating each file.
     pub sync_dir: bool,
+    /// NOT DURABLE: no fsync at all (a next hop that must not be what a relay benchmark
+    /// measures).
+    pub no_fsync: bool,
 }
 
 /// Errors of the sink as a whole.
@@ -463,9 +466,13 @@ async fn store(shared: &Shared, body: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
     let n = shared.next_file.fetch_add(1, Ordering::Relaxed);
     let path = shared.cfg.dir.join(format!("{}-{n:08}.eml", shared.prefix));
     let dir = shared.cfg.dir.clone();
-    let sync_dir = shared.cfg.sync_dir;
+    let sync = match (shared.cfg.no_fsync, shared.cfg.sync_dir) {
+        (true, _) => Sync::Nothing,
+        (false, false) => Sync::File,
+        (false, true) => Sync::FileAndDir,
+    };
     let joined = tokio::task::spawn_blocking(move || {
-        let result = write_durably(&path, &dir, &body, sync_dir);
+        let result = write_durably(&path, &dir, &body, sync);
         (result, body)
     })
     .await;
@@ -480,11 +487,21 @@ async fn store(shared: &Shared, body: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
     }
 }
 
-fn write_durably(path: &Path, dir: &Path, body: &[u8], sync_dir: bool) -> io::Result<()> {
+/// What a stored message is synced with before its `250`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    Nothing,
+    File,
+    FileAndDir,
+}
+
+fn write_durably(path: &Path, dir: &Path, body: &[u8], sync: Sync) -> io::Result<()> {
     let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
     file.write_all(body)?;
-    file.sync_all()?;
-    if sync_dir {
+    if sync != Sync::Nothing {
+        file.sync_all()?;
+    }
+    if sync == Sync::FileAndDir {
         File::open(dir)?.sync_all()?;
     }
     Ok(())

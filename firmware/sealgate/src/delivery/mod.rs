@@ -670,7 +670,8 @@ impl Queue {
             if let Some(slot) = self.hops.try_take(tag.addr, limit) {
                 return Ok(Next::Open(slot));
             }
-            self.evict_other(tag);
+            // After failed reuses, parked connections of this very key go too.
+            self.evict_parked(tag, !reuse);
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 return Err(Status::transient(
                     Source::Local,
@@ -687,12 +688,12 @@ impl Queue {
     }
 
     /// Closes one connection parked for `tag`'s address under another key (other TLS
-    /// demands), so that its slot comes free for `tag`.
-    fn evict_other(&self, tag: &PoolKey) {
+    /// demands; or under `tag` itself too when `own`), so that its slot comes free.
+    fn evict_parked(&self, tag: &PoolKey, own: bool) {
         let victim = self.pool.lock().ok().and_then(|mut pool| {
             let key = pool
                 .iter()
-                .find(|(k, v)| k.addr == tag.addr && *k != tag && !v.is_empty())
+                .find(|(k, v)| k.addr == tag.addr && (own || *k != tag) && !v.is_empty())
                 .map(|(k, _)| k.clone())?;
             let conns = pool.get_mut(&key)?;
             let (_, conn) = conns.remove(0);

@@ -160,19 +160,19 @@ impl ServerStream {
                 Step::Progress
             }
             ConnectionState::EncodeTlsData(mut e) => {
-                let at = outgoing.len();
-                let need = match e.encode(&mut []) {
+                // Asked with no room first, rustls names the size (and keeps the record).
+                match e.encode(&mut []) {
+                    Ok(_) => {}
                     Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                        required_size
+                        let at = outgoing.len();
+                        outgoing.resize(at + required_size, 0);
+                        let n = e
+                            .encode(outgoing.get_mut(at..).unwrap_or_default())
+                            .map_err(invalid)?;
+                        outgoing.truncate(at + n);
                     }
-                    Ok(_) => 0,
                     Err(other) => return Err(invalid(other)),
-                };
-                outgoing.resize(at + need, 0);
-                let n = e
-                    .encode(outgoing.get_mut(at..).unwrap_or_default())
-                    .map_err(invalid)?;
-                outgoing.truncate(at + n);
+                }
                 Step::Progress
             }
             // Encoded data is in `outgoing`, which is written out before anything else.
