@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use sealgate_proto::server::{
-    ClientInfo, EtrnResult, Event, ServerLimits, ServerParams, ServerSession, StoreResult, TlsInfo,
+    AuthOffer, AuthResult, ClientInfo, EtrnResult, Event, SenderBinding, ServerLimits,
+    ServerParams, ServerSession, StoreResult, TlsInfo,
 };
 
 /// Control bytes in the chunk stream (any other value `n` feeds the next `n` bytes).
@@ -40,6 +41,11 @@ fuzz_target!(|data: &[u8]| {
         hostname: "mx.fuzz.test".to_owned(),
         limits,
         local_domains: vec!["local.test".to_owned()],
+        sender_binding: if flags & 0x80 != 0 {
+            SenderBinding::Address
+        } else {
+            SenderBinding::Domain
+        },
     });
     let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 25));
     let tls = || TlsInfo {
@@ -55,6 +61,11 @@ fuzz_target!(|data: &[u8]| {
         starttls_available: flags & 0x02 != 0,
         tls_required: flags & 0x04 != 0,
         implicit_tls: (flags & 0x08 != 0).then(tls),
+        auth: match (flags >> 5) & 0x03 {
+            0 => AuthOffer::None,
+            1 => AuthOffer::Offered,
+            _ => AuthOffer::Required,
+        },
     };
     let t0 = Instant::now();
     let mut now = t0;
@@ -107,6 +118,15 @@ fuzz_target!(|data: &[u8]| {
                     s.etrn_result(result, now);
                 }
                 Event::StartTls => s.tls_established(tls(), now),
+                Event::Authenticate(creds) => {
+                    assert!(!creds.login.is_empty() && !creds.password.is_empty());
+                    let result = match answers % 3 {
+                        0 => AuthResult::Accepted,
+                        1 => AuthResult::Rejected,
+                        _ => AuthResult::Unavailable,
+                    };
+                    s.auth_result(result, now);
+                }
                 Event::MessageStart | Event::Close => {}
             }
         }

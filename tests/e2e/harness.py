@@ -173,6 +173,7 @@ class Gateway:
         self.proc: subprocess.Popen | None = None
         self.smtp: list[tuple[str, int]] = []
         self.smtps: list[tuple[str, int]] = []
+        self.submission: list[tuple[str, int]] = []
         self.ready_line = ""
         self.starts = 0
 
@@ -224,11 +225,12 @@ class Gateway:
         line = next(l for l in reversed(self.stdout_lines) if READY_RE.match(l))
         self.ready_line = line
         m = READY_RE.match(line)
-        self.smtp, self.smtps = [], []
+        self.smtp, self.smtps, self.submission = [], [], []
+        lists = {"smtp": self.smtp, "smtps": self.smtps, "submission": self.submission}
         for item in m.group("listeners").split():
             kind, _, addr = item.partition("=")
             host, _, port = addr.rpartition(":")
-            (self.smtp if kind == "smtp" else self.smtps).append((host, int(port)))
+            lists[kind].append((host, int(port)))
         self.ready_state = m.group("state")
         return self
 

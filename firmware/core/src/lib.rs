@@ -4,6 +4,7 @@
 //! delivery status and the retry schedule. The daemon (`sealgate`), `sealctl` and the fuzzers
 //! share it.
 
+pub mod auth;
 pub mod blob;
 pub mod certs;
 pub mod cidr;

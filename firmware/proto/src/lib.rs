@@ -4,6 +4,7 @@
 //! reads the system clock. The runtime layer (`firmware/sealgate`) owns all of that; this crate
 //! is what unit tests and fuzzers drive directly.
 
+pub mod authclient;
 pub mod calendar;
 pub mod client;
 pub mod dsn;
@@ -11,6 +12,7 @@ pub mod envelope;
 pub mod policy;
 pub mod received;
 pub mod reply;
+pub mod sasl;
 pub mod server;
 
 pub use envelope::{BodyType, Envelope};

@@ -12,6 +12,8 @@
 //!   no new greeting), or drops the connection. When the client certificate verified against
 //!   an e-mail VPN peer's CA, the runtime then calls `set_relay_allowed(true)` (the relay
 //!   decision itself stays here, at RCPT).
+//! - After `Event::Authenticate` the machine stops processing input until the runtime answers
+//!   with `auth_result` (after checking the credentials, and after any throttling delay).
 //! - After `Event::Close` (output holds the last reply), the runtime flushes and closes.
 //!
 //! Command grammar is smtp-proto's `Request::parse`, applied to lines we frame ourselves (so
@@ -38,6 +40,12 @@
 //!   command line gets `500 5.5.2`. EHLO/HELO names must be printable ASCII.
 //! - A refused message (`552 5.3.4` before `500 5.5.2` before `550 5.6.0`) ends the
 //!   transaction like a stored one; the runtime discards what it drained since `MessageStart`.
+//! - AUTH (RFC 4954; listeners choose with [`AuthOffer`]): advertised and accepted only under
+//!   TLS (`538 5.7.11` before it, even on a forced-TLS client), after HELO/EHLO, outside a
+//!   transaction, once per session (`503 5.5.1`). Its lines may be [`sasl::MAX_AUTH_LINE`]
+//!   long. `535 5.7.8` counts toward `max_errors`, `454 4.7.0` does not. On a submission
+//!   listener MAIL needs AUTH first (`530 5.7.0`). An authenticated session may relay; with
+//!   [`SenderBinding`] its envelope sender must be its own (`553 5.7.1`; `<>` is allowed).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -53,6 +61,7 @@ use smtp_proto::{
 
 use crate::envelope::{BodyType, Envelope, domain_of};
 use crate::reply::{EnhancedCode, Reply};
+use crate::sasl::{self, Credentials, Exchange, Mechanism, Progress};
 
 /// Bounds for one session. Defaults follow RFC 5321 §4.5.3 and §4.5.3.2.
 #[derive(Debug, Clone)]
@@ -98,6 +107,32 @@ pub struct ServerParams {
     pub limits: ServerLimits,
     /// Domains we accept mail for from anyone (lowercase, exact match).
     pub local_domains: Vec<String>,
+    /// Which envelope senders an authenticated client may use (`auth.sender_must_match`).
+    pub sender_binding: SenderBinding,
+}
+
+/// Envelope senders allowed to an authenticated client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SenderBinding {
+    /// Any sender.
+    #[default]
+    Off,
+    /// Only the login itself (compared case-insensitively).
+    Address,
+    /// Any address in the login's domain.
+    Domain,
+}
+
+/// Whether and how a listener offers AUTH (always only under TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthOffer {
+    /// No AUTH: `502 5.5.1`.
+    #[default]
+    None,
+    /// AUTH offered; mail is accepted without it as for any client.
+    Offered,
+    /// Submission (RFC 6409): AUTH offered and required before MAIL (`530 5.7.0`).
+    Required,
 }
 
 /// TLS facts of an established session (for logs, Received header, policy).
@@ -125,6 +160,8 @@ pub struct ClientInfo {
     pub tls_required: bool,
     /// Set when the connection arrived on an implicit-TLS listener (TLS already up).
     pub implicit_tls: Option<TlsInfo>,
+    /// AUTH on this listener.
+    pub auth: AuthOffer,
 }
 
 impl ClientInfo {
@@ -145,6 +182,8 @@ pub enum Event {
     MessageComplete(Envelope),
     /// `ETRN domain` from an allowed client; answer with `etrn_result`.
     Etrn(String),
+    /// A complete AUTH exchange: check the credentials, then call `auth_result`.
+    Authenticate(Credentials),
     /// The session is over (QUIT, too many errors, timeout, protocol violation).
     Close,
 }
@@ -169,6 +208,17 @@ pub enum EtrnResult {
     NoMessages,
     /// `459 4.0.0 Node not allowed` (domain not served)
     NotAllowed,
+}
+
+/// The outcome of checking AUTH credentials, as reported by the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthResult {
+    /// `235 2.7.0`: the session is authenticated as the login.
+    Accepted,
+    /// `535 5.7.8`: wrong login or password.
+    Rejected,
+    /// `454 4.7.0`: the backend is unavailable, or the client is locked out for a while.
+    Unavailable,
 }
 
 /// Spool space a message needs at least at `MAIL`/`DATA` when it declares no (larger) `SIZE`.
@@ -204,6 +254,10 @@ enum State {
     AwaitEtrn,
     /// `StartTls` emitted; waiting for `tls_established`.
     AwaitTls,
+    /// A `334` challenge is out; the next line is the client's SASL response.
+    AuthResponse,
+    /// `Authenticate` emitted; waiting for `auth_result`.
+    AwaitAuth,
     /// `Close` emitted; everything is ignored.
     Closed,
 }
@@ -432,6 +486,11 @@ pub struct ServerSession {
     envelope: Option<Envelope>,
     /// Domain of the ETRN awaiting `etrn_result`.
     etrn: Option<String>,
+    /// The SASL exchange in progress (AuthResponse, AwaitAuth).
+    sasl: Option<Exchange>,
+    /// The login being checked (AwaitAuth), then the authenticated one.
+    login: Option<String>,
+    authenticated: bool,
     errors: u32,
     spool_free: u64,
     last_activity: Instant,
@@ -457,6 +516,9 @@ impl ServerSession {
             tls,
             envelope: None,
             etrn: None,
+            sasl: None,
+            login: None,
+            authenticated: false,
             errors: 0,
             spool_free: u64::MAX,
             last_activity: now,
@@ -473,7 +535,7 @@ impl ServerSession {
         while !rest.is_empty() {
             match self.state {
                 State::Closed | State::AwaitTls => return,
-                State::AwaitStore | State::AwaitEtrn => {
+                State::AwaitStore | State::AwaitEtrn | State::AwaitAuth => {
                     // Buffer what the client pipelined, up to the limit (never beyond).
                     let room = self
                         .params
@@ -485,7 +547,7 @@ impl ServerSession {
                         .extend_from_slice(rest.get(..take).unwrap_or_default());
                     break;
                 }
-                State::Command | State::Data => {
+                State::Command | State::Data | State::AuthResponse => {
                     let (chunk, tail) = rest.split_at(rest.len().min(FEED_CHUNK));
                     rest = tail;
                     self.input.extend_from_slice(chunk);
@@ -578,6 +640,9 @@ impl ServerSession {
         self.esmtp = false;
         self.envelope = None;
         self.etrn = None;
+        self.sasl = None;
+        self.login = None;
+        self.authenticated = false;
         self.input.clear();
         self.discarding = false;
         self.body.clear();
@@ -590,6 +655,41 @@ impl ServerSession {
     /// client certificate verified against the peer's CA; only effective while TLS is up.
     pub fn set_relay_allowed(&mut self, allowed: bool) {
         self.client.relay_allowed = allowed && self.tls.is_some();
+    }
+
+    /// The runtime's verdict on the credentials of `Event::Authenticate`.
+    pub fn auth_result(&mut self, result: AuthResult, now: Instant) {
+        if self.state != State::AwaitAuth {
+            return;
+        }
+        self.state = State::Command;
+        self.sasl = None;
+        self.last_activity = now;
+        match result {
+            AuthResult::Accepted => {
+                self.authenticated = true;
+                self.reply(235, (2, 7, 0), "Authentication successful");
+            }
+            AuthResult::Rejected => {
+                self.login = None;
+                self.fail(535, (5, 7, 8), "Authentication credentials invalid");
+            }
+            AuthResult::Unavailable => {
+                self.login = None;
+                self.reply(454, (4, 7, 0), "Temporary authentication failure");
+            }
+        }
+        self.process(now);
+    }
+
+    /// The login this session authenticated as, if it did.
+    pub fn authenticated(&self) -> Option<&str> {
+        self.login.as_deref().filter(|_| self.authenticated)
+    }
+
+    /// Relaying to any domain: a trusted network, a VPN peer, or an authenticated client.
+    fn relay_allowed(&self) -> bool {
+        self.client.relay_allowed || self.authenticated
     }
 
     /// Free spool bytes as last measured; below what a message needs, MAIL/DATA get `452 4.3.1`.
@@ -612,9 +712,9 @@ impl ServerSession {
             State::Command if self.stress && self.envelope.is_none() => {
                 limits.command_timeout.min(STRESS_COMMAND_TIMEOUT)
             }
-            State::Command | State::AwaitTls => limits.command_timeout,
+            State::Command | State::AwaitTls | State::AuthResponse => limits.command_timeout,
             State::Data => limits.data_timeout,
-            State::AwaitStore | State::AwaitEtrn | State::Closed => return None,
+            State::AwaitStore | State::AwaitEtrn | State::AwaitAuth | State::Closed => return None,
         };
         // An unrepresentable deadline is no deadline.
         self.last_activity.checked_add(timeout)
@@ -636,7 +736,10 @@ impl ServerSession {
 
     /// False while an event awaits the runtime's answer, during STARTTLS, or once closed.
     pub fn wants_input(&self) -> bool {
-        matches!(self.state, State::Command | State::Data)
+        matches!(
+            self.state,
+            State::Command | State::Data | State::AuthResponse
+        )
     }
 
     pub fn is_closed(&self) -> bool {
@@ -648,17 +751,19 @@ impl ServerSession {
         self.helo.as_deref()
     }
 
-    /// `SMTP`, `ESMTP`, `ESMTPS` or `ESMTPSA`, for the Received header.
-    /// The `with` of the `Received:` field: `SMTP`, `ESMTP`, `ESMTPS`, or for a transaction
-    /// with SMTPUTF8 `UTF8SMTP` / `UTF8SMTPS` (RFC 3848, RFC 6531 §3.7.3).
+    /// The `with` of the `Received:` field: `SMTP`, `ESMTP`, `ESMTPS`, `ESMTPSA` (TLS and
+    /// AUTH), or for a transaction with SMTPUTF8 `UTF8SMTP` / `UTF8SMTPS` / `UTF8SMTPSA`
+    /// (RFC 3848, RFC 6531 §3.7.3). AUTH happens only under TLS.
     pub fn protocol(&self) -> &'static str {
         let utf8 = self.envelope.as_ref().is_some_and(|e| e.smtputf8);
-        match (utf8, self.tls.is_some(), self.esmtp) {
-            (true, true, _) => "UTF8SMTPS",
-            (true, false, _) => "UTF8SMTP",
-            (false, true, _) => "ESMTPS",
-            (false, false, true) => "ESMTP",
-            (false, false, false) => "SMTP",
+        match (utf8, self.tls.is_some(), self.authenticated, self.esmtp) {
+            (true, true, true, _) => "UTF8SMTPSA",
+            (true, true, false, _) => "UTF8SMTPS",
+            (true, false, _, _) => "UTF8SMTP",
+            (false, true, true, _) => "ESMTPSA",
+            (false, true, false, _) => "ESMTPS",
+            (false, false, _, true) => "ESMTP",
+            (false, false, _, false) => "SMTP",
         }
     }
 
@@ -674,7 +779,7 @@ impl ServerSession {
         let mut pos = 0;
         while let Some(rest) = input.get(pos..).filter(|r| !r.is_empty()) {
             match self.state {
-                State::Command => {
+                State::Command | State::AuthResponse => {
                     let Some(used) = self.command_step(rest, now) else {
                         break;
                     };
@@ -689,7 +794,11 @@ impl ServerSession {
                         self.end_of_data();
                     }
                 }
-                State::AwaitStore | State::AwaitEtrn | State::AwaitTls | State::Closed => break,
+                State::AwaitStore
+                | State::AwaitEtrn
+                | State::AwaitAuth
+                | State::AwaitTls
+                | State::Closed => break,
             }
         }
         match self.state {
@@ -704,7 +813,10 @@ impl ServerSession {
 
     /// While the machine waits, at most `max_buffered_input` octets may be pending.
     fn check_buffered(&mut self) {
-        let waiting = matches!(self.state, State::AwaitStore | State::AwaitEtrn);
+        let waiting = matches!(
+            self.state,
+            State::AwaitStore | State::AwaitEtrn | State::AwaitAuth
+        );
         if waiting && self.input.len() > self.params.limits.max_buffered_input {
             self.reply(
                 421,
@@ -729,13 +841,25 @@ impl ServerSession {
                 None => Some(rest.len()),
             };
         }
-        let max = self.params.limits.max_command_line;
+        let auth_line = self.state == State::AuthResponse
+            || rest
+                .get(..5)
+                .is_some_and(|verb| verb.eq_ignore_ascii_case(b"AUTH "));
+        let max = if auth_line {
+            sasl::MAX_AUTH_LINE
+        } else {
+            self.params.limits.max_command_line
+        };
         let window = rest.get(..max.min(rest.len())).unwrap_or_default();
         match window.iter().position(|&b| b == b'\n') {
             Some(i) => {
                 let line = rest.get(..=i).unwrap_or_default();
                 self.last_activity = now;
-                self.command(line, now);
+                if self.state == State::AuthResponse {
+                    self.auth_response(line);
+                } else {
+                    self.command(line, now);
+                }
                 Some(i + 1)
             }
             None if rest.len() >= max => {
@@ -771,6 +895,11 @@ impl ServerSession {
         if self.refuse_out_of_order(&verb) {
             return;
         }
+        if verb == b"AUTH" {
+            // Parsed here: its arguments are credentials, never echoed, never smtp-proto's.
+            self.auth_command(args);
+            return;
+        }
 
         let request = match Request::parse(&mut raw.iter()) {
             Ok(request) => request,
@@ -786,6 +915,14 @@ impl ServerSession {
     /// not at a point where it may come; `true` if refused. Sequence errors come before syntax
     /// errors: the client learns the real problem.
     fn refuse_out_of_order(&mut self, verb: &[u8]) -> bool {
+        if verb == b"AUTH" && self.client.auth != AuthOffer::None && self.tls.is_none() {
+            self.fail(
+                538,
+                (5, 7, 11),
+                "Encryption required for requested authentication mechanism",
+            );
+            return true;
+        }
         if self.client.tls_required && self.tls.is_none() && TLS_ONLY_VERBS.contains(&verb) {
             self.fail(530, (5, 7, 0), "Must issue a STARTTLS command first");
             return true;
@@ -797,6 +934,10 @@ impl ServerSession {
             }
             b"MAIL" if self.envelope.is_some() => {
                 self.fail(503, (5, 5, 1), "Error: nested MAIL command");
+                true
+            }
+            b"MAIL" if self.client.auth == AuthOffer::Required && !self.authenticated => {
+                self.fail(530, (5, 7, 0), "Authentication required");
                 true
             }
             b"RCPT" | b"DATA" if self.envelope.is_none() => {
@@ -845,6 +986,7 @@ impl ServerSession {
                 self.reply(221, (2, 0, 0), self.host_text("Bye"));
                 self.close();
             }
+            // AUTH never gets here (see `command`).
             Request::Lhlo { .. }
             | Request::Auth { .. }
             | Request::Expn { .. }
@@ -903,6 +1045,9 @@ impl ServerSession {
         if self.client.starttls_available && self.tls.is_none() {
             lines.push("STARTTLS".to_owned());
         }
+        if self.client.auth != AuthOffer::None && self.tls.is_some() && !self.authenticated {
+            lines.push(format!("AUTH {}", sasl::ADVERTISED));
+        }
         lines.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"].map(str::to_owned));
         Reply {
             code: 250,
@@ -925,6 +1070,15 @@ impl ServerSession {
         }
         if let Err((code, enhanced, text)) = check_address(&from.address, smtputf8, (5, 1, 7)) {
             self.fail(code, enhanced, text);
+            return;
+        }
+        if !self.sender_allowed(&from.address) {
+            let login = sanitize(self.login.as_deref().unwrap_or_default().as_bytes());
+            self.fail(
+                553,
+                (5, 7, 1),
+                format!("Sender address rejected: not owned by user {login}"),
+            );
             return;
         }
         let size = from.size as u64;
@@ -996,7 +1150,7 @@ impl ServerSession {
             .local_domains
             .iter()
             .any(|d| d.eq_ignore_ascii_case(&domain));
-        if !local && !self.client.relay_allowed {
+        if !local && !self.relay_allowed() {
             self.fail(554, (5, 7, 1), "Relay access denied");
             return;
         }
@@ -1089,7 +1243,7 @@ impl ServerSession {
             self.fail(503, (5, 5, 1), "Error: MAIL transaction in progress");
             return;
         }
-        if !self.client.relay_allowed {
+        if !self.relay_allowed() {
             self.fail(459, (4, 7, 1), "Client not authorized to use ETRN");
             return;
         }
@@ -1097,6 +1251,86 @@ impl ServerSession {
         self.etrn = Some(domain.clone());
         self.state = State::AwaitEtrn;
         self.events.push_back(Event::Etrn(domain));
+    }
+
+    /// `AUTH mechanism [initial-response]` (`args`: what follows the verb).
+    fn auth_command(&mut self, args: &[u8]) {
+        let text = std::str::from_utf8(args).unwrap_or("\u{fffd}").trim_ascii();
+        let mut words = text.split_ascii_whitespace();
+        let (Some(name), initial, None) = (words.next(), words.next(), words.next()) else {
+            self.fail(501, (5, 5, 4), "Syntax: AUTH mechanism [initial-response]");
+            return;
+        };
+        if self.client.auth == AuthOffer::None {
+            self.fail(502, (5, 5, 1), "Error: command not implemented");
+        } else if self.helo.is_none() {
+            self.fail(503, (5, 5, 1), "Error: send HELO/EHLO first");
+        } else if self.authenticated {
+            self.fail(503, (5, 5, 1), "Error: already authenticated");
+        } else if self.envelope.is_some() {
+            self.fail(503, (5, 5, 1), "Error: MAIL transaction in progress");
+        } else if let Some(mechanism) = Mechanism::parse(name) {
+            let step = Exchange::start(mechanism, initial).map(|(exchange, progress)| {
+                self.sasl = Some(exchange);
+                progress
+            });
+            self.auth_progress(step);
+        } else {
+            self.fail(504, (5, 5, 4), "Unrecognized authentication type");
+        }
+    }
+
+    /// A client line answering a `334` challenge.
+    fn auth_response(&mut self, raw: &[u8]) {
+        let text = raw.strip_suffix(b"\n").unwrap_or(raw);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        let line = std::str::from_utf8(text).unwrap_or("\u{fffd}");
+        let step = match self.sasl.as_mut() {
+            Some(exchange) => exchange.respond(line),
+            None => Err(sasl::SaslError::Malformed),
+        };
+        self.auth_progress(step);
+    }
+
+    fn auth_progress(&mut self, step: Result<Progress, sasl::SaslError>) {
+        match step {
+            Ok(Progress::Challenge(challenge)) => {
+                self.state = State::AuthResponse;
+                Reply::plain(334, challenge).write_to(&mut self.output);
+            }
+            Ok(Progress::Done(credentials)) => {
+                self.state = State::AwaitAuth;
+                self.login = Some(credentials.login.clone());
+                self.events.push_back(Event::Authenticate(credentials));
+            }
+            Err(err) => {
+                self.state = State::Command;
+                self.sasl = None;
+                let enhanced = match err {
+                    sasl::SaslError::Cancelled => (5, 0, 0),
+                    _ => (5, 5, 2),
+                };
+                self.fail(501, enhanced, err.to_string());
+            }
+        }
+    }
+
+    /// Sender binding: whether an authenticated client may use `sender` (`<>` always).
+    fn sender_allowed(&self, sender: &str) -> bool {
+        let Some(login) = self.authenticated() else {
+            return true;
+        };
+        if sender.is_empty() {
+            return true;
+        }
+        match self.params.sender_binding {
+            SenderBinding::Off => true,
+            SenderBinding::Address => sender.eq_ignore_ascii_case(login),
+            SenderBinding::Domain => match (domain_of(sender), domain_of(login)) {
+                (Some(a), Some(b)) => a.eq_ignore_ascii_case(&b),
+                _ => false,
+            },
+        }
     }
 
     fn starttls(&mut self, has_args: bool, now: Instant) {
@@ -1248,6 +1482,7 @@ mod tests {
                 max_buffered_input: 4096,
             },
             local_domains: vec!["local.test".to_owned()],
+            sender_binding: SenderBinding::Address,
         })
     }
 
@@ -1264,6 +1499,10 @@ mod tests {
         NoCert,
         /// Arrived on an implicit-TLS listener.
         Implicit,
+        /// A submission listener: STARTTLS, then AUTH, before MAIL.
+        Submission,
+        /// A port-25 listener that offers AUTH (under TLS).
+        AuthOffered,
     }
 
     fn client(peer: Peer) -> ClientInfo {
@@ -1273,8 +1512,13 @@ mod tests {
             local: addr(1),
             relay_allowed: matches!(peer, Peer::Trusted),
             starttls_available: !matches!(peer, Peer::NoCert),
-            tls_required: matches!(peer, Peer::Forced),
+            tls_required: matches!(peer, Peer::Forced | Peer::Submission),
             implicit_tls: matches!(peer, Peer::Implicit).then(tls_info),
+            auth: match peer {
+                Peer::Submission => AuthOffer::Required,
+                Peer::AuthOffered | Peer::Implicit => AuthOffer::Offered,
+                _ => AuthOffer::None,
+            },
         }
     }
 
@@ -1299,6 +1543,8 @@ mod tests {
         Spool(u64),
         /// Virtual time moves to t0 + secs; `handle_timeout` is called.
         At(u64),
+        /// The runtime's verdict on the credentials.
+        Auth(AuthResult),
     }
 
     fn send(s: &str) -> Act {
@@ -1311,6 +1557,7 @@ mod tests {
             Event::MessageStart => "MessageStart",
             Event::MessageComplete(_) => "MessageComplete",
             Event::Etrn(_) => "Etrn",
+            Event::Authenticate(_) => "Authenticate",
             Event::Close => "Close",
         }
     }
@@ -1348,6 +1595,7 @@ mod tests {
                 Act::Tls => self.s.tls_established(tls_info(), self.now),
                 Act::Relay(r) => self.s.set_relay_allowed(*r),
                 Act::Spool(b) => self.s.set_spool_free(*b),
+                Act::Auth(r) => self.s.auth_result(*r, self.now),
                 Act::At(secs) => {
                     self.now = self.t0 + Duration::from_secs(*secs);
                     self.s.handle_timeout(self.now);
@@ -2119,6 +2367,7 @@ mod tests {
                     }
                     Event::Etrn(_) => s.etrn_result(EtrnResult::Started, t0),
                     Event::StartTls => s.tls_established(tls_info(), t0),
+                    Event::Authenticate(_) => s.auth_result(AuthResult::Rejected, t0),
                     Event::MessageStart | Event::Close => {}
                 }
                 events.push(event);
@@ -2226,6 +2475,248 @@ mod tests {
                 .collect();
             assert_eq!(from, vec![want], "{path}");
         }
+    }
+
+    /// `AUTH PLAIN` for alice@local.test / pw, as an initial response.
+    const PLAIN_IR: &str = "AGFsaWNlQGxvY2FsLnRlc3QAcHc=";
+
+    fn starttls() -> [Step; 2] {
+        [
+            (send("STARTTLS\r\n"), &["220 2.0.0"], &["StartTls"]),
+            (Act::Tls, &[], &[]),
+        ]
+    }
+
+    fn auth_ok() -> [Step; 2] {
+        [
+            (
+                send(&format!("AUTH PLAIN {PLAIN_IR}\r\n")),
+                &[],
+                &["Authenticate"],
+            ),
+            (Act::Auth(AuthResult::Accepted), &["235 2.7.0"], &[]),
+        ]
+    }
+
+    #[test]
+    fn auth_sessions() {
+        let foreign_rcpt: Step = (send("RCPT TO:<x@remote.test>\r\n"), &["250 2.1.5"], &[]);
+        let own_mail: Step = (
+            send("MAIL FROM:<alice@local.test>\r\n"),
+            &["250 2.1.0"],
+            &[],
+        );
+        let cases: Vec<(&str, Peer, Vec<Step>)> = vec![
+            (
+                "submission: AUTH before STARTTLS is 538",
+                Peer::Submission,
+                vec![
+                    ehlo(),
+                    (
+                        send(&format!("AUTH PLAIN {PLAIN_IR}\r\n")),
+                        &["538 5.7.11"],
+                        &[],
+                    ),
+                    (
+                        send("MAIL FROM:<alice@local.test>\r\n"),
+                        &["530 5.7.0 Must issue"],
+                        &[],
+                    ),
+                ],
+            ),
+            ("submission: MAIL before AUTH is 530", Peer::Submission, {
+                let mut v = vec![ehlo()];
+                v.extend(starttls());
+                v.extend([
+                    ehlo(),
+                    (
+                        send("MAIL FROM:<alice@local.test>\r\n"),
+                        &["530 5.7.0 Authentication required"][..],
+                        &[][..],
+                    ),
+                ]);
+                v
+            }),
+            (
+                "submission: authenticated, relays, sender bound",
+                Peer::Submission,
+                {
+                    let mut v = vec![ehlo()];
+                    v.extend(starttls());
+                    v.push(ehlo());
+                    v.extend(auth_ok());
+                    v.extend([
+                        (
+                            send("MAIL FROM:<mallory@local.test>\r\n"),
+                            &["553 5.7.1"][..],
+                            &[][..],
+                        ),
+                        (
+                            send("MAIL FROM:<ALICE@Local.Test>\r\n"),
+                            &["250 2.1.0"],
+                            &[],
+                        ),
+                        foreign_rcpt.clone(),
+                        (send("RSET\r\n"), &["250 2.0.0"], &[]),
+                        (send("MAIL FROM:<>\r\n"), &["250 2.1.0"], &[]),
+                        (send("RSET\r\n"), &["250 2.0.0"], &[]),
+                        (
+                            send(&format!("AUTH PLAIN {PLAIN_IR}\r\n")),
+                            &["503 5.5.1"],
+                            &[],
+                        ),
+                    ]);
+                    v
+                },
+            ),
+            (
+                "LOGIN with challenges; wrong password",
+                Peer::Implicit,
+                vec![
+                    ehlo(),
+                    (send("AUTH LOGIN\r\n"), &["334 VXNlcm5hbWU6"], &[]),
+                    (
+                        send("YWxpY2VAbG9jYWwudGVzdA==\r\n"),
+                        &["334 UGFzc3dvcmQ6"],
+                        &[],
+                    ),
+                    (send("cHc=\r\n"), &[], &["Authenticate"]),
+                    (Act::Auth(AuthResult::Rejected), &["535 5.7.8"], &[]),
+                    own_mail.clone(),
+                    (send("RCPT TO:<x@remote.test>\r\n"), &["554 5.7.1"], &[]),
+                ],
+            ),
+            (
+                "PLAIN with an empty challenge; backend down",
+                Peer::Implicit,
+                vec![
+                    ehlo(),
+                    (send("AUTH plain\r\n"), &["334"], &[]),
+                    (send(&format!("{PLAIN_IR}\r\n")), &[], &["Authenticate"]),
+                    (Act::Auth(AuthResult::Unavailable), &["454 4.7.0"], &[]),
+                    (send("AUTH PLAIN\r\n"), &["334"], &[]),
+                    (send("*\r\n"), &["501 5.0.0"], &[]),
+                    (send("AUTH PLAIN !!!\r\n"), &["501 5.5.2"], &[]),
+                    (send("AUTH CRAM-MD5\r\n"), &["504 5.5.4"], &[]),
+                    (send("AUTH\r\n"), &["501 5.5.4"], &[]),
+                ],
+            ),
+            (
+                "port 25 with AUTH: strangers still deliver locally",
+                Peer::AuthOffered,
+                vec![
+                    ehlo(),
+                    (send("AUTH LOGIN\r\n"), &["538 5.7.11"], &[]),
+                    mail(),
+                    rcpt(),
+                    (send("RSET\r\n"), &["250 2.0.0"], &[]),
+                ],
+            ),
+            (
+                "AUTH needs EHLO and no transaction",
+                Peer::Implicit,
+                vec![
+                    (
+                        send(&format!("AUTH PLAIN {PLAIN_IR}\r\n")),
+                        &["503 5.5.1"],
+                        &[],
+                    ),
+                    ehlo(),
+                    mail(),
+                    (
+                        send(&format!("AUTH PLAIN {PLAIN_IR}\r\n")),
+                        &["503 5.5.1"],
+                        &[],
+                    ),
+                ],
+            ),
+            ("no AUTH on a listener without it", Peer::Stranger, {
+                let mut v = vec![ehlo()];
+                v.extend(starttls());
+                v.extend([
+                    ehlo(),
+                    (
+                        send(&format!("AUTH PLAIN {PLAIN_IR}\r\n")),
+                        &["502 5.5.1"][..],
+                        &[][..],
+                    ),
+                ]);
+                v
+            }),
+            (
+                "pipelined input waits for the verdict",
+                Peer::Implicit,
+                vec![
+                    ehlo(),
+                    (
+                        send(&format!(
+                            "AUTH PLAIN {PLAIN_IR}\r\nMAIL FROM:<alice@local.test>\r\n"
+                        )),
+                        &[],
+                        &["Authenticate"],
+                    ),
+                    (
+                        Act::Auth(AuthResult::Accepted),
+                        &["235 2.7.0", "250 2.1.0"],
+                        &[],
+                    ),
+                    foreign_rcpt,
+                ],
+            ),
+        ];
+        for (case, peer, steps) in cases {
+            run(case, peer, &steps);
+        }
+    }
+
+    #[test]
+    fn auth_is_advertised_only_under_tls_and_marks_received() {
+        let ehlo_lines = |h: &mut Harness| {
+            h.s.feed(b"EHLO c.test\r\n", h.now);
+            String::from_utf8_lossy(&h.s.take_output()).into_owned()
+        };
+        let mut h = Harness::new(Peer::Submission);
+        assert!(!ehlo_lines(&mut h).contains("AUTH"));
+        h.s.feed(b"STARTTLS\r\n", h.now);
+        assert_eq!(h.s.poll_event(), Some(Event::StartTls));
+        h.s.tls_established(tls_info(), h.now);
+        assert!(ehlo_lines(&mut h).contains("250-AUTH PLAIN LOGIN\r\n"));
+        h.s.feed(format!("AUTH PLAIN {PLAIN_IR}\r\n").as_bytes(), h.now);
+        let Some(Event::Authenticate(creds)) = h.s.poll_event() else {
+            panic!("no Authenticate event");
+        };
+        assert_eq!(creds.login, "alice@local.test");
+        assert_eq!(creds.password.expose(), b"pw");
+        h.s.auth_result(AuthResult::Accepted, h.now);
+        assert_eq!(h.s.authenticated(), Some("alice@local.test"));
+        assert_eq!(h.s.protocol(), "ESMTPSA");
+        assert!(!ehlo_lines(&mut h).contains("AUTH"), "not offered again");
+        // Without TLS nothing is offered on a listener that offers AUTH.
+        let mut h = Harness::new(Peer::AuthOffered);
+        assert!(!ehlo_lines(&mut h).contains("AUTH"));
+    }
+
+    #[test]
+    fn a_long_auth_line_is_allowed_up_to_its_own_limit() {
+        let mut h = Harness::new(Peer::Implicit);
+        h.s.feed(b"EHLO c.test\r\n", h.now);
+        h.s.take_output();
+        // 2000 octets: beyond the 512 of a command line, within RFC 4954's 12288.
+        let long = format!("AUTH PLAIN {}\r\n", "A".repeat(2000));
+        h.s.feed(long.as_bytes(), h.now);
+        let out = finals(&h.s.take_output());
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(
+            out.first().is_some_and(|l| l.starts_with("501 5.5.2")),
+            "{out:?}"
+        );
+        let too_long = format!("AUTH PLAIN {}\r\n", "A".repeat(sasl::MAX_AUTH_LINE));
+        h.s.feed(too_long.as_bytes(), h.now);
+        let out = finals(&h.s.take_output());
+        assert!(
+            out.first().is_some_and(|l| l.starts_with("500 5.5.2")),
+            "{out:?}"
+        );
     }
 
     #[test]

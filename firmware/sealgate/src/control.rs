@@ -58,6 +58,7 @@ pub fn apply(
     let new = &snapshot.config;
     if new.smtp.listen != old.config.smtp.listen
         || new.smtp.implicit_tls != old.config.smtp.implicit_tls
+        || new.smtp.submission != old.config.smtp.submission
         || new.smtp.max_connections != old.config.smtp.max_connections
         || new.queue.max_deliveries != old.config.queue.max_deliveries
         || new.dns_resolvers != old.config.dns_resolvers

@@ -7,6 +7,7 @@
 //! other.
 
 pub mod appliance;
+pub mod auth;
 pub mod conn;
 pub mod control;
 pub mod delivery;

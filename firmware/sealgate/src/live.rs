@@ -43,6 +43,7 @@ impl Snapshot {
                 ..Default::default()
             },
             local_domains: s.local_domains.clone(),
+            sender_binding: config.auth.sender_binding,
         };
         Ok(Snapshot {
             config: Arc::new(config),

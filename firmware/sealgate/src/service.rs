@@ -13,7 +13,7 @@ use crate::control::{ApplyError, ControlError};
 use crate::delivery::Queue;
 use crate::live::{Live, Snapshot};
 use crate::peers::PeerStore;
-use crate::smtp::Smtpd;
+use crate::smtp::{ListenerKind, Smtpd};
 use crate::spool::Spool;
 use crate::spool::unix_now;
 use crate::tls::{ServerTls, ensure_dev_certificate, export_chains};
@@ -242,12 +242,14 @@ async fn listen_smtp(
         implicit: Vec::new(),
         ready: Vec::new(),
     };
-    for (addrs, implicit) in [
-        (&config.smtp.listen, false),
-        (&config.smtp.implicit_tls, true),
+    for (addrs, kind) in [
+        (&config.smtp.listen, ListenerKind::Smtp),
+        (&config.smtp.implicit_tls, ListenerKind::ImplicitTls),
+        (&config.smtp.submission, ListenerKind::Submission),
     ] {
         for addr in addrs {
-            if implicit && live.get().server_tls.is_none() {
+            if kind != ListenerKind::Smtp && live.get().server_tls.is_none() {
+                tracing::warn!(%addr, "no certificate installed: TLS-only SMTP listener not started");
                 continue;
             }
             let listener = match TcpListener::bind(addr).await {
@@ -265,15 +267,23 @@ async fn listen_smtp(
                 }
             };
             let bound = listener.local_addr().unwrap_or(*addr);
-            if implicit {
-                out.implicit.push(bound);
-                out.ready.push(format!("smtps={bound}"));
-            } else {
-                out.starttls.push(bound);
-                out.ready.push(format!("smtp={bound}"));
+            match kind {
+                ListenerKind::ImplicitTls => {
+                    out.implicit.push(bound);
+                    out.ready.push(format!("smtps={bound}"));
+                }
+                // Both greet with `220` in plaintext, which is what the health check reads.
+                ListenerKind::Smtp => {
+                    out.starttls.push(bound);
+                    out.ready.push(format!("smtp={bound}"));
+                }
+                ListenerKind::Submission => {
+                    out.starttls.push(bound);
+                    out.ready.push(format!("submission={bound}"));
+                }
             }
             out.tasks
-                .push(tokio::spawn(smtpd.clone().serve(listener, implicit)));
+                .push(tokio::spawn(smtpd.clone().serve(listener, kind)));
         }
     }
     Ok(out)

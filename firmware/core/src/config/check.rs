@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::raw::{RawConfig, RawDevice, RawDns};
 use super::values::domain_name;
-use super::{Config, ConfigError, invalid, mgmt, queue, routes, smtp, tls};
+use super::{Config, ConfigError, auth, invalid, mgmt, queue, routes, smtp, tls};
 
 impl RawConfig {
     /// Checks every section; `[mgmt]` needs the SMTP listeners, routes the TLS names.
@@ -17,6 +17,7 @@ impl RawConfig {
         let dns_resolvers = check_dns(&self.dns)?;
         let mgmt = mgmt::check(&self.mgmt, &smtp)?;
         let routes = routes::check(&self.route, &tls)?;
+        let auth = auth::check(&self.auth, &smtp, &tls.cas)?;
         Ok(Config {
             hostname,
             smtp,
@@ -25,6 +26,7 @@ impl RawConfig {
             dns_resolvers,
             routes,
             mgmt,
+            auth,
         })
     }
 }

@@ -9,6 +9,7 @@
 //! then `smtp.rs`, `queue.rs`, `tls.rs`, `mgmt.rs`, `routes.rs`); `values.rs` holds the value
 //! checks they share (durations, addresses, CIDRs, names, fingerprints).
 
+mod auth;
 mod check;
 mod mgmt;
 mod queue;
@@ -61,6 +62,77 @@ pub struct Config {
     pub dns_resolvers: Vec<SocketAddr>,
     pub routes: Vec<Route>,
     pub mgmt: MgmtConfig,
+    pub auth: AuthConfig,
+}
+
+/// `[auth]` (F-AUTH; `docs/auth.md`): how mail clients log in and how logins are checked.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub sender_binding: SenderBinding,
+    /// Successful logins remembered this long (zero: not at all).
+    pub cache_ttl: Duration,
+    /// The answer to the n-th failure in a row waits `fail_delay * 2^(n-1)`, at most
+    /// `max_fail_delay`.
+    pub fail_delay: Duration,
+    pub max_fail_delay: Duration,
+    /// Failures of one client address (or one user) before a lockout of `lockout_time`.
+    pub lockout_after: u32,
+    pub lockout_time: Duration,
+    /// Backend checks in flight at once.
+    pub max_checks: usize,
+    /// Offer AUTH (under TLS) on the `smtp.listen` listeners too.
+    pub on_listen: bool,
+    pub backends: Vec<AuthBackend>,
+}
+
+impl AuthConfig {
+    /// The backend checking logins of `domain` (lower case).
+    pub fn backend_for(&self, domain: &str) -> Option<&AuthBackend> {
+        self.backends
+            .iter()
+            .find(|b| b.domains.iter().any(|d| d == domain))
+    }
+}
+
+/// `auth.sender_must_match`: the session machine's own type.
+pub use sealgate_proto::server::SenderBinding;
+
+/// A server that checks the logins of some domains (`[[auth.backend]]`).
+#[derive(Debug, Clone)]
+pub struct AuthBackend {
+    pub name: String,
+    pub kind: BackendKind,
+    pub tls: BackendTls,
+    pub host: String,
+    pub port: u16,
+    /// `[[tls.ca]]` the server's certificate must chain to; `None`: `tls.system_roots`.
+    pub ca: Option<String>,
+    /// The name the server's certificate must carry.
+    pub tls_name: String,
+    pub domains: Vec<String>,
+    /// Connection, TLS and dialog of one check.
+    pub timeout: Duration,
+    /// `ldap`: the DN bound as, a template of `{user}`, `{address}`, `{domain}`.
+    pub bind_dn: Option<String>,
+    /// `imap`, `pop3`, `smtp`: the user name sent, a template (default `{address}`).
+    pub login: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Ldap,
+    Imap,
+    Pop3,
+    Smtp,
+}
+
+/// How a backend connection gets its TLS; there is no plaintext kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendTls {
+    /// TLS from the first byte (ldaps, imaps, pop3s, smtps).
+    Implicit,
+    /// StartTLS / STARTTLS / STLS before anything else is said.
+    StartTls,
 }
 
 /// `[mgmt]`: the management API (F-MGMT; endpoints in `docs/mgmt-api.md`).
@@ -90,6 +162,8 @@ pub struct SmtpConfig {
     pub listen: Vec<SocketAddr>,
     /// Listeners speaking TLS from the first byte (RFC 8314).
     pub implicit_tls: Vec<SocketAddr>,
+    /// Submission listeners (RFC 6409): STARTTLS, then AUTH, before MAIL.
+    pub submission: Vec<SocketAddr>,
     pub local_domains: Vec<String>,
     pub trusted_networks: Vec<Cidr>,
     pub max_message_bytes: u64,

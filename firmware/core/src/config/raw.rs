@@ -24,6 +24,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) mgmt: RawMgmt,
     #[serde(default)]
+    pub(super) auth: RawAuth,
+    #[serde(default)]
     pub(super) route: Vec<RawRoute>,
 }
 
@@ -38,6 +40,7 @@ pub(super) struct RawDevice {
 pub(super) struct RawSmtp {
     pub(super) listen: Option<Vec<String>>,
     pub(super) implicit_tls: Option<Vec<String>>,
+    pub(super) submission: Option<Vec<String>>,
     pub(super) local_domains: Option<Vec<String>>,
     pub(super) trusted_networks: Option<Vec<String>>,
     pub(super) max_message_bytes: Option<u64>,
@@ -137,4 +140,43 @@ pub(super) struct RawRoute {
     pub(super) ca: Option<String>,
     pub(super) fingerprints: Option<Vec<String>>,
     pub(super) client_certificate: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    pub(super) sender_must_match: Option<RawBinding>,
+    pub(super) cache_ttl: Option<String>,
+    pub(super) fail_delay: Option<String>,
+    pub(super) max_fail_delay: Option<String>,
+    pub(super) lockout_after: Option<u32>,
+    pub(super) lockout_time: Option<String>,
+    pub(super) max_checks: Option<usize>,
+    pub(super) on_listen: Option<bool>,
+    #[serde(default)]
+    pub(super) backend: Vec<RawBackend>,
+}
+
+/// `auth.sender_must_match`: `true`/`false` or a word (`"address"`, `"domain"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawBinding {
+    Flag(bool),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackend {
+    pub(super) name: String,
+    pub(super) kind: String,
+    pub(super) url: String,
+    pub(super) starttls: Option<bool>,
+    pub(super) ca: Option<String>,
+    pub(super) tls_name: Option<String>,
+    #[serde(default)]
+    pub(super) domains: Vec<String>,
+    pub(super) timeout: Option<String>,
+    pub(super) bind_dn: Option<String>,
+    pub(super) login: Option<String>,
 }

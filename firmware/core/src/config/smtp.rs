@@ -12,10 +12,11 @@ pub(super) fn check(s: &RawSmtp) -> Result<SmtpConfig, ConfigError> {
         "smtp.implicit_tls",
         s.implicit_tls.as_deref().unwrap_or(&[]),
     )?;
-    if listen.is_empty() && implicit_tls.is_empty() {
+    let submission = socket_addrs("smtp.submission", s.submission.as_deref().unwrap_or(&[]))?;
+    if listen.is_empty() && implicit_tls.is_empty() && submission.is_empty() {
         return Err(invalid(
             "smtp.listen",
-            "no listener: give smtp.listen or smtp.implicit_tls",
+            "no listener: give smtp.listen, smtp.implicit_tls or smtp.submission",
         ));
     }
     let local_domains = domain_names(
@@ -31,6 +32,7 @@ pub(super) fn check(s: &RawSmtp) -> Result<SmtpConfig, ConfigError> {
     Ok(SmtpConfig {
         listen,
         implicit_tls,
+        submission,
         local_domains,
         trusted_networks,
         max_message_bytes,

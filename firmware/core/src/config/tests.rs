@@ -293,15 +293,15 @@ const WHOLE: &[(&str, &str)] = &[
     ),
     (
         "[smtp]\nlisten = []",
-        "config key smtp.listen: no listener: give smtp.listen or smtp.implicit_tls",
+        "config key smtp.listen: no listener: give smtp.listen, smtp.implicit_tls or smtp.submission",
     ),
     (
         "",
-        "config key smtp.listen: no listener: give smtp.listen or smtp.implicit_tls",
+        "config key smtp.listen: no listener: give smtp.listen, smtp.implicit_tls or smtp.submission",
     ),
     (
         "[smtp]\nimplicit_tls = []\nlisten = []",
-        "config key smtp.listen: no listener: give smtp.listen or smtp.implicit_tls",
+        "config key smtp.listen: no listener: give smtp.listen, smtp.implicit_tls or smtp.submission",
     ),
     (
         "[smtp]\nlisten = [\"nope\"]\nimplicit_tls = [\"bad\"]",
@@ -1015,11 +1015,11 @@ const AFTER_HEAD_PREFIX: &[(&str, &str)] = &[
 const SYNTAX: &[(&str, &str)] = &[
     (
         "bogus = 1\n[smtp]\nlisten = [\"127.0.0.1:25\"]",
-        "unknown field `bogus`, expected one of `device`, `smtp`, `queue`, `tls`, `dns`, `mgmt`, `route`",
+        "unknown field `bogus`, expected one of `device`, `smtp`, `queue`, `tls`, `dns`, `mgmt`, `auth`, `route`",
     ),
     (
         "[smtp]\nlisten = [\"127.0.0.1:25\"]\nextra = 1",
-        "unknown field `extra`, expected one of `listen`, `implicit_tls`, `local_domains`, `trusted_networks`, `max_message_bytes`, `max_recipients`, `max_connections`, `max_connections_per_ip`, `max_errors`, `command_timeout`, `data_timeout`",
+        "unknown field `extra`, expected one of `listen`, `implicit_tls`, `submission`, `local_domains`, `trusted_networks`, `max_message_bytes`, `max_recipients`, `max_connections`, `max_connections_per_ip`, `max_errors`, `command_timeout`, `data_timeout`",
     ),
     (
         "[smtp]\nlisten = \"127.0.0.1:25\"",
@@ -1039,7 +1039,7 @@ const SYNTAX: &[(&str, &str)] = &[
 const SYNTAX_AFTER_HEAD: &[(&str, &str)] = &[
     (
         "bogus = 1",
-        "unknown field `bogus`, expected one of `listen`, `implicit_tls`, `local_domains`, `trusted_networks`, `max_message_bytes`, `max_recipients`, `max_connections`, `max_connections_per_ip`, `max_errors`, `command_timeout`, `data_timeout`",
+        "unknown field `bogus`, expected one of `listen`, `implicit_tls`, `submission`, `local_domains`, `trusted_networks`, `max_message_bytes`, `max_recipients`, `max_connections`, `max_connections_per_ip`, `max_errors`, `command_timeout`, `data_timeout`",
     ),
     (
         "[[route]]\ndomain = \"x\"\ntls = 5",
@@ -1492,5 +1492,179 @@ fn levels_by_name() {
             want,
             "{written}"
         );
+    }
+}
+
+// ---- [auth] ---------------------------------------------------------------------------------
+
+/// `[[auth.backend]]` pieces for the AUTH cases: `{pem}` is a usable CA.
+fn auth_config(backend: &str, extra: &str) -> String {
+    let pem = ca_pem();
+    format!(
+        "[smtp]\nlisten = [\"127.0.0.1:25\"]\nsubmission = [\"127.0.0.1:587\"]\n{extra}\n\
+         [[tls.ca]]\nname = \"corp\"\npem = \"\"\"{pem}\"\"\"\n[[auth.backend]]\n{backend}\n"
+    )
+}
+
+#[test]
+fn auth_backends_are_typed() {
+    let text = auth_config(
+        "name = \"dir\"\nkind = \"ldap\"\nurl = \"ldap://dc1.corp.example\"\nstarttls = true\n\
+         ca = \"corp\"\nbind_dn = \"uid={user},ou=people,dc=corp\"\ndomains = [\"Corp.Example\"]\n\
+         [[auth.backend]]\nname = \"mail\"\nkind = \"imap\"\nurl = \"imaps://[::1]\"\n\
+         tls_name = \"mail.b.example\"\nlogin = \"{user}\"\ndomains = [\"b.example\"]\ntimeout = \"3s\"",
+        "[auth]\nsender_must_match = \"domain\"\ncache_ttl = \"0s\"\nlockout_after = 3",
+    );
+    let c = Config::from_toml(&text, "t").unwrap();
+    assert_eq!(c.smtp.submission, vec!["127.0.0.1:587".parse().unwrap()]);
+    let a = &c.auth;
+    assert_eq!(a.sender_binding, SenderBinding::Domain);
+    assert_eq!((a.cache_ttl, a.lockout_after), (Duration::ZERO, 3));
+    let dir = a.backend_for("corp.example").unwrap();
+    assert_eq!(
+        (dir.kind, dir.tls),
+        (BackendKind::Ldap, BackendTls::StartTls)
+    );
+    assert_eq!((dir.host.as_str(), dir.port), ("dc1.corp.example", 389));
+    assert_eq!(dir.tls_name, "dc1.corp.example");
+    assert_eq!(dir.login, "{address}");
+    let mail = a.backend_for("b.example").unwrap();
+    assert_eq!((mail.tls, mail.port), (BackendTls::Implicit, 993));
+    assert_eq!(
+        (mail.host.as_str(), mail.tls_name.as_str()),
+        ("::1", "mail.b.example")
+    );
+    assert_eq!(mail.timeout, Duration::from_secs(3));
+    assert!(a.backend_for("other.example").is_none());
+    // Defaults: no sender binding, 5 minutes of cache, AUTH not on port 25.
+    let plain = auth_config(
+        "name = \"p\"\nkind = \"pop3\"\nurl = \"pop3s://mail.x:1995/\"\ndomains = [\"x\"]",
+        "",
+    );
+    let c = Config::from_toml(&plain, "t").unwrap();
+    assert_eq!(c.auth.sender_binding, SenderBinding::Off);
+    assert_eq!(c.auth.cache_ttl, Duration::from_secs(300));
+    assert!(!c.auth.on_listen);
+    assert_eq!(c.auth.backends.first().map(|b| b.port), Some(1995));
+}
+
+#[test]
+fn bad_auth_configs_name_the_key_and_the_reason() {
+    let ok = "name = \"d\"\nkind = \"smtp\"\nurl = \"smtps://m.x\"\ndomains = [\"x\"]";
+    let cases = [
+        (
+            auth_config(
+                "name = \"d\"\nkind = \"ldap\"\nurl = \"ldap://dc\"\nbind_dn = \"uid={user}\"\ndomains = [\"x\"]",
+                "",
+            ),
+            "auth.backend[0].url",
+            "ldap:// without starttls = true would send passwords in plaintext",
+        ),
+        (
+            auth_config(
+                "name = \"d\"\nkind = \"imap\"\nurl = \"imaps://m\"\nstarttls = true\ndomains = [\"x\"]",
+                "",
+            ),
+            "auth.backend[0].url",
+            "imaps:// is TLS already",
+        ),
+        (
+            auth_config(
+                "name = \"d\"\nkind = \"pop3\"\nurl = \"imaps://m\"\ndomains = [\"x\"]",
+                "",
+            ),
+            "auth.backend[0].url",
+            "takes pop3s:// or pop3://",
+        ),
+        (
+            auth_config(
+                "name = \"d\"\nkind = \"ldap\"\nurl = \"ldaps://dc\"\ndomains = [\"x\"]",
+                "",
+            ),
+            "auth.backend[0].bind_dn",
+            "needs a DN template",
+        ),
+        (
+            auth_config(
+                "name = \"d\"\nkind = \"ldap\"\nurl = \"ldaps://dc\"\nbind_dn = \"uid={name}\"\ndomains = [\"x\"]",
+                "",
+            ),
+            "auth.backend[0].bind_dn",
+            "{name}",
+        ),
+        (
+            auth_config(
+                "name = \"d\"\nkind = \"imap\"\nurl = \"imaps://m\"\nbind_dn = \"x\"\ndomains = [\"x\"]",
+                "",
+            ),
+            "auth.backend[0].bind_dn",
+            "only for kind = \"ldap\"",
+        ),
+        (
+            auth_config(
+                "name = \"d\"\nkind = \"imap\"\nurl = \"imaps://m\"\ndomains = []",
+                "",
+            ),
+            "auth.backend[0].domains",
+            "name the login domains",
+        ),
+        (
+            auth_config(
+                &format!("{ok}\n[[auth.backend]]\n{}", ok.replace("\"d\"", "\"e\"")),
+                "",
+            ),
+            "auth.backend[1].domains",
+            "listed twice",
+        ),
+        (
+            auth_config(&format!("{ok}\nca = \"nope\""), ""),
+            "auth.backend[0].ca",
+            "no [[tls.ca]] named \"nope\"",
+        ),
+        (
+            auth_config(
+                "name = \"d\"\nkind = \"kerberos\"\nurl = \"x://m\"\ndomains = [\"x\"]",
+                "",
+            ),
+            "auth.backend[0].kind",
+            "use ldap, imap, pop3 or smtp",
+        ),
+        (
+            auth_config(
+                "name = \"d\"\nkind = \"smtp\"\nurl = \"smtps://u@m.x/path\"\ndomains = [\"x\"]",
+                "",
+            ),
+            "auth.backend[0].url",
+            "only scheme://host[:port]",
+        ),
+        (
+            auth_config(ok, "[auth]\nsender_must_match = \"yes\""),
+            "auth.sender_must_match",
+            "use true, false",
+        ),
+        (
+            auth_config(ok, "[auth]\nfail_delay = \"5s\"\nmax_fail_delay = \"1s\""),
+            "auth.max_fail_delay",
+            "must not be shorter",
+        ),
+        (
+            auth_config(ok, "[auth]\nlockout_after = 0"),
+            "auth.lockout_after",
+            "must be 1 to 1000",
+        ),
+        (
+            format!("{HEAD}submission = [\"127.0.0.1:587\"]\n"),
+            "smtp.submission",
+            "needs at least one [[auth.backend]]",
+        ),
+    ];
+    for (text, key, reason) in cases {
+        match Config::from_toml(&text, "t") {
+            Err(ConfigError::Invalid { key: k, reason: r }) => {
+                assert_eq!(k, key, "{text}");
+                assert!(r.contains(reason), "{key}: {r:?} lacks {reason:?}");
+            }
+            other => panic!("{text}: expected error on {key}, got {other:?}"),
+        }
     }
 }

@@ -11,11 +11,12 @@ use std::time::Instant;
 use crate::tls::stream::ServerStream;
 use sealgate_proto::Envelope;
 use sealgate_proto::received::{ReceivedFields, received_header};
-use sealgate_proto::server::{ClientInfo, Event, ServerSession, StoreResult, TlsInfo};
+use sealgate_proto::server::{AuthOffer, ClientInfo, Event, ServerSession, StoreResult, TlsInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::auth::Authenticator;
 use crate::conn::Conn;
 use crate::delivery::Queue;
 use crate::live::{Live, Snapshot};
@@ -42,6 +43,8 @@ pub struct Smtpd {
     pub queue: Arc<Queue>,
     /// Inbound clients are recorded in the peer table too.
     pub peers: Arc<PeerStore>,
+    /// Checks AUTH credentials (throttle and cache shared by all sessions).
+    auth: Authenticator,
     sessions: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     spool_free: AtomicU64,
@@ -83,7 +86,9 @@ impl Smtpd {
     ) -> Arc<Smtpd> {
         let max_connections = live.get().config.smtp.max_connections;
         let free = spool.free_bytes();
+        let auth = Authenticator::new(&live.get().config.auth);
         Arc::new(Smtpd {
+            auth,
             sessions: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             per_ip: Mutex::new(HashMap::new()),
@@ -166,7 +171,7 @@ impl Smtpd {
     }
 
     /// Accepts connections until the process ends.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, implicit_tls: bool) {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, kind: ListenerKind) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -179,12 +184,13 @@ impl Smtpd {
             let _ = stream.set_nodelay(true);
             let me = self.clone();
             tokio::spawn(async move {
-                me.connection(stream, peer, implicit_tls).await;
+                me.connection(stream, peer, kind).await;
             });
         }
     }
 
-    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, implicit_tls: bool) {
+    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, kind: ListenerKind) {
+        let implicit_tls = kind == ListenerKind::ImplicitTls;
         let snap = self.live.get();
         let local = match stream.local_addr() {
             Ok(a) => a,
@@ -234,8 +240,9 @@ impl Smtpd {
             relay_allowed: verified
                 || (snap.config.is_trusted(ip) && snap.config.peer_for(ip).is_none()),
             starttls_available: snap.server_tls.is_some(),
-            tls_required: snap.config.is_forced_tls(ip),
+            tls_required: snap.config.is_forced_tls(ip) || kind == ListenerKind::Submission,
             implicit_tls: implicit,
+            auth: kind.auth_offer(&snap.config.auth),
         };
         let mut stats = SessionStats {
             client_cert: implicit_cert,
@@ -270,6 +277,7 @@ impl Smtpd {
                 .as_ref()
                 .and_then(|t| t.verified_client.as_deref())
                 .unwrap_or("-"),
+            user = stats.user.as_deref().unwrap_or("-"),
             messages = stats.queued.len(),
             queue_ids = %stats.queued.join(","),
             result = %result,
@@ -414,6 +422,11 @@ impl Smtpd {
                 let r = self.queue.etrn(&domain);
                 s.session.etrn_result(r, Instant::now());
             }
+            Event::Authenticate(credentials) => {
+                let r = Box::pin(self.auth.check(snap, s.client_ip, &credentials)).await;
+                s.session.auth_result(r, Instant::now());
+                stats.user = s.session.authenticated().map(str::to_owned);
+            }
             Event::Close => {
                 stats.helo = s.session.helo().map(str::to_string);
                 let _ = flush(conn, &mut s.session).await;
@@ -498,6 +511,7 @@ impl Smtpd {
                 tracing::info!(
                     queue_id = %id,
                     client = %s.client_ip,
+                    user = s.session.authenticated().unwrap_or("-"),
                     from = %msg.mail_from,
                     rcpts = msg.recipients.len(),
                     size = msg.size,
@@ -512,6 +526,29 @@ impl Smtpd {
                 tracing::error!(error = %e, "spool commit failed");
                 StoreResult::Failed
             }
+        }
+    }
+}
+
+/// What a listener is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// `smtp.listen`: STARTTLS offered; AUTH under TLS only with `auth.on_listen`.
+    Smtp,
+    /// `smtp.implicit_tls`: TLS from the first byte; AUTH when backends exist.
+    ImplicitTls,
+    /// `smtp.submission` (RFC 6409): STARTTLS, then AUTH, before MAIL.
+    Submission,
+}
+
+impl ListenerKind {
+    fn auth_offer(self, auth: &sealgate_core::config::AuthConfig) -> AuthOffer {
+        let any = !auth.backends.is_empty();
+        match self {
+            ListenerKind::Submission => AuthOffer::Required,
+            ListenerKind::ImplicitTls if any => AuthOffer::Offered,
+            ListenerKind::Smtp if any && auth.on_listen => AuthOffer::Offered,
+            ListenerKind::ImplicitTls | ListenerKind::Smtp => AuthOffer::None,
         }
     }
 }
@@ -617,6 +654,8 @@ struct SessionStats {
     tls: Option<TlsInfo>,
     /// SHA-256 of the client certificate, if one was presented.
     client_cert: Option<String>,
+    /// The login, once AUTH succeeded.
+    user: Option<String>,
     queued: Vec<String>,
 }
 

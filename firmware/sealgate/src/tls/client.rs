@@ -43,6 +43,9 @@ pub struct ClientTls {
     cas: HashMap<String, Arc<WebPkiServerVerifier>>,
     /// `tls.system_roots`, loaded only when a `verify` route has no `ca`.
     system: Option<Arc<WebPkiServerVerifier>>,
+    /// Per `[[auth.backend]]` name: a configuration that verifies the chain and the backend's
+    /// `tls_name` during the handshake (nothing is said before it verified).
+    backends: HashMap<String, Arc<ClientConfig>>,
 }
 
 /// How a certificate was judged, for the delivery log.
@@ -113,12 +116,19 @@ impl ClientTls {
                 None => {}
             }
         }
+        let backends = backend_configs(config, &mut cas, &mut system)?;
         Ok(ClientTls {
             anonymous: build(None)?,
             with_cert,
             cas,
             system,
+            backends,
         })
+    }
+
+    /// The configuration for the AUTH backend `name`.
+    pub fn backend(&self, name: &str) -> Option<Arc<ClientConfig>> {
+        self.backends.get(name).cloned()
     }
 
     /// The configuration presenting `client_certificate` (or none).
@@ -208,6 +218,93 @@ fn build(client_cert: Option<Arc<CertifiedKey>>) -> Result<Arc<ClientConfig>, Tl
     };
     cc.resumption = rustls::client::Resumption::in_memory_sessions(SESSION_CACHE);
     Ok(Arc::new(cc))
+}
+
+/// One verifying configuration per AUTH backend, sharing the CA verifiers with the routes.
+fn backend_configs(
+    config: &Config,
+    cas: &mut HashMap<String, Arc<WebPkiServerVerifier>>,
+    system: &mut Option<Arc<WebPkiServerVerifier>>,
+) -> Result<HashMap<String, Arc<ClientConfig>>, TlsError> {
+    let mut out = HashMap::new();
+    for b in &config.auth.backends {
+        let inner = match &b.ca {
+            Some(name) => match cas.get(name) {
+                Some(v) => v.clone(),
+                None => {
+                    let ca = config.ca(name).ok_or_else(|| TlsError::Ca {
+                        name: name.clone(),
+                        reason: "not configured".into(),
+                    })?;
+                    let ders = ca.certs.iter().map(|d| CertificateDer::from(d.clone()));
+                    let v = verifier(name, ders.collect())?;
+                    cas.insert(name.clone(), v.clone());
+                    v
+                }
+            },
+            None => match system {
+                Some(v) => v.clone(),
+                None => system
+                    .insert(system_roots(&config.tls.system_roots)?)
+                    .clone(),
+            },
+        };
+        let name = ServerName::try_from(b.tls_name.clone()).map_err(|e| TlsError::Ca {
+            name: format!("auth.backend {} tls_name", b.name),
+            reason: e.to_string(),
+        })?;
+        let cc = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NamedVerifier { inner, name }))
+            .with_no_client_auth();
+        out.insert(b.name.clone(), Arc::new(cc));
+    }
+    Ok(out)
+}
+
+/// Verifies the chain and a fixed name (`tls_name`), whatever host name the connection was
+/// opened with: a backend reached by address is still checked by its certificate name.
+#[derive(Debug)]
+struct NamedVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for NamedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 fn verifier(
@@ -307,6 +404,7 @@ mod tests {
                 verifier("vpn", vec![CertificateDer::from(ca)]).unwrap(),
             )]),
             system: None,
+            backends: HashMap::new(),
         }
     }
 
