@@ -424,7 +424,15 @@ pub fn recover(dir: &Path) -> Result<(Vec<QueuedMessage>, Index), SpoolError> {
     for seg in segs {
         let path = seg_path(dir, seg);
         index.seg_live.entry(seg).or_insert(0);
-        let (records, torn) = scan_segment(&path)?;
+        let (records, torn) = match scan_segment(&path) {
+            Ok(scanned) => scanned,
+            // a running daemon removes a segment only when nothing in it is live: a reader
+            // beside it (`sealgate queue list`) that lost the race has nothing to miss
+            Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if let Some((offset, reason)) = torn {
             let e = SpoolError::Damaged {
                 path: path.clone(),

@@ -511,10 +511,10 @@ impl Smtpd {
                 tracing::info!(
                     queue_id = %id,
                     client = %s.client_ip,
-                    user = s.session.authenticated().unwrap_or("-"),
                     from = %msg.mail_from,
                     rcpts = msg.recipients.len(),
                     size = msg.size,
+                    user = s.session.authenticated().unwrap_or("-"),
                     "queued"
                 );
                 self.queue.enqueue(msg);
