@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use sealgate_proto::server::{
-    AuthOffer, AuthResult, ClientInfo, EtrnResult, Event, SenderBinding, ServerLimits,
-    ServerParams, ServerSession, StoreResult, TlsInfo,
+    AuthOffer, AuthResult, ClientInfo, EtrnResult, Event, RcptResult, SenderBinding,
+    ServerLimits, ServerParams, ServerSession, StoreResult, TlsInfo,
 };
 
 /// Control bytes in the chunk stream (any other value `n` feeds the next `n` bytes).
@@ -40,7 +40,8 @@ fuzz_target!(|data: &[u8]| {
     let params = Arc::new(ServerParams {
         hostname: "mx.fuzz.test".to_owned(),
         limits,
-        local_domains: vec!["local.test".to_owned()],
+        local_domains: vec!["local.test".to_owned(), "checked.test".to_owned()],
+        validated_domains: vec!["checked.test".to_owned()],
         sender_binding: if flags & 0x80 != 0 {
             SenderBinding::Address
         } else {
@@ -126,6 +127,15 @@ fuzz_target!(|data: &[u8]| {
                         _ => AuthResult::Unavailable,
                     };
                     s.auth_result(result, now);
+                }
+                Event::CheckRecipient(address) => {
+                    assert!(address.to_ascii_lowercase().ends_with("@checked.test"));
+                    let result = match answers % 3 {
+                        0 => RcptResult::Exists,
+                        1 => RcptResult::Unknown,
+                        _ => RcptResult::Unavailable,
+                    };
+                    s.rcpt_result(result, now);
                 }
                 Event::MessageStart | Event::Close => {}
             }

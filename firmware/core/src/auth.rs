@@ -337,6 +337,56 @@ impl SuccessCache {
     }
 }
 
+/// Recipient lookups remembered (F-RCPT): whether the directory knew an address, until the
+/// answer's TTL runs out; at most `max` entries (expired ones go first, then the soonest to
+/// expire). Keys are the caller's (the lookup's settings and the lower-cased address), so a
+/// changed filter or base never answers from the old one's entries.
+#[derive(Debug, Default)]
+pub struct LookupCache {
+    entries: HashMap<String, (bool, Instant)>,
+}
+
+impl LookupCache {
+    /// The remembered answer for `key`, if still fresh.
+    pub fn get(&self, key: &str, now: Instant) -> Option<bool> {
+        self.entries
+            .get(key)
+            .filter(|(_, expires)| now < *expires)
+            .map(|(exists, _)| *exists)
+    }
+
+    /// Remembers `exists` for `ttl` (zero: not at all) within a bound of `max` entries.
+    pub fn insert(&mut self, key: String, exists: bool, ttl: Duration, max: usize, now: Instant) {
+        if ttl.is_zero() || max == 0 {
+            self.entries.remove(&key);
+            return;
+        }
+        if !self.entries.contains_key(&key) && self.entries.len() >= max {
+            self.entries.retain(|_, (_, expires)| *expires > now);
+            while self.entries.len() >= max {
+                let soonest = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, (_, e))| *e)
+                    .map(|(k, _)| k.clone());
+                match soonest {
+                    Some(k) => self.entries.remove(&k),
+                    None => break,
+                };
+            }
+        }
+        self.entries.insert(key, (exists, now + ttl));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// `local@domain` split at the last `@`: both non-empty, no whitespace or control characters;
 /// the domain lower case without a trailing dot.
 pub fn split_login(login: &str) -> Option<(&str, String)> {
@@ -451,6 +501,30 @@ pub fn expand_template(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookup_cache_expires_and_stays_bounded() {
+        let t0 = Instant::now();
+        let mut c = LookupCache::default();
+        c.insert("a".into(), true, Duration::from_secs(10), 2, t0);
+        c.insert("b".into(), false, Duration::from_secs(5), 2, t0);
+        assert_eq!(c.get("a", t0), Some(true));
+        assert_eq!(c.get("b", t0 + Duration::from_secs(4)), Some(false));
+        assert_eq!(c.get("b", t0 + Duration::from_secs(5)), None, "expired");
+        // full: the one soonest to expire goes
+        c.insert("c".into(), true, Duration::from_secs(20), 2, t0);
+        assert_eq!(
+            (c.len(), c.get("b", t0), c.get("a", t0)),
+            (2, None, Some(true))
+        );
+        // a zero TTL remembers nothing and forgets what was there
+        c.insert("a".into(), false, Duration::ZERO, 2, t0);
+        assert_eq!(c.get("a", t0), None);
+        for i in 0..100 {
+            c.insert(format!("k{i}"), true, Duration::from_secs(60), 8, t0);
+        }
+        assert_eq!(c.len(), 8);
+    }
 
     fn settings(after: u32) -> ThrottleSettings {
         ThrottleSettings {

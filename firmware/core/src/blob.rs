@@ -13,6 +13,11 @@
 //! 14+len  64        Ed25519 signature
 //! ```
 //!
+//! Format 2 is the same with `body = postcard(Body { header, config, secrets:
+//! Vec<`[`SealedSecret`]`> })`: the secrets sealed to this box (F-SECRETS, see
+//! [`crate::secrets`]). `sealctl` writes format 2 only when a blob carries secrets, so boxes
+//! that predate them keep reading every blob without.
+//!
 //! The signature covers `b"sealgate config blob v1\0" || every byte before the signature`
 //! (magic, format, length and body): the domain prefix keeps a config signature from ever
 //! being valid as any other kind of message signed with the same key.
@@ -39,6 +44,8 @@ use std::collections::BTreeMap;
 use ring::signature::{ED25519, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
+use crate::secrets::SealedSecret;
+
 pub use ring::signature::Ed25519KeyPair;
 // The key files moved to `sealgate_image::keys` (image signing uses them too); re-exported so
 // every `blob::` path keeps working.
@@ -50,8 +57,10 @@ pub use sealgate_image::keys::{
 
 /// First bytes of every blob.
 pub const MAGIC: &[u8; 8] = b"SEALCFG\0";
-/// The format version this build writes and reads.
+/// The format version of a blob without secrets.
 pub const FORMAT: u16 = 1;
+/// The format version of a blob carrying secrets sealed to the box.
+pub const FORMAT_SECRETS: u16 = 2;
 /// Largest body (postcard header + TOML).
 pub const MAX_BODY: usize = 1 << 20;
 /// Bytes before the body: magic, format, body length.
@@ -121,7 +130,9 @@ pub enum BlobError {
     Truncated,
     #[error("format: not a Sealgate config blob (bad magic)")]
     BadMagic,
-    #[error("format: unsupported format version {0} (this build reads version {FORMAT})")]
+    #[error(
+        "format: unsupported format version {0} (this build reads versions {FORMAT} and {FORMAT_SECRETS})"
+    )]
     UnsupportedFormat(u16),
     #[error("format: body larger than {MAX_BODY} bytes")]
     TooLarge,
@@ -161,6 +172,7 @@ pub struct Blob {
     bytes: Vec<u8>,
     header: Header,
     config: String,
+    secrets: Vec<SealedSecret>,
 }
 
 #[derive(Serialize)]
@@ -169,10 +181,24 @@ struct BodyRef<'a> {
     config: &'a str,
 }
 
+#[derive(Serialize)]
+struct BodyRef2<'a> {
+    header: &'a Header,
+    config: &'a str,
+    secrets: &'a [SealedSecret],
+}
+
 #[derive(Deserialize)]
 struct Body {
     header: Header,
     config: String,
+}
+
+#[derive(Deserialize)]
+struct Body2 {
+    header: Header,
+    config: String,
+    secrets: Vec<SealedSecret>,
 }
 
 /// Signs `header` and `config_toml` into a blob. The header is taken as given: its `key_id`
@@ -186,12 +212,36 @@ pub fn sign(header: Header, config_toml: &str, key: &Ed25519KeyPair) -> Vec<u8> 
     };
     // Serializing plain structs of integers, strings and byte arrays into a Vec cannot fail.
     let body = postcard::to_stdvec(&body).unwrap_or_default();
+    sign_body(FORMAT, &body, key)
+}
+
+/// [`sign`] with secrets sealed to the box ([`crate::secrets::seal`]): format 2, or format 1
+/// when there are none.
+pub fn sign_with_secrets(
+    header: Header,
+    config_toml: &str,
+    secrets: &[SealedSecret],
+    key: &Ed25519KeyPair,
+) -> Vec<u8> {
+    if secrets.is_empty() {
+        return sign(header, config_toml, key);
+    }
+    let body = BodyRef2 {
+        header: &header,
+        config: config_toml,
+        secrets,
+    };
+    let body = postcard::to_stdvec(&body).unwrap_or_default();
+    sign_body(FORMAT_SECRETS, &body, key)
+}
+
+fn sign_body(format: u16, body: &[u8], key: &Ed25519KeyPair) -> Vec<u8> {
     let body_len = u32::try_from(body.len()).unwrap_or(u32::MAX);
     let mut out = Vec::with_capacity(PREFIX_LEN + body.len() + SIGNATURE_LEN);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT.to_be_bytes());
+    out.extend_from_slice(&format.to_be_bytes());
     out.extend_from_slice(&body_len.to_be_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     let signature = key.sign(&signed_message(&out));
     out.extend_from_slice(signature.as_ref());
     out
@@ -215,7 +265,7 @@ pub fn decode(bytes: &[u8]) -> Result<Blob, BlobError> {
         return Err(BlobError::Truncated);
     };
     let format = u16::from_be_bytes([format[0], format[1]]);
-    if format != FORMAT {
+    if format != FORMAT && format != FORMAT_SECRETS {
         return Err(BlobError::UnsupportedFormat(format));
     }
     let Some(len) = bytes.get(10..PREFIX_LEN) else {
@@ -233,8 +283,20 @@ pub fn decode(bytes: &[u8]) -> Result<Blob, BlobError> {
         return Err(BlobError::TrailingBytes(bytes.len() - total));
     }
     let body = &bytes[PREFIX_LEN..PREFIX_LEN + declared];
-    let (body, rest) = postcard::take_from_bytes::<Body>(body)
-        .map_err(|e| BlobError::Malformed(format!("body does not decode: {e}")))?;
+    let malformed = |e: postcard::Error| BlobError::Malformed(format!("body does not decode: {e}"));
+    let (body, rest) = if format == FORMAT {
+        let (b, rest) = postcard::take_from_bytes::<Body>(body).map_err(malformed)?;
+        (
+            Body2 {
+                header: b.header,
+                config: b.config,
+                secrets: Vec::new(),
+            },
+            rest,
+        )
+    } else {
+        postcard::take_from_bytes::<Body2>(body).map_err(malformed)?
+    };
     if !rest.is_empty() {
         return Err(BlobError::LengthMismatch {
             declared,
@@ -242,10 +304,13 @@ pub fn decode(bytes: &[u8]) -> Result<Blob, BlobError> {
         });
     }
     check_header(&body.header).map_err(BlobError::Malformed)?;
+    crate::secrets::check_all(&body.secrets)
+        .map_err(|e| BlobError::Malformed(format!("secrets: {e}")))?;
     Ok(Blob {
         bytes: bytes.to_vec(),
         header: body.header,
         config: body.config,
+        secrets: body.secrets,
     })
 }
 
@@ -300,6 +365,11 @@ impl Blob {
     /// The config, as the TOML text HQ wrote.
     pub fn config_toml(&self) -> &str {
         &self.config
+    }
+
+    /// The secrets sealed to the box (empty in format 1).
+    pub fn secrets(&self) -> &[SealedSecret] {
+        &self.secrets
     }
 
     /// The blob's bytes as decoded (what the box stores as `config/current`).
@@ -588,6 +658,25 @@ mod tests {
     }
 
     #[test]
+    fn format_2_carries_secrets_and_format_1_stays_without() {
+        let k = key(1);
+        let pk = crate::secrets::public_of(&[9; 32]);
+        let sealed = crate::secrets::seal(&pk, "ldap-gateway", b"s3cret").unwrap();
+        let two = sign_with_secrets(header(&k), TOML, std::slice::from_ref(&sealed), &k);
+        assert_eq!(two[8..10], FORMAT_SECRETS.to_be_bytes());
+        let b = decode(&two).unwrap();
+        assert_eq!(b.secrets(), std::slice::from_ref(&sealed));
+        assert_eq!(b.config_toml(), TOML);
+        b.verify_signature(&trusted(&[&k])).unwrap();
+        assert!(two.windows(6).all(|w| w != b"s3cret"));
+        let one = sign_with_secrets(header(&k), TOML, &[], &k);
+        assert_eq!(one, sign(header(&k), TOML, &k));
+        assert!(decode(&one).unwrap().secrets().is_empty());
+        let dup = sign_with_secrets(header(&k), TOML, &[sealed.clone(), sealed], &k);
+        assert!(matches!(decode(&dup), Err(BlobError::Malformed(m)) if m.contains("twice")));
+    }
+
+    #[test]
     fn format_errors() {
         let k = key(1);
         let bytes = sign(header(&k), TOML, &k);
@@ -597,9 +686,13 @@ mod tests {
         assert_eq!(decode(b"SEALX"), Err(BlobError::BadMagic));
         assert_eq!(decode(b"#!toml\n[smtp]"), Err(BlobError::BadMagic));
         let mut bad = bytes.clone();
+        bad[9] = 3;
+        assert_eq!(decode(&bad), Err(BlobError::UnsupportedFormat(3)));
+        assert_eq!(decode(&bad[..10]), Err(BlobError::UnsupportedFormat(3)));
+        // a format-1 body read as format 2 lacks its secrets
+        let mut bad = bytes.clone();
         bad[9] = 2;
-        assert_eq!(decode(&bad), Err(BlobError::UnsupportedFormat(2)));
-        assert_eq!(decode(&bad[..10]), Err(BlobError::UnsupportedFormat(2)));
+        assert!(matches!(decode(&bad), Err(BlobError::Malformed(_))));
         let mut bad = bytes.clone();
         bad[10..14].copy_from_slice(&((MAX_BODY as u32) + 1).to_be_bytes());
         assert_eq!(decode(&bad), Err(BlobError::TooLarge));

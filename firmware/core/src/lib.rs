@@ -15,6 +15,7 @@ pub mod hex;
 pub mod peers;
 pub mod queue_list;
 pub mod sealed;
+pub mod secrets;
 pub mod site;
 pub mod spool;
 pub mod time;

@@ -14,6 +14,8 @@
 //!   decision itself stays here, at RCPT).
 //! - After `Event::Authenticate` the machine stops processing input until the runtime answers
 //!   with `auth_result` (after checking the credentials, and after any throttling delay).
+//! - After `Event::CheckRecipient` the machine stops processing input until the runtime
+//!   answers with `rcpt_result` (after looking the address up in the domain's directory).
 //! - After `Event::Close` (output holds the last reply), the runtime flushes and closes.
 //!
 //! Command grammar is smtp-proto's `Request::parse`, applied to lines we frame ourselves (so
@@ -109,6 +111,10 @@ pub struct ServerParams {
     pub local_domains: Vec<String>,
     /// Which envelope senders an authenticated client may use (`auth.sender_must_match`).
     pub sender_binding: SenderBinding,
+    /// Local domains whose recipients are looked up before `250` (`[[recipients]]`, F-RCPT;
+    /// lowercase): RCPT to one emits [`Event::CheckRecipient`]. `postmaster@` is never looked
+    /// up (RFC 5321 §4.5.1: it must be accepted).
+    pub validated_domains: Vec<String>,
 }
 
 /// Envelope senders allowed to an authenticated client.
@@ -184,6 +190,8 @@ pub enum Event {
     Etrn(String),
     /// A complete AUTH exchange: check the credentials, then call `auth_result`.
     Authenticate(Credentials),
+    /// RCPT to a validated local domain: look the address up, then call `rcpt_result`.
+    CheckRecipient(String),
     /// The session is over (QUIT, too many errors, timeout, protocol violation).
     Close,
 }
@@ -218,6 +226,17 @@ pub enum AuthResult {
     /// `535 5.7.8`: wrong login or password.
     Rejected,
     /// `454 4.7.0`: the backend is unavailable, or the client is locked out for a while.
+    Unavailable,
+}
+
+/// The outcome of a recipient lookup (F-RCPT), as reported by the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RcptResult {
+    /// `250 2.1.5`: the directory knows the address.
+    Exists,
+    /// `550 5.1.1`: the directory does not.
+    Unknown,
+    /// `451 4.4.3`: the directory cannot be asked now.
     Unavailable,
 }
 
@@ -258,6 +277,8 @@ enum State {
     AuthResponse,
     /// `Authenticate` emitted; waiting for `auth_result`.
     AwaitAuth,
+    /// `CheckRecipient` emitted; waiting for `rcpt_result`.
+    AwaitRcpt,
     /// `Close` emitted; everything is ignored.
     Closed,
 }
@@ -490,6 +511,8 @@ pub struct ServerSession {
     sasl: Option<Exchange>,
     /// The login being checked (AwaitAuth), then the authenticated one.
     login: Option<String>,
+    /// The recipient being looked up (AwaitRcpt).
+    pending_rcpt: Option<String>,
     authenticated: bool,
     errors: u32,
     spool_free: u64,
@@ -518,6 +541,7 @@ impl ServerSession {
             etrn: None,
             sasl: None,
             login: None,
+            pending_rcpt: None,
             authenticated: false,
             errors: 0,
             spool_free: u64::MAX,
@@ -535,7 +559,7 @@ impl ServerSession {
         while !rest.is_empty() {
             match self.state {
                 State::Closed | State::AwaitTls => return,
-                State::AwaitStore | State::AwaitEtrn | State::AwaitAuth => {
+                State::AwaitStore | State::AwaitEtrn | State::AwaitAuth | State::AwaitRcpt => {
                     // Buffer what the client pipelined, up to the limit (never beyond).
                     let room = self
                         .params
@@ -682,6 +706,39 @@ impl ServerSession {
         self.process(now);
     }
 
+    /// The runtime's verdict on the address of `Event::CheckRecipient`.
+    pub fn rcpt_result(&mut self, result: RcptResult, now: Instant) {
+        if self.state != State::AwaitRcpt {
+            return;
+        }
+        self.state = State::Command;
+        self.last_activity = now;
+        let Some(address) = self.pending_rcpt.take() else {
+            return;
+        };
+        match (result, self.envelope.as_mut()) {
+            (RcptResult::Exists, Some(envelope)) => {
+                envelope.rcpt_to.push(address);
+                self.reply(250, (2, 1, 5), "Ok");
+            }
+            (RcptResult::Exists, None) => self.fail(503, (5, 5, 1), "Error: need MAIL command"),
+            (RcptResult::Unknown, _) => {
+                let shown = sanitize(address.as_bytes());
+                self.fail(
+                    550,
+                    (5, 1, 1),
+                    format!("<{shown}>: Recipient address rejected: User unknown"),
+                );
+            }
+            (RcptResult::Unavailable, _) => self.fail(
+                451,
+                (4, 4, 3),
+                "Recipient address lookup failed: directory unavailable, try again later",
+            ),
+        }
+        self.process(now);
+    }
+
     /// The login this session authenticated as, if it did.
     pub fn authenticated(&self) -> Option<&str> {
         self.login.as_deref().filter(|_| self.authenticated)
@@ -714,7 +771,11 @@ impl ServerSession {
             }
             State::Command | State::AwaitTls | State::AuthResponse => limits.command_timeout,
             State::Data => limits.data_timeout,
-            State::AwaitStore | State::AwaitEtrn | State::AwaitAuth | State::Closed => return None,
+            State::AwaitStore
+            | State::AwaitEtrn
+            | State::AwaitAuth
+            | State::AwaitRcpt
+            | State::Closed => return None,
         };
         // An unrepresentable deadline is no deadline.
         self.last_activity.checked_add(timeout)
@@ -797,6 +858,7 @@ impl ServerSession {
                 State::AwaitStore
                 | State::AwaitEtrn
                 | State::AwaitAuth
+                | State::AwaitRcpt
                 | State::AwaitTls
                 | State::Closed => break,
             }
@@ -815,7 +877,7 @@ impl ServerSession {
     fn check_buffered(&mut self) {
         let waiting = matches!(
             self.state,
-            State::AwaitStore | State::AwaitEtrn | State::AwaitAuth
+            State::AwaitStore | State::AwaitEtrn | State::AwaitAuth | State::AwaitRcpt
         );
         if waiting && self.input.len() > self.params.limits.max_buffered_input {
             self.reply(
@@ -1155,6 +1217,7 @@ impl ServerSession {
             return;
         }
         let max = self.params.limits.max_recipients;
+        let lookup = local && self.needs_lookup(&address, &domain);
         let Some(envelope) = self.envelope.as_mut() else {
             self.fail(503, (5, 5, 1), "Error: need MAIL command");
             return;
@@ -1163,10 +1226,27 @@ impl ServerSession {
             self.reply(250, (2, 1, 5), "Ok");
         } else if envelope.rcpt_to.len() >= max {
             self.fail(452, (4, 5, 3), "Too many recipients");
+        } else if lookup {
+            self.pending_rcpt = Some(address.clone());
+            self.state = State::AwaitRcpt;
+            self.events.push_back(Event::CheckRecipient(address));
         } else {
             envelope.rcpt_to.push(address);
             self.reply(250, (2, 1, 5), "Ok");
         }
+    }
+
+    /// A local recipient of a validated domain, other than its postmaster.
+    fn needs_lookup(&self, address: &str, domain: &str) -> bool {
+        let postmaster = address
+            .rsplit_once('@')
+            .is_some_and(|(l, _)| l.eq_ignore_ascii_case("postmaster"));
+        !postmaster
+            && self
+                .params
+                .validated_domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain))
     }
 
     fn data_command(&mut self) {
@@ -1481,8 +1561,9 @@ mod tests {
                 data_timeout: Duration::from_secs(180),
                 max_buffered_input: 4096,
             },
-            local_domains: vec!["local.test".to_owned()],
+            local_domains: vec!["local.test".to_owned(), "checked.test".to_owned()],
             sender_binding: SenderBinding::Address,
+            validated_domains: vec!["checked.test".to_owned()],
         })
     }
 
@@ -1545,6 +1626,8 @@ mod tests {
         At(u64),
         /// The runtime's verdict on the credentials.
         Auth(AuthResult),
+        /// The runtime's verdict on a recipient.
+        Rcpt(RcptResult),
     }
 
     fn send(s: &str) -> Act {
@@ -1558,6 +1641,7 @@ mod tests {
             Event::MessageComplete(_) => "MessageComplete",
             Event::Etrn(_) => "Etrn",
             Event::Authenticate(_) => "Authenticate",
+            Event::CheckRecipient(_) => "CheckRecipient",
             Event::Close => "Close",
         }
     }
@@ -1596,6 +1680,7 @@ mod tests {
                 Act::Relay(r) => self.s.set_relay_allowed(*r),
                 Act::Spool(b) => self.s.set_spool_free(*b),
                 Act::Auth(r) => self.s.auth_result(*r, self.now),
+                Act::Rcpt(r) => self.s.rcpt_result(*r, self.now),
                 Act::At(secs) => {
                     self.now = self.t0 + Duration::from_secs(*secs);
                     self.s.handle_timeout(self.now);
@@ -2368,6 +2453,7 @@ mod tests {
                     Event::Etrn(_) => s.etrn_result(EtrnResult::Started, t0),
                     Event::StartTls => s.tls_established(tls_info(), t0),
                     Event::Authenticate(_) => s.auth_result(AuthResult::Rejected, t0),
+                    Event::CheckRecipient(_) => s.rcpt_result(RcptResult::Exists, t0),
                     Event::MessageStart | Event::Close => {}
                 }
                 events.push(event);
@@ -2496,6 +2582,91 @@ mod tests {
             ),
             (Act::Auth(AuthResult::Accepted), &["235 2.7.0"], &[]),
         ]
+    }
+
+    #[test]
+    fn recipient_validation() {
+        let mail: Step = (send("MAIL FROM:<a@remote.test>\r\n"), &["250 2.1.0"], &[]);
+        let ask = |rcpt: &str| -> Step {
+            (
+                Act::Send(format!("RCPT TO:<{rcpt}>\r\n").into_bytes()),
+                &[],
+                &["CheckRecipient"],
+            )
+        };
+        let cases: Vec<(&str, Vec<Step>)> = vec![
+            (
+                "known, unknown, directory down; DATA carries the known one only",
+                vec![
+                    ehlo(),
+                    mail.clone(),
+                    ask("bob@checked.test"),
+                    (Act::Rcpt(RcptResult::Exists), &["250 2.1.5"], &[]),
+                    ask("nobody@checked.test"),
+                    (
+                        Act::Rcpt(RcptResult::Unknown),
+                        &["550 5.1.1 <nobody@checked.test>"],
+                        &[],
+                    ),
+                    ask("carol@CHECKED.test"),
+                    (Act::Rcpt(RcptResult::Unavailable), &["451 4.4.3"], &[]),
+                    (send("DATA\r\n"), &["354"], &["MessageStart"]),
+                    (send("x\r\n.\r\n"), &[], &["MessageComplete"]),
+                ],
+            ),
+            (
+                "postmaster, a duplicate and unvalidated domains are not looked up",
+                vec![
+                    ehlo(),
+                    mail.clone(),
+                    (
+                        send("RCPT TO:<Postmaster@checked.test>\r\n"),
+                        &["250 2.1.5"],
+                        &[],
+                    ),
+                    (send("RCPT TO:<x@local.test>\r\n"), &["250 2.1.5"], &[]),
+                    ask("bob@checked.test"),
+                    (Act::Rcpt(RcptResult::Exists), &["250 2.1.5"], &[]),
+                    (send("RCPT TO:<bob@checked.test>\r\n"), &["250 2.1.5"], &[]),
+                    (send("RCPT TO:<y@checked.test>\r\n"), &["452 4.5.3"], &[]),
+                ],
+            ),
+            (
+                "pipelined commands wait for the lookup, in order",
+                vec![
+                    ehlo(),
+                    (
+                        send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@checked.test>\r\nDATA\r\n"),
+                        &["250 2.1.0"],
+                        &["CheckRecipient"],
+                    ),
+                    (
+                        Act::Rcpt(RcptResult::Unknown),
+                        &["550 5.1.1", "554 5.5.1"],
+                        &[],
+                    ),
+                ],
+            ),
+            (
+                "a lookup answer with nothing asked changes nothing",
+                vec![
+                    ehlo(),
+                    (Act::Rcpt(RcptResult::Exists), &[], &[]),
+                    (send("RCPT TO:<bob@checked.test>\r\n"), &["503 5.5.1"], &[]),
+                ],
+            ),
+            (
+                "a relay stranger to another domain is refused before any lookup",
+                vec![
+                    ehlo(),
+                    mail,
+                    (send("RCPT TO:<bob@else.test>\r\n"), &["554 5.7.1"], &[]),
+                ],
+            ),
+        ];
+        for (case, steps) in cases {
+            run(case, Peer::Stranger, &steps);
+        }
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! stored sequence raised — so `service` (start-up) and `mgmt` depend on this module, not on
 //! each other.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use sealgate_core::blob::Verdict;
 use sealgate_core::config::Config;
 use sealgate_core::sealed::SealedStore;
+use sealgate_core::secrets::SecretValue;
 use sealgate_core::site::{self, SiteError};
 use sealgate_core::time::unix_now;
 
@@ -42,6 +44,8 @@ pub enum ApplyError {
     Config(#[from] sealgate_core::config::ConfigError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Site(#[from] SiteError),
 }
 
 /// Builds everything a checked config needs (certificates, CAs) and only then makes it current;
@@ -51,10 +55,12 @@ pub fn apply(
     peers: &PeerStore,
     config: Config,
     store: Option<&SealedStore>,
+    fresh: &BTreeMap<String, SecretValue>,
 ) -> Result<(), ApplyError> {
     let old = live.get();
+    let secrets = site::resolve_secrets(store, &config, fresh)?;
     let server_tls = ServerTls::load(&config, store)?;
-    let snapshot = Snapshot::build(config, server_tls)?;
+    let snapshot = Snapshot::build(config, server_tls)?.with_secrets(secrets);
     let new = &snapshot.config;
     if new.smtp.listen != old.config.smtp.listen
         || new.smtp.implicit_tls != old.config.smtp.implicit_tls
@@ -112,7 +118,7 @@ fn reload(r: &Reload) -> Result<&'static str, ControlError> {
     if !site::is_blob(&bytes) {
         let config = Config::from_toml(&String::from_utf8_lossy(&bytes), &origin)?;
         let guard = r.store.lock().map_err(|_| ControlError::NoStore)?;
-        apply(&r.live, &r.peers, config, guard.as_ref())?;
+        apply(&r.live, &r.peers, config, guard.as_ref(), &BTreeMap::new())?;
         return Ok("unsigned TOML (dev board)");
     }
     match apply_blob(&r.live, &r.peers, &r.store, &r.serial, &bytes, &origin)? {
@@ -152,7 +158,13 @@ pub fn apply_blob(
     if checked.verdict == Verdict::NoOp {
         return Ok(BlobApplied::AlreadyApplied { sequence, key_id });
     }
-    apply(live, peers, checked.config.clone(), Some(s))?;
+    apply(
+        live,
+        peers,
+        checked.config.clone(),
+        Some(s),
+        &checked.secrets,
+    )?;
     site::record_applied(s, &checked);
     s.commit().map_err(SiteError::from)?;
     tracing::info!(

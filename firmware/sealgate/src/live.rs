@@ -7,6 +7,7 @@
 //! Fixed at start (a restart applies changes to them): the listener addresses, the global
 //! connection and delivery caps (their semaphores), and the DNS resolver.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use sealgate_proto::server::{ServerLimits, ServerParams};
@@ -14,6 +15,7 @@ use sealgate_proto::server::{ServerLimits, ServerParams};
 use crate::tls::client::ClientTls;
 use crate::tls::{ServerTls, TlsError};
 use sealgate_core::config::Config;
+use sealgate_core::secrets::SecretValue;
 
 /// One consistent view of the configuration.
 #[derive(Debug)]
@@ -24,6 +26,8 @@ pub struct Snapshot {
     /// `None` when no certificate is installed (no STARTTLS, implicit TLS refused).
     pub server_tls: Option<Arc<ServerTls>>,
     pub client_tls: Arc<ClientTls>,
+    /// The secrets the config names (F-SECRETS), from the sealed store or the blob applied.
+    pub secrets: Arc<BTreeMap<String, SecretValue>>,
 }
 
 impl Snapshot {
@@ -44,13 +48,21 @@ impl Snapshot {
             },
             local_domains: s.local_domains.clone(),
             sender_binding: config.auth.sender_binding,
+            validated_domains: config.recipients.iter().map(|r| r.domain.clone()).collect(),
         };
         Ok(Snapshot {
             config: Arc::new(config),
             params: Arc::new(params),
             server_tls: server_tls.map(Arc::new),
             client_tls: Arc::new(client_tls),
+            secrets: Arc::new(BTreeMap::new()),
         })
+    }
+
+    /// The snapshot with the secrets its config names.
+    pub fn with_secrets(mut self, secrets: BTreeMap<String, SecretValue>) -> Snapshot {
+        self.secrets = Arc::new(secrets);
+        self
     }
 }
 

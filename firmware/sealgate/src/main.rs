@@ -61,9 +61,15 @@ enum Command {
         #[arg(long)]
         version: sealgate_image::version::Version,
     },
-    /// Show this box's identity and trusted state: serial, sealed store generation, trusted
-    /// config-signing keys, applied config sequence. The gateway must not be running.
-    Device,
+    /// Show this box's identity and trusted state: serial, identity and encryption keys,
+    /// sealed store generation, trusted config-signing keys, applied config sequence. The
+    /// gateway must not be running.
+    Device {
+        /// Print only the encryption key (64 hex digits): the BOX.pub file that `sealctl config
+        /// sign --secret … --device-key BOX.pub` encrypts secrets to
+        #[arg(long)]
+        encryption_key: bool,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -121,7 +127,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::Provision { trust }) => return report(provision(&cli.state, trust)),
-        Some(Command::Device) => return report(device(&cli.state)),
+        Some(Command::Device { encryption_key }) => {
+            return report(device(&cli.state, *encryption_key));
+        }
         Some(Command::Keys {
             command: KeysCommand::Generate { name, dns, csr },
         }) => return report(keys_generate(&cli.state, name, dns, csr.as_deref())),
@@ -261,6 +269,9 @@ fn provision(state: &std::path::Path, files: &[PathBuf]) -> Result<String, Strin
         .collect::<Result<Vec<_>, _>>()?;
     let (board, mut store) = open_store(state)?;
     sealgate_core::site::provision(&mut store, &keys).map_err(|e| e.to_string())?;
+    // The keys HQ needs from this box exist from provisioning on, not only after a start.
+    sealgate_core::site::ensure_identity(&mut store).map_err(|e| e.to_string())?;
+    sealgate_core::site::ensure_encryption_key(&mut store).map_err(|e| e.to_string())?;
     store.commit().map_err(|e| e.to_string())?;
     let ids: Vec<String> = keys
         .iter()
@@ -273,8 +284,23 @@ fn provision(state: &std::path::Path, files: &[PathBuf]) -> Result<String, Strin
     ))
 }
 
-fn device(state: &std::path::Path) -> Result<String, String> {
+fn device(state: &std::path::Path, encryption_key_only: bool) -> Result<String, String> {
     let (board, store) = open_store(state)?;
+    let encryption = sealgate_core::site::encryption_public(&store);
+    if encryption_key_only {
+        return encryption
+            .map(|k| format!("{}\n", sealgate_core::hex::encode(&k)))
+            .ok_or_else(|| "no encryption key yet: provision or start the box once".into());
+    }
+    let encryption = encryption
+        .map(|k| {
+            format!(
+                "{} (X25519, key id {})",
+                sealgate_core::hex::encode(&k),
+                sealgate_core::hex::encode(&sealgate_core::secrets::key_id(&k))
+            )
+        })
+        .unwrap_or_else(|| "not made yet (made at provisioning or first start)".into());
     let keys: Vec<String> = sealgate_core::site::trusted(&store)
         .keys()
         .map(sealgate_core::blob::key_id_hex)
@@ -292,7 +318,7 @@ fn device(state: &std::path::Path) -> Result<String, String> {
         })
         .unwrap_or_else(|| "not made yet (made at first start)".into());
     Ok(format!(
-        "serial: {}\nidentity: {identity}\nsealed store generation: {}\ntrusted config keys: {}\nconfig sequence: {seq}\n",
+        "serial: {}\nidentity: {identity}\nencryption key: {encryption}\nsealed store generation: {}\ntrusted config keys: {}\nconfig sequence: {seq}\n",
         board.serial(),
         store.generation(),
         if keys.is_empty() {

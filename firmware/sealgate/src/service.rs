@@ -184,7 +184,14 @@ async fn start_config(
     if server_tls.is_none() {
         tracing::warn!("no certificate installed: STARTTLS is not offered, implicit TLS is off");
     }
-    let live = Arc::new(Live::new(Snapshot::build(config, server_tls)?));
+    let fresh = checked
+        .as_ref()
+        .map(|c| c.secrets.clone())
+        .unwrap_or_default();
+    let secrets = site::resolve_secrets(store.as_ref(), &config, &fresh)?;
+    let live = Arc::new(Live::new(
+        Snapshot::build(config, server_tls)?.with_secrets(secrets),
+    ));
     let store = Arc::new(Mutex::new(store));
     if let Some(c) = checked {
         let store = store.clone();
@@ -202,6 +209,12 @@ fn ensure_keys(config: &Config, s: &mut SealedStore, state_dir: &Path) -> Result
     if site::ensure_identity(s).map_err(|e| StartError::Record(e.to_string()))? {
         s.commit().map_err(SiteError::from)?;
         tracing::info!("made the device identity key (Ed25519) in the sealed store");
+    }
+    if site::ensure_encryption_key(s).map_err(|e| StartError::Record(e.to_string()))? {
+        s.commit().map_err(SiteError::from)?;
+        tracing::info!(
+            "made the device encryption key (X25519, for config secrets) in the sealed store"
+        );
     }
     if ensure_dev_certificate(config, s)? {
         s.commit().map_err(SiteError::from)?;

@@ -17,6 +17,7 @@ use clap::{Args, Subcommand};
 use sealgate_core::blob::{self, BlobError, Header, KeyFileError};
 use sealgate_core::config::Config;
 use sealgate_core::time::unix_now;
+use sealgate_core::{hex, secrets};
 
 /// Exit status: a check failed.
 const EXIT_CHECK: u8 = 1;
@@ -126,6 +127,14 @@ pub struct SignArgs {
     /// Where to write the blob (replaced atomically if it exists)
     #[arg(short = 'o', long = "out", value_name = "SITE.sgc")]
     out: PathBuf,
+    /// A secret the config names as `{ secret = "NAME" }`, read from FILE (one trailing
+    /// newline dropped) and encrypted to the box of --device-key (repeatable)
+    #[arg(long = "secret", value_name = "NAME=FILE", value_parser = secret_arg)]
+    secrets: Vec<(String, PathBuf)>,
+    /// The box's encryption key, as `sealgate device --encryption-key` prints it (64 hex
+    /// digits); needed with --secret
+    #[arg(long, value_name = "BOX.pub")]
+    device_key: Option<PathBuf>,
     /// Sign even if the config fails the box's checks (for tests only: the box will refuse
     /// to apply such a config)
     #[arg(long)]
@@ -150,6 +159,84 @@ pub struct ShowArgs {
     /// The blob
     #[arg(value_name = "SITE.sgc")]
     blob: PathBuf,
+}
+
+fn secret_arg(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: use NAME=FILE"))?;
+    secrets::check_name(name).map_err(|e| e.to_string())?;
+    if file.is_empty() {
+        return Err(format!("{s:?}: no file after ="));
+    }
+    Ok((name.to_owned(), PathBuf::from(file)))
+}
+
+/// The box's X25519 public key from its file (64 hex digits, surrounding space ignored).
+fn read_device_key(path: &Path) -> Result<[u8; 32], Failure> {
+    let data = read_bounded(path, 1024)?;
+    let text = String::from_utf8_lossy(&data);
+    hex::decode(text.trim())
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| {
+            Failure::Input(format!(
+                "{}: not a box encryption key (64 hex digits, from `sealgate device --encryption-key`)",
+                path.display()
+            ))
+        })
+}
+
+/// Each `--secret` read and sealed to the box; the config's references reported.
+fn seal_secrets(
+    a: &SignArgs,
+    config: Option<&Config>,
+) -> Result<Vec<secrets::SealedSecret>, Failure> {
+    if a.secrets.is_empty() {
+        if a.device_key.is_some() {
+            return Err(Failure::Input("--device-key is only for --secret".into()));
+        }
+        return Ok(Vec::new());
+    }
+    let Some(key_file) = &a.device_key else {
+        return Err(Failure::Input(
+            "--secret needs --device-key BOX.pub (the box it is encrypted to)".into(),
+        ));
+    };
+    let box_key = read_device_key(key_file)?;
+    let mut out = Vec::new();
+    for (name, file) in &a.secrets {
+        if out.iter().any(|s: &secrets::SealedSecret| &s.name == name) {
+            return Err(Failure::Input(format!("--secret {name} given twice")));
+        }
+        let mut value = zeroize::Zeroizing::new(read_bounded(file, secrets::MAX_SECRET_LEN + 2)?);
+        for end in ["\r\n", "\n"] {
+            if value.ends_with(end.as_bytes()) {
+                let keep = value.len() - end.len();
+                value.truncate(keep);
+                break;
+            }
+        }
+        let sealed = secrets::seal(&box_key, name, &value)
+            .map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
+        if let Some(c) = config
+            && !c.secret_refs().iter().any(|r| &r.name == name)
+        {
+            eprintln!("sealctl config sign: warning: the config names no secret {name:?}");
+        }
+        out.push(sealed);
+    }
+    if let Some(c) = config {
+        for r in c.secret_refs() {
+            if !out.iter().any(|s| s.name == r.name) {
+                eprintln!(
+                    "sealctl config sign: note: {} names secret {:?}, which this blob does not \
+                     carry: the box must hold it from an earlier blob",
+                    r.key, r.name
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn serial(s: &str) -> Result<String, String> {
@@ -312,15 +399,20 @@ fn run_sign(a: &SignArgs) -> Result<(), Failure> {
             blob::format_utc(nb)
         )));
     }
-    if a.dangerous_skip_config_check {
+    let checked = if a.dangerous_skip_config_check {
         eprintln!(
             "sealctl config sign: WARNING: --dangerous-skip-config-check: {path} was NOT checked; \
              a box refuses to apply a config that fails its checks"
         );
+        None
     } else {
-        Config::from_toml(&text, &path)
-            .map_err(|e| Failure::Check(format!("{path}: config check failed, not signed: {e}")))?;
-    }
+        Some(
+            Config::from_toml(&text, &path).map_err(|e| {
+                Failure::Check(format!("{path}: config check failed, not signed: {e}"))
+            })?,
+        )
+    };
+    let sealed = seal_secrets(a, checked.as_ref())?;
     let key = blob::read_private_key(&a.key)?;
     let key_id = blob::key_id_of(&key);
     let mut add_keys = Vec::new();
@@ -345,7 +437,7 @@ fn run_sign(a: &SignArgs) -> Result<(), Failure> {
         add_keys,
         retire_keys,
     };
-    let bytes = blob::sign(header, &text, &key);
+    let bytes = blob::sign_with_secrets(header, &text, &sealed, &key);
     // The box's own format and signature checks on what we are about to hand out.
     let signed = blob::decode(&bytes)
         .map_err(|e| Failure::Check(format!("{path}: cannot be signed into a blob: {e}")))?;
@@ -366,7 +458,7 @@ fn run_sign(a: &SignArgs) -> Result<(), Failure> {
     let (add, retire) = keys_changes(h);
     println!(
         "signed {path} into {} ({} bytes): key {}, sequence {}, device {}, valid {} to {}, \
-         min firmware {}, add keys {add}, retire keys {retire}",
+         min firmware {}, add keys {add}, retire keys {retire}, secrets {}",
         a.out.display(),
         bytes.len(),
         blob::key_id_hex(&key_id),
@@ -375,8 +467,20 @@ fn run_sign(a: &SignArgs) -> Result<(), Failure> {
         not_before_text(h.not_before),
         not_after_text(h.not_after),
         min_firmware_text(&h.min_firmware),
+        secrets_text(signed.secrets()),
     );
     Ok(())
+}
+
+/// The secrets' names and the box key they are sealed to; never their values.
+fn secrets_text(s: &[secrets::SealedSecret]) -> String {
+    if s.is_empty() {
+        return "none".to_owned();
+    }
+    s.iter()
+        .map(|s| format!("{} (sealed to box key {})", s.name, hex::encode(&s.key_id)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn not_before_text(t: u64) -> String {
@@ -505,7 +609,11 @@ fn run_show(a: &ShowArgs) -> Result<(), Failure> {
         "file:         {} ({} bytes, format {})",
         a.blob.display(),
         b.bytes().len(),
-        blob::FORMAT
+        if b.secrets().is_empty() {
+            blob::FORMAT
+        } else {
+            blob::FORMAT_SECRETS
+        }
     );
     let _ = writeln!(out, "key id:       {}", blob::key_id_hex(&h.key_id));
     let _ = writeln!(
@@ -532,6 +640,7 @@ fn run_show(a: &ShowArgs) -> Result<(), Failure> {
     let _ = writeln!(out, "min firmware: {}", min_firmware_text(&h.min_firmware));
     let _ = writeln!(out, "add keys:     {add}");
     let _ = writeln!(out, "retire keys:  {retire}");
+    let _ = writeln!(out, "secrets:      {}", secrets_text(b.secrets()));
     let _ = writeln!(
         out,
         "signature:    not verified by show (use sealctl config verify --pub)"

@@ -17,7 +17,8 @@ impl RawConfig {
         let dns_resolvers = check_dns(&self.dns)?;
         let mgmt = mgmt::check(&self.mgmt, &smtp)?;
         let routes = routes::check(&self.route, &tls)?;
-        let auth = auth::check(&self.auth, &smtp, &tls.cas)?;
+        let auth = auth::check(&self.auth, &smtp, &tls.cas, &self.recipients)?;
+        let recipients = auth::recipients(&self.recipients, &smtp, &auth)?;
         Ok(Config {
             hostname,
             smtp,
@@ -27,6 +28,7 @@ impl RawConfig {
             routes,
             mgmt,
             auth,
+            recipients,
         })
     }
 }

@@ -63,6 +63,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub mgmt: MgmtConfig,
     pub auth: AuthConfig,
+    pub recipients: Vec<RecipientCheck>,
 }
 
 /// `[auth]` (F-AUTH; `docs/auth.md`): how mail clients log in and how logins are checked.
@@ -114,8 +115,51 @@ pub struct AuthBackend {
     pub timeout: Duration,
     /// `ldap`: the DN bound as, a template of `{user}`, `{address}`, `{domain}`.
     pub bind_dn: Option<String>,
+    /// `ldap` without `bind_dn`: search-then-bind (the user's DN found by a search).
+    pub search: Option<LdapSearch>,
     /// `imap`, `pop3`, `smtp`: the user name sent, a template (default `{address}`).
     pub login: String,
+}
+
+/// An LDAP search: where, for what (a filter template whose values are RFC 4515-escaped),
+/// and as whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LdapSearch {
+    pub base: String,
+    pub filter: String,
+    /// The service account bound as before searching; `None`: anonymously.
+    pub service: Option<ServiceAccount>,
+}
+
+/// A directory account of the gateway itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccount {
+    pub dn: String,
+    pub password: SecretRef,
+}
+
+/// `{ secret = "NAME" }`: the value is a secret sealed to this box (F-SECRETS), found in the
+/// sealed store under `secret/NAME` once a blob brought it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRef {
+    pub name: String,
+    /// The config key that names it (for errors).
+    pub key: String,
+}
+
+/// `[[recipients]]`: the recipients of one local domain looked up before `250` (F-RCPT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientCheck {
+    pub domain: String,
+    /// The `ldap` `[[auth.backend]]` whose server, TLS and timeout are used.
+    pub backend: String,
+    pub search: LdapSearch,
+    /// A directory that cannot be asked: `451 4.4.3` (false, the default) or accept.
+    pub accept_when_unavailable: bool,
+    pub positive_ttl: Duration,
+    pub negative_ttl: Duration,
+    /// Answers remembered at most.
+    pub max_cached: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,6 +378,21 @@ impl Config {
             .peers
             .iter()
             .find(|p| p.networks.iter().any(|c| c.contains(ip)))
+    }
+
+    /// Every `{ secret = … }` the config refers to.
+    pub fn secret_refs(&self) -> Vec<&SecretRef> {
+        let backends = self.auth.backends.iter().filter_map(|b| b.search.as_ref());
+        let recipients = self.recipients.iter().map(|r| &r.search);
+        backends
+            .chain(recipients)
+            .filter_map(|s| s.service.as_ref().map(|a| &a.password))
+            .collect()
+    }
+
+    /// The recipient check of a local domain (lower case), if it has one.
+    pub fn recipient_check(&self, domain: &str) -> Option<&RecipientCheck> {
+        self.recipients.iter().find(|r| r.domain == domain)
     }
 
     /// The CA carried in the config under `name`.

@@ -27,6 +27,8 @@ pub(super) struct RawConfig {
     pub(super) auth: RawAuth,
     #[serde(default)]
     pub(super) route: Vec<RawRoute>,
+    #[serde(default)]
+    pub(super) recipients: Vec<RawRecipients>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -178,5 +180,32 @@ pub(super) struct RawBackend {
     pub(super) domains: Vec<String>,
     pub(super) timeout: Option<String>,
     pub(super) bind_dn: Option<String>,
+    pub(super) search_base: Option<String>,
+    pub(super) search_filter: Option<String>,
+    pub(super) service_dn: Option<String>,
+    pub(super) service_password: Option<RawSecretRef>,
     pub(super) login: Option<String>,
+}
+
+/// `{ secret = "NAME" }`: a value sealed to the box in the signed blob (F-SECRETS).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSecretRef {
+    pub(super) secret: String,
+}
+
+/// `[[recipients]]`: recipient validation of one local domain (F-RCPT).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRecipients {
+    pub(super) domain: String,
+    pub(super) backend: String,
+    pub(super) search_base: String,
+    pub(super) filter: Option<String>,
+    pub(super) service_dn: Option<String>,
+    pub(super) service_password: Option<RawSecretRef>,
+    pub(super) on_unavailable: Option<String>,
+    pub(super) positive_ttl: Option<String>,
+    pub(super) negative_ttl: Option<String>,
+    pub(super) max_cached: Option<usize>,
 }

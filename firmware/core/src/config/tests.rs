@@ -1015,7 +1015,7 @@ const AFTER_HEAD_PREFIX: &[(&str, &str)] = &[
 const SYNTAX: &[(&str, &str)] = &[
     (
         "bogus = 1\n[smtp]\nlisten = [\"127.0.0.1:25\"]",
-        "unknown field `bogus`, expected one of `device`, `smtp`, `queue`, `tls`, `dns`, `mgmt`, `auth`, `route`",
+        "unknown field `bogus`, expected one of `device`, `smtp`, `queue`, `tls`, `dns`, `mgmt`, `auth`, `route`, `recipients`",
     ),
     (
         "[smtp]\nlisten = [\"127.0.0.1:25\"]\nextra = 1",
@@ -1659,6 +1659,167 @@ fn bad_auth_configs_name_the_key_and_the_reason() {
         ),
     ];
     for (text, key, reason) in cases {
+        match Config::from_toml(&text, "t") {
+            Err(ConfigError::Invalid { key: k, reason: r }) => {
+                assert_eq!(k, key, "{text}");
+                assert!(r.contains(reason), "{key}: {r:?} lacks {reason:?}");
+            }
+            other => panic!("{text}: expected error on {key}, got {other:?}"),
+        }
+    }
+}
+
+/// An ldap backend `dir` (CA `corp`) and a `[[recipients]]` table using it, with `extra` lines.
+fn recipients_config(backend_extra: &str, extra: &str) -> String {
+    auth_config(
+        &format!(
+            "name = \"dir\"\nkind = \"ldap\"\nurl = \"ldaps://dc.corp\"\nca = \"corp\"\n{backend_extra}"
+        ),
+        &format!(
+            "local_domains = [\"corp.example\"]\n[[recipients]]\ndomain = \"corp.example\"\nbackend = \"dir\"\n{extra}"
+        ),
+    )
+}
+
+#[test]
+fn recipients_and_search_then_bind_are_typed() {
+    let text = recipients_config(
+        "search_base = \"ou=people,dc=corp\"\nsearch_filter = \"(uid={user})\"\n\
+         service_dn = \"cn=gw,dc=corp\"\nservice_password = { secret = \"gw\" }\n\
+         domains = [\"corp.example\"]",
+        "search_base = \"dc=corp\"\nfilter = \"(|(mail={address})(proxyAddresses=smtp:{address}))\"\n\
+         service_dn = \"cn=gw,dc=corp\"\nservice_password = { secret = \"gw\" }\n\
+         on_unavailable = \"accept\"\nnegative_ttl = \"30s\"",
+    );
+    let c = Config::from_toml(&text, "t").unwrap();
+    let dir = c.auth.backend_for("corp.example").unwrap();
+    assert_eq!(dir.bind_dn, None);
+    let s = dir.search.as_ref().unwrap();
+    assert_eq!(
+        (s.base.as_str(), s.filter.as_str()),
+        ("ou=people,dc=corp", "(uid={user})")
+    );
+    assert_eq!(
+        s.service.as_ref().map(|a| a.password.name.as_str()),
+        Some("gw")
+    );
+    let r = c.recipient_check("corp.example").unwrap();
+    assert!(r.accept_when_unavailable);
+    assert_eq!(
+        (r.positive_ttl, r.negative_ttl),
+        (Duration::from_secs(600), Duration::from_secs(30))
+    );
+    assert_eq!(r.max_cached, 10_000);
+    let refs: Vec<&str> = c.secret_refs().iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(
+        refs,
+        [
+            "auth.backend[0].service_password",
+            "recipients[0].service_password"
+        ]
+    );
+    // a directory only for recipients: no login domains, anonymous search, default filter
+    let text = recipients_config("bind_dn = \"uid={user}\"", "search_base = \"dc=corp\"");
+    let c = Config::from_toml(&text, "t").unwrap();
+    let r = c.recipient_check("corp.example").unwrap();
+    assert_eq!(r.search.filter, "(mail={address})");
+    assert!(r.search.service.is_none() && !r.accept_when_unavailable);
+    assert!(c.secret_refs().is_empty());
+}
+
+#[test]
+fn bad_recipient_configs_name_the_key_and_the_reason() {
+    let dn = "bind_dn = \"uid={user}\"";
+    let cases = [
+        (
+            recipients_config(dn, "search_base = \"dc=c\"\nfilter = \"mail={address}\""),
+            "recipients[0].filter",
+            "in parentheses",
+        ),
+        (
+            recipients_config(
+                dn,
+                "search_base = \"dc=c\"\nfilter = \"(mail={address})(x=1)\"",
+            ),
+            "recipients[0].filter",
+            "in parentheses",
+        ),
+        (
+            recipients_config(dn, "search_base = \"dc=c\"\nfilter = \"(mail={mailbox})\""),
+            "recipients[0].filter",
+            "{mailbox}",
+        ),
+        (
+            recipients_config(dn, "search_base = \"dc=c\"\nservice_dn = \"cn=gw\""),
+            "recipients[0].service_password",
+            "needs service_password",
+        ),
+        (
+            recipients_config(
+                dn,
+                "search_base = \"dc=c\"\nservice_dn = \"cn=gw\"\nservice_password = { secret = \"a b\" }",
+            ),
+            "recipients[0].service_password",
+            "secret name",
+        ),
+        (
+            recipients_config(dn, "search_base = \"dc=c\"\non_unavailable = \"bounce\""),
+            "recipients[0].on_unavailable",
+            "tempfail",
+        ),
+        (
+            recipients_config(dn, "search_base = \"dc=c\"\nbackend = \"x\""),
+            "",
+            "",
+        ),
+        (
+            recipients_config(dn, "search_base = \"dc=c\"\npositive_ttl = \"3d\""),
+            "recipients[0].positive_ttl",
+            "",
+        ),
+        (
+            recipients_config(dn, "search_base = \"dc=c\"").replace(
+                "local_domains = [\"corp.example\"]",
+                "local_domains = [\"x.example\"]",
+            ),
+            "recipients[0].domain",
+            "not in smtp.local_domains",
+        ),
+        (
+            recipients_config(
+                &format!("{dn}\ndomains = [\"corp.example\"]"),
+                "search_base = \"dc=c\"",
+            )
+            .replace("backend = \"dir\"", "backend = \"nope\""),
+            "recipients[0].backend",
+            "no [[auth.backend]] named \"nope\"",
+        ),
+        (
+            recipients_config(
+                "bind_dn = \"uid={user}\"\nsearch_base = \"dc=c\"",
+                "search_base = \"dc=c\"",
+            ),
+            "auth.backend[0].search_base",
+            "not both",
+        ),
+        (
+            recipients_config(
+                "bind_dn = \"uid={user}\"\nservice_dn = \"cn=gw\"",
+                "search_base = \"dc=c\"",
+            ),
+            "auth.backend[0].search_filter",
+            "belong to search-then-bind",
+        ),
+    ];
+    for (text, key, reason) in cases {
+        if key.is_empty() {
+            // a duplicate key is TOML's to refuse
+            assert!(matches!(
+                Config::from_toml(&text, "t"),
+                Err(ConfigError::Syntax { .. })
+            ));
+            continue;
+        }
         match Config::from_toml(&text, "t") {
             Err(ConfigError::Invalid { key: k, reason: r }) => {
                 assert_eq!(k, key, "{text}");

@@ -8,6 +8,9 @@
 
 mod ldap;
 mod mail;
+mod recipients;
+
+pub use recipients::RecipientChecker;
 
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
@@ -161,7 +164,14 @@ impl Authenticator {
         };
         let check = async {
             match b.kind {
-                BackendKind::Ldap => ldap::check(b, tls, user, login, &domain, password).await,
+                BackendKind::Ldap => {
+                    let names = ldap::Names {
+                        user,
+                        address: login,
+                        domain: &domain,
+                    };
+                    ldap::check(b, tls, &names, password, &snap.secrets).await
+                }
                 BackendKind::Imap | BackendKind::Pop3 | BackendKind::Smtp => {
                     mail::check(
                         b,

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, RecipientChecker};
 use crate::conn::Conn;
 use crate::delivery::Queue;
 use crate::live::{Live, Snapshot};
@@ -45,6 +45,7 @@ pub struct Smtpd {
     pub peers: Arc<PeerStore>,
     /// Checks AUTH credentials (throttle and cache shared by all sessions).
     auth: Authenticator,
+    recipients: RecipientChecker,
     sessions: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     spool_free: AtomicU64,
@@ -89,6 +90,7 @@ impl Smtpd {
         let auth = Authenticator::new(&live.get().config.auth);
         Arc::new(Smtpd {
             auth,
+            recipients: RecipientChecker::default(),
             sessions: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             per_ip: Mutex::new(HashMap::new()),
@@ -426,6 +428,10 @@ impl Smtpd {
                 let r = Box::pin(self.auth.check(snap, s.client_ip, &credentials)).await;
                 s.session.auth_result(r, Instant::now());
                 stats.user = s.session.authenticated().map(str::to_owned);
+            }
+            Event::CheckRecipient(address) => {
+                let r = Box::pin(self.recipients.check(snap, &address)).await;
+                s.session.rcpt_result(r, Instant::now());
             }
             Event::Close => {
                 stats.helo = s.session.helo().map(str::to_string);
