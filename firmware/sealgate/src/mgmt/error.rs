@@ -118,6 +118,9 @@ pub fn config_refusal(e: &ControlError) -> ApiError {
         }),
         ControlError::Site(SiteError::Config(_)) => unprocessable("semantic"),
         ControlError::Site(SiteError::NotProvisioned) => unprocessable("provisioning"),
+        ControlError::Site(SiteError::Secret(_) | SiteError::MissingSecret { .. }) => {
+            unprocessable("secrets")
+        }
         ControlError::Apply(_) => unprocessable("apply"),
         ControlError::NoStore => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
