@@ -157,15 +157,22 @@ def hq(tmp_path_factory) -> Path:
     return d / "hq"
 
 
+def service_account_config(pki, directory):
+    """A config whose recipients and search-then-bind logins use the service account (its
+    password a sealed secret); with its listener and submission addresses."""
+    listen, sub = (GW_IP, free_port(GW_IP)), (GW_IP, free_port(GW_IP))
+    backend = {"domains": ["a.test"], "search_base": slapd_mod.PEOPLE,
+               "search_filter": "(uid={user})", **SERVICE}
+    cfg = with_secret_ref(gateway_config(pki, directory, listen=listen, submission=sub,
+                                         recipients=dict(SERVICE), backend=backend))
+    return cfg, listen, sub
+
+
 @pytest.fixture(scope="module")
 def sealed(module_gateways, _module_pki, directory, hq):
     """The box whose service password came sealed in its blob: recipients and AUTH
     (search-then-bind) both use the service account."""
-    listen, sub = (GW_IP, free_port(GW_IP)), (GW_IP, free_port(GW_IP))
-    backend = {"domains": ["a.test"], "search_base": slapd_mod.PEOPLE,
-               "search_filter": "(uid={user})", **SERVICE}
-    cfg = with_secret_ref(gateway_config(_module_pki, directory, listen=listen, submission=sub,
-                                         recipients=dict(SERVICE), backend=backend))
+    cfg, listen, sub = service_account_config(_module_pki, directory)
     box = Box(module_gateways, "sealed", hq, cfg)
     box.blob = box.sign(cfg, 1, SERVICE_PW)
     box.gw.config_path = box.blob
@@ -275,11 +282,7 @@ def test_the_service_password_is_nowhere_in_the_clear(sealed):
 
 def test_another_box_refuses_the_blob_and_a_wrong_service_password_tempfails(
         module_gateways, _module_pki, directory, hq, sealed):
-    listen, sub = (GW_IP, free_port(GW_IP)), (GW_IP, free_port(GW_IP))
-    backend = {"domains": ["a.test"], "search_base": slapd_mod.PEOPLE,
-               "search_filter": "(uid={user})", **SERVICE}
-    cfg = with_secret_ref(gateway_config(_module_pki, directory, listen=listen, submission=sub,
-                                         recipients=dict(SERVICE), backend=backend))
+    cfg, listen, sub = service_account_config(_module_pki, directory)
     other = Box(module_gateways, "other", hq, cfg)
     # the sealed box's blob (any device): its secret opens on that box only
     p = subprocess.run([str(BIN), "--config", str(sealed.blob), "--state", str(other.gw.state)],

@@ -54,11 +54,7 @@ impl RecipientChecker {
         let key = cache_key(rc, address);
         if let Some(exists) = self.cache().get(&key, Instant::now()) {
             tracing::debug!(rcpt = %address, exists, "recipient cached");
-            return if exists {
-                RcptResult::Exists
-            } else {
-                RcptResult::Unknown
-            };
+            return verdict(exists);
         }
         let started = Instant::now();
         let names = Names {
@@ -80,11 +76,7 @@ impl RecipientChecker {
                 self.cache()
                     .insert(key, exists, ttl, rc.max_cached, Instant::now());
                 tracing::info!(rcpt = %address, backend = %backend, exists, ms, "recipient looked up");
-                if exists {
-                    RcptResult::Exists
-                } else {
-                    RcptResult::Unknown
-                }
+                verdict(exists)
             }
             Lookup::Unavailable(reason) => {
                 let accepted = rc.accept_when_unavailable;
@@ -121,6 +113,15 @@ impl RecipientChecker {
             Ok(l) => l,
             Err(_) => Lookup::Unavailable(format!("no answer within {}s", b.timeout.as_secs())),
         }
+    }
+}
+
+/// What a directory answer means at RCPT.
+fn verdict(exists: bool) -> RcptResult {
+    if exists {
+        RcptResult::Exists
+    } else {
+        RcptResult::Unknown
     }
 }
 
