@@ -618,13 +618,7 @@ def _backend_logs(request, module_gateways, backends):
 
 @pytest.fixture(scope="module")
 def smtpb(module_gateways, _module_pki, backends):
-    """The `smtp` backend: a Sealgate on SMTPB_IP (certificate for smtp.test) whose own
-    backend for s.test and s2.test is the slapd over LDAPS."""
-    return auth_gateway(
-        module_gateways, "smtp-backend", _module_pki,
-        [ldap_backend("dir", backends.slapd.ldaps_url, ["s.test", "s2.test"])],
-        ip=SMTPB_IP, hostname="smtp.test", cert="smtpb",
-    )
+    return smtp_backend_gateway(module_gateways, _module_pki, backends.slapd)
 
 
 # backend name on the main gateway -> (login, password)
@@ -640,12 +634,10 @@ KINDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def main(module_gateways, _module_pki, backends, smtpb):
-    """The gateway under test: one backend per kind and TLS flavour (KINDS), plus `by-ip`
-    (LDAPS without tls_name: the certificate is checked for the URL's IP address)."""
-    s, dv = backends.slapd, backends.dovecot
-    return auth_gateway(module_gateways, "main", _module_pki, [
+def main_backends(s: slapd_mod.Slapd, dv: dovecot_mod.Dovecot, smtpb: AuthGateway) -> list[dict]:
+    """One backend per kind and TLS flavour (KINDS), plus `by-ip` (LDAPS without tls_name: the
+    certificate is checked for the URL's IP address). tools/bench/auth measures the same."""
+    return [
         ldap_backend("ldaps", s.ldaps_url, ["a.test"]),
         ldap_backend("ldap-starttls", s.ldap_url, ["a2.test"], starttls=True),
         backend("imaps", "imap", dv.url("imaps"), ["b.test"], tls_name="mail.test"),
@@ -661,7 +653,22 @@ def main(module_gateways, _module_pki, backends, smtpb):
                 starttls=True, tls_name="smtp.test"),
         {"name": "by-ip", "kind": "ldap", "url": s.ldaps_url, "ca": "test-ca",
          "domains": ["ip.test"], "bind_dn": DN_TEMPLATE},
-    ])
+    ]
+
+
+def smtp_backend_gateway(factory, pki, s: slapd_mod.Slapd) -> AuthGateway:
+    """The `smtp` backend: a Sealgate on SMTPB_IP (certificate for smtp.test) whose own
+    backend for s.test and s2.test is the slapd over LDAPS."""
+    return auth_gateway(factory, "smtp-backend", pki,
+                        [ldap_backend("dir", s.ldaps_url, ["s.test", "s2.test"])],
+                        ip=SMTPB_IP, hostname="smtp.test", cert="smtpb")
+
+
+@pytest.fixture(scope="module")
+def main(module_gateways, _module_pki, backends, smtpb):
+    """The gateway under test (main_backends)."""
+    return auth_gateway(module_gateways, "main", _module_pki,
+                        main_backends(backends.slapd, backends.dovecot, smtpb))
 
 
 # --- every kind of backend -------------------------------------------------------------------

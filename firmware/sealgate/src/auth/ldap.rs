@@ -191,10 +191,25 @@ async fn connect(b: &AuthBackend, tls: Arc<ClientConfig>) -> Result<Ldap, String
         Err(_) => b.host.clone(),
     };
     let url = format!("{scheme}://{host}:{}", b.port);
+    // Our own socket, for TCP_NODELAY: an LDAP request goes out in more than one write, and
+    // with Nagle's algorithm against the server's delayed ACK every bind or search waited
+    // ~40 ms (measured with tools/bench/auth: 45 ms per LDAPS login, 12 ms per POP3S one).
+    let tcp = tokio::time::timeout(
+        b.timeout,
+        tokio::net::TcpStream::connect((b.host.as_str(), b.port)),
+    )
+    .await
+    .map_err(|_| format!("connect: no connection within {:?}", b.timeout))?
+    .and_then(|s| {
+        s.set_nodelay(true)?;
+        s.into_std()
+    })
+    .map_err(|e| format!("connect: {e}"))?;
     let settings = LdapConnSettings::new()
         .set_conn_timeout(b.timeout)
         .set_config(tls)
-        .set_starttls(starttls);
+        .set_starttls(starttls)
+        .set_std_stream(ldap3::StdStream::Tcp(tcp));
     let (conn, ldap) = LdapConnAsync::with_settings(settings, &url)
         .await
         .map_err(|e| format!("connect: {e}"))?;
