@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import ssl
 import stat
@@ -143,7 +144,11 @@ def test_dev_board_401_dev_token_status_and_501(gateways):
     assert s["version"] and s["board"] == "dev" and s["slot"] is None
     assert s["serial"].startswith("DEV-") and s["hostname"] == "gw.test"
     assert s["config"] == {"sealed_store": True, "sequence": None, "key_id": None,
-                           "trusted_keys": []}
+                           "trusted_keys": [], "encryption_key": s["config"]["encryption_key"]}
+    # the box's encryption key (F-SECRETS), so HQ can seal secrets to it without a console
+    remote_key = device(gw, "encryption-key", token=token_file).stdout
+    assert re.fullmatch(r"[0-9a-f]{64}\n", remote_key) and remote_key.strip() == s["config"][
+        "encryption_key"], remote_key
     (cert,) = [c for c in s["certificates"] if c["name"] == "default"]
     assert cert["sha256"] == gw.pin and cert["sans"] == ["gw.test"] and cert["mgmt"] is True
     assert cert["not_after"] > s["now"] and cert["expires"].endswith("Z") and not cert["expired"]
@@ -191,6 +196,13 @@ def test_dev_board_401_dev_token_status_and_501(gateways):
                                   + "X-Filler: " + "y" * 20000 + "\r\n", token)
     assert code == 431, body
     assert gw.running()
+
+    # the encryption key the API gave is the one the box's own console shows (the sealed
+    # store is the daemon's while it runs)
+    gw.stop()
+    local_key = subprocess.run([str(BIN), "--state", str(gw.state), "device", "--encryption-key"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout
+    assert local_key == remote_key
     assert token not in gw.log(), "the token must never be logged"
 
 

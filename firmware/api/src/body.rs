@@ -81,6 +81,10 @@ pub struct ConfigState {
     pub key_id: Option<String>,
     /// The trusted config-signing key ids.
     pub trusted_keys: Vec<String>,
+    /// The box's X25519 public key (64 hex digits) that `sealctl config sign --device-key`
+    /// seals secrets to (`docs/secrets.md`); `null` before the sealed store made it.
+    #[serde(default)]
+    pub encryption_key: Option<String>,
 }
 
 /// Where a certificate chain is kept.

@@ -92,6 +92,9 @@ struct ConnArgs {
 enum DeviceCommand {
     /// Version, slots, config sequence and key, certificates, queue counts, peer table (JSON)
     Status,
+    /// The box's encryption key (64 hex digits), to seal secrets to it: `sealctl device
+    /// encryption-key > BOX.pub`, then `sealctl config sign --device-key BOX.pub`
+    EncryptionKey,
     /// Push a signed config blob (`sealctl config sign`); the box verifies and applies it
     /// exactly like a SIGHUP, or says which check refused it
     PushConfig {
@@ -231,6 +234,19 @@ async fn command(client: &Client, command: &DeviceCommand, out: Out) -> Result<(
             let a = client.call(Method::GET, api::STATUS, None).await?;
             println!("{}", pretty(&a.json));
             Ok(())
+        }
+        DeviceCommand::EncryptionKey => {
+            let a = client.call(Method::GET, api::STATUS, None).await?;
+            let status: api::Status = a.body()?;
+            match status.config.encryption_key {
+                Some(k) => {
+                    println!("{k}");
+                    Ok(())
+                }
+                None => Err(Error::Usage(
+                    "the box has no encryption key (its sealed store did not open)".into(),
+                )),
+            }
         }
         DeviceCommand::PushConfig { file } => {
             let blob = read_small(file, MAX_CONFIG).await?;

@@ -337,6 +337,7 @@ fn sealed_status(
             sequence: None,
             key_id: None,
             trusted_keys: Vec::new(),
+            encryption_key: None,
         },
         Some(s) => {
             for rec in s.names() {
@@ -383,6 +384,7 @@ fn config_state(s: &SealedStore) -> api::ConfigState {
             .keys()
             .map(sealgate_core::blob::key_id_hex)
             .collect(),
+        encryption_key: site::encryption_public(s).map(|k| sealgate_core::hex::encode(&k)),
     }
 }
 
