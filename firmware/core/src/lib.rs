@@ -9,6 +9,7 @@ pub mod blob;
 pub mod certs;
 pub mod cidr;
 pub mod config;
+pub mod dane;
 pub mod delivery;
 pub mod der;
 pub mod hex;

@@ -7,6 +7,7 @@
 pub mod authclient;
 pub mod calendar;
 pub mod client;
+pub mod dane;
 pub mod dsn;
 pub mod envelope;
 pub mod policy;

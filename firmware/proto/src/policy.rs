@@ -46,6 +46,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::client::StartTlsMode;
+pub use crate::dane::{DaneMatch, DaneState, Tlsa};
 use crate::received::rfc5322_date;
 
 /// Default `broken_tls_ttl`: 3 days.
@@ -74,6 +75,13 @@ pub enum Level {
     Verify,
     /// STARTTLS required, the certificate's or SPKI's SHA-256 must be pinned.
     Fingerprint,
+    /// DANE (RFC 7672): with secure TLSA records, STARTTLS required and the chain must match
+    /// one; with none (an unsigned zone, or a validated "no such records"), as `may`; a lookup
+    /// that fails or does not validate defers. As an effective level (an [`Attempt`]'s): the
+    /// match is required.
+    Dane,
+    /// DANE or nothing: without usable secure TLSA records, defer. Never an effective level.
+    DaneOnly,
 }
 
 impl Level {
@@ -85,6 +93,8 @@ impl Level {
             Level::Encrypt => "encrypt",
             Level::Verify => "verify",
             Level::Fingerprint => "fingerprint",
+            Level::Dane => "dane",
+            Level::DaneOnly => "dane-only",
         }
     }
 
@@ -167,6 +177,8 @@ pub struct RouteFacts {
     pub forced: bool,
     /// Pinned SHA-256 fingerprints (hex) of certificates or SPKIs, for `fingerprint`.
     pub pins: Vec<String>,
+    /// What the TLSA lookup found, for `dane` and `dane-only`.
+    pub dane: DaneState,
 }
 
 impl RouteFacts {
@@ -175,6 +187,7 @@ impl RouteFacts {
             level,
             forced,
             pins: Vec::new(),
+            dane: DaneState::NotLookedUp,
         }
     }
 }
@@ -188,6 +201,13 @@ pub enum Source {
     ForcedList(Level),
     /// The route's level, which is at least `encrypt`; the peer is also on the forced list.
     RouteAndForcedList,
+    /// `dane`/`dane-only` by the route, with this many usable secure TLSA records.
+    DaneSecure(usize),
+    /// `dane` by the route; the TLSA records are secure but none is usable (RFC 7672 §2.2:
+    /// TLS is still required, without authentication).
+    DaneUnusable,
+    /// `dane` by the route; there are no secure TLSA records (why: in the plan's reason).
+    DaneInsecure,
 }
 
 /// One successful TLS session with a peer.
@@ -444,6 +464,8 @@ pub struct CertFacts {
     pub fingerprint_sha256: String,
     /// SHA-256 of its SubjectPublicKeyInfo (DER), hex.
     pub spki_sha256: String,
+    /// The chain against the attempt's TLSA records (checked for the effective level `dane`).
+    pub dane: DaneMatch,
 }
 
 /// A completed handshake.
@@ -470,6 +492,8 @@ pub struct Attempt {
     source: Source,
     starttls: StartTlsMode,
     pins: Vec<String>,
+    /// The usable secure TLSA records, for the effective level `dane`.
+    tlsa: Vec<Tlsa>,
     settings: Settings,
     /// Last TLS success that puts this `may` peer under downgrade protection.
     protected_since: Option<u64>,
@@ -484,13 +508,26 @@ pub fn plan(
     now: u64,
     settings: &Settings,
 ) -> Decision<Plan> {
-    let (level, source) = effective_level(route);
+    let (level, source, note) = match effective_level(route) {
+        Ok(x) => x,
+        Err(why) => {
+            let deferral = Deferral {
+                status: STATUS_TLS_FAILED,
+                reason: format!("no delivery to {key} now: {why}"),
+            };
+            return Decision::new(Plan::Defer(deferral), vec![Effect::Deferred]);
+        }
+    };
     let mut attempt = Attempt {
         key: key.clone(),
         level,
         source,
         starttls: StartTlsMode::Required,
         pins: route.pins.clone(),
+        tlsa: match level {
+            Level::Dane => route.dane.usable(),
+            _ => Vec::new(),
+        },
         settings: *settings,
         protected_since: None,
         reason: String::new(),
@@ -508,24 +545,67 @@ pub fn plan(
                 return Decision::new(Plan::Defer(deferral), vec![Effect::Deferred]);
             }
         },
-        Level::Encrypt | Level::Verify | Level::Fingerprint => (
+        Level::Encrypt | Level::Verify | Level::Fingerprint | Level::Dane | Level::DaneOnly => (
             StartTlsMode::Required,
             format!("TLS required by policy for {peer} ({policy})"),
         ),
     };
     attempt.starttls = starttls;
-    attempt.reason = reason;
+    attempt.reason = match note {
+        Some(note) => format!("{reason}; {note}"),
+        None => reason,
+    };
     Decision::new(Plan::Connect(attempt), Vec::new())
 }
 
-/// The level to use and where it comes from: a forced route is at least `encrypt`.
-fn effective_level(route: &RouteFacts) -> (Level, Source) {
-    if route.forced && route.level < Level::Encrypt {
-        (Level::Encrypt, Source::ForcedList(route.level))
-    } else if route.forced {
-        (route.level, Source::RouteAndForcedList)
-    } else {
-        (route.level, Source::Route)
+/// The precedence of the outbound TLS rules, in one place: the level to use, where it comes
+/// from and a note for the plan's reason — or why no connection may be made now.
+///
+/// 1. DANE (`dane`, `dane-only`): secure usable TLSA records make it `dane` (TLS required,
+///    the chain must match); secure records none of which is usable make `dane` `encrypt`
+///    and `dane-only` defer; no secure records make `dane` `may` and `dane-only` defer; a
+///    lookup that failed or did not validate defers both (RFC 7672 §2.2).
+/// 2. Otherwise the route's level.
+/// 3. The forced list (`tls.force`) raises the result to at least `encrypt`.
+///
+/// Downgrade protection and the TLS-broken memory then apply to an effective `may` only.
+pub fn effective_level(route: &RouteFacts) -> Result<(Level, Source, Option<String>), String> {
+    let (level, source, note) = match route.level {
+        Level::Dane | Level::DaneOnly => dane_level(route.level, &route.dane)?,
+        other => (other, Source::Route, None),
+    };
+    Ok(match (route.forced, source) {
+        (true, _) if level < Level::Encrypt => {
+            (Level::Encrypt, Source::ForcedList(route.level), note)
+        }
+        (true, Source::Route) => (level, Source::RouteAndForcedList, note),
+        _ => (level, source, note),
+    })
+}
+
+/// Step 1 of [`effective_level`].
+fn dane_level(route: Level, state: &DaneState) -> Result<(Level, Source, Option<String>), String> {
+    let only = route == Level::DaneOnly;
+    match state {
+        DaneState::Secure(all) => match all.iter().filter(|r| r.usable()).count() {
+            0 if only => Err(format!(
+                "level dane-only, and none of the {} secure TLSA records is usable",
+                all.len()
+            )),
+            0 => Ok((
+                Level::Encrypt,
+                Source::DaneUnusable,
+                Some(format!(
+                    "none of the {} secure TLSA records is usable",
+                    all.len()
+                )),
+            )),
+            n => Ok((Level::Dane, Source::DaneSecure(n), None)),
+        },
+        DaneState::Insecure(why) if only => Err(format!("level dane-only, but {why}")),
+        DaneState::Insecure(why) => Ok((Level::May, Source::DaneInsecure, Some(why.clone()))),
+        DaneState::Failed(why) => Err(format!("the TLSA lookup failed ({why})")),
+        DaneState::NotLookedUp => Err("the TLSA records were not looked up".into()),
     }
 }
 
@@ -614,6 +694,11 @@ impl Attempt {
     /// The planning decision, for the session log.
     pub fn reason(&self) -> &str {
         &self.reason
+    }
+
+    /// The usable secure TLSA records the chain must match (effective level `dane`).
+    pub fn tlsa(&self) -> &[Tlsa] {
+        &self.tlsa
     }
 
     /// The EHLO reply did (not) offer STARTTLS.
@@ -744,6 +829,16 @@ impl Attempt {
                 cert.spki_sha256,
                 self.pins.len(),
             )),
+            Level::Dane | Level::DaneOnly => match &cert.dane {
+                DaneMatch::Matched(_) => None,
+                DaneMatch::NoMatch(why) => Some(format!(
+                    "its certificate chain matches none of the {} usable TLSA records ({why})",
+                    self.tlsa.len()
+                )),
+                DaneMatch::NotChecked => {
+                    Some("its certificate was not checked against the TLSA records".into())
+                }
+            },
             Level::None | Level::May | Level::Encrypt => None,
         };
         match problem {
@@ -778,6 +873,15 @@ impl Attempt {
             }
             Source::RouteAndForcedList => {
                 format!("level {} by the route; also on the forced list", self.level)
+            }
+            Source::DaneSecure(n) => {
+                format!("level dane by the route: {n} usable secure TLSA records")
+            }
+            Source::DaneUnusable => {
+                "level encrypt: the route says dane, the secure TLSA records are unusable".into()
+            }
+            Source::DaneInsecure => {
+                "level may: the route says dane, there are no secure TLSA records".into()
             }
         }
     }
@@ -1001,6 +1105,7 @@ mod tests {
             name_matches: name,
             fingerprint_sha256: fp.into(),
             spki_sha256: spki.into(),
+            dane: DaneMatch::NotChecked,
         }
     }
 
@@ -1213,6 +1318,7 @@ mod tests {
                 level,
                 forced,
                 pins: vec![PIN_CERT.into(), PIN_SPKI.into()],
+                dane: DaneState::NotLookedUp,
             };
             let s = Settings::default();
             let row = format!("{level} forced={forced} {obs:?}");
@@ -1620,5 +1726,314 @@ mod tests {
         );
         assert_eq!(a.source(), Source::ForcedList(May));
         assert_eq!((a.level(), a.peer()), (Encrypt, &k));
+    }
+
+    fn tlsa(u: u8) -> Tlsa {
+        Tlsa {
+            usage: u,
+            selector: 1,
+            matching: 1,
+            data: vec![1; 32],
+        }
+    }
+
+    fn dane_cert(m: DaneMatch) -> Obs {
+        Obs::Cert(CertFacts {
+            // DANE never asks for a CA or the name (RFC 7672 §3.1.1 for DANE-EE; the
+            // runtime checks the name for DANE-TA)
+            chain_verified: false,
+            name_matches: false,
+            dane: m,
+            ..good()
+        })
+    }
+
+    /// The precedence function and a whole attempt for `dane` / `dane-only`:
+    /// `(route level, forced, TLSA state, observation) → (effective level, mode, end, reason
+    /// contains)`.
+    #[test]
+    fn dane_precedence_table() {
+        use DaneState::{Failed, Insecure, NotLookedUp, Secure};
+        use StartTlsMode::{IfOffered, Required};
+        let secure = Secure(vec![tlsa(3), tlsa(1)]);
+        let unusable = Secure(vec![tlsa(1), tlsa(0)]);
+        let insecure = Insecure("the zone of mx.test is not signed".into());
+        let failed = Failed("bogus: RRSIG expired".into());
+        let matched = dane_cert(DaneMatch::Matched(tlsa(3)));
+        let nomatch = dane_cert(DaneMatch::NoMatch("leaf SPKI 0a0b".into()));
+        let unchecked = dane_cert(DaneMatch::NotChecked);
+        let any = Obs::Cert(good());
+        type Row<'a> = (
+            Level,
+            bool,
+            &'a DaneState,
+            &'a Obs,
+            Option<Level>,
+            Option<StartTlsMode>,
+            End,
+            &'a [&'a str],
+        );
+        let table: &[Row] = &[
+            // secure usable TLSA: TLS required, the match decides
+            (
+                Level::Dane,
+                false,
+                &secure,
+                &matched,
+                Some(Level::Dane),
+                Some(Required),
+                End::Tls,
+                &["1 usable secure TLSA records"],
+            ),
+            (
+                Level::Dane,
+                false,
+                &secure,
+                &nomatch,
+                Some(Level::Dane),
+                Some(Required),
+                End::Defer,
+                &[
+                    "4.7.5",
+                    "matches none of the 1 usable TLSA records",
+                    "leaf SPKI 0a0b",
+                ],
+            ),
+            (
+                Level::Dane,
+                false,
+                &secure,
+                &unchecked,
+                Some(Level::Dane),
+                Some(Required),
+                End::Defer,
+                &["not checked against the TLSA records"],
+            ),
+            (
+                Level::Dane,
+                false,
+                &secure,
+                &Obs::NoStartTls,
+                Some(Level::Dane),
+                Some(Required),
+                End::Defer,
+                &["4.7.4", "did not offer STARTTLS"],
+            ),
+            (
+                Level::Dane,
+                false,
+                &secure,
+                &Obs::Fails,
+                Some(Level::Dane),
+                Some(Required),
+                End::Defer,
+                &["4.7.5", "handshake failed"],
+            ),
+            (
+                Level::DaneOnly,
+                false,
+                &secure,
+                &matched,
+                Some(Level::Dane),
+                Some(Required),
+                End::Tls,
+                &["usable secure TLSA"],
+            ),
+            // the forced list changes nothing about a DANE peer
+            (
+                Level::Dane,
+                true,
+                &secure,
+                &nomatch,
+                Some(Level::Dane),
+                Some(Required),
+                End::Defer,
+                &["matches none"],
+            ),
+            // secure but unusable: encrypt for dane (any certificate), defer for dane-only
+            (
+                Level::Dane,
+                false,
+                &unusable,
+                &any,
+                Some(Level::Encrypt),
+                Some(Required),
+                End::Tls,
+                &["none of the 2 secure TLSA records is usable"],
+            ),
+            (
+                Level::Dane,
+                false,
+                &unusable,
+                &Obs::NoStartTls,
+                Some(Level::Encrypt),
+                Some(Required),
+                End::Defer,
+                &["4.7.4"],
+            ),
+            (
+                Level::DaneOnly,
+                false,
+                &unusable,
+                &any,
+                None,
+                None,
+                End::PlanDefer,
+                &[
+                    "4.7.5",
+                    "dane-only",
+                    "none of the 2 secure TLSA records is usable",
+                ],
+            ),
+            // insecure: may for dane (with the fallback memory), defer for dane-only
+            (
+                Level::Dane,
+                false,
+                &insecure,
+                &Obs::NoStartTls,
+                Some(Level::May),
+                Some(IfOffered),
+                End::Plaintext,
+                &["did not offer STARTTLS"],
+            ),
+            (
+                Level::Dane,
+                false,
+                &insecure,
+                &any,
+                Some(Level::May),
+                Some(IfOffered),
+                End::Tls,
+                &["no secure TLSA records", "not signed"],
+            ),
+            (
+                Level::Dane,
+                false,
+                &insecure,
+                &Obs::Fails,
+                Some(Level::May),
+                Some(IfOffered),
+                End::Reconnect,
+                &["plaintext"],
+            ),
+            // ... raised to encrypt by the forced list
+            (
+                Level::Dane,
+                true,
+                &insecure,
+                &Obs::NoStartTls,
+                Some(Level::Encrypt),
+                Some(Required),
+                End::Defer,
+                &["forced list; the route says dane"],
+            ),
+            (
+                Level::DaneOnly,
+                false,
+                &insecure,
+                &any,
+                None,
+                None,
+                End::PlanDefer,
+                &["dane-only, but the zone of mx.test is not signed"],
+            ),
+            // a failed or bogus lookup: this host is not used now
+            (
+                Level::Dane,
+                false,
+                &failed,
+                &any,
+                None,
+                None,
+                End::PlanDefer,
+                &["4.7.5", "TLSA lookup failed", "bogus"],
+            ),
+            (
+                Level::DaneOnly,
+                true,
+                &failed,
+                &any,
+                None,
+                None,
+                End::PlanDefer,
+                &["bogus"],
+            ),
+            (
+                Level::Dane,
+                false,
+                &NotLookedUp,
+                &any,
+                None,
+                None,
+                End::PlanDefer,
+                &["not looked up"],
+            ),
+            // other levels ignore the TLSA state
+            (
+                Level::May,
+                false,
+                &failed,
+                &Obs::NoStartTls,
+                Some(Level::May),
+                Some(IfOffered),
+                End::Plaintext,
+                &[],
+            ),
+            (
+                Level::Verify,
+                false,
+                &secure,
+                &any,
+                Some(Level::Verify),
+                Some(Required),
+                End::Tls,
+                &[],
+            ),
+        ];
+        for (level, forced, state, obs, want_level, want_mode, want_end, needles) in table {
+            let route = RouteFacts {
+                dane: (*state).clone(),
+                ..RouteFacts::new(*level, *forced)
+            };
+            let row = format!("{level} forced={forced} {state:?} {obs:?}");
+            let eff = effective_level(&route).ok().map(|(l, _, _)| l);
+            assert_eq!(eff, *want_level, "{row}");
+            let (mode, end, reason, _) = run(&route, &PeerRecord::new(), &Settings::default(), obs);
+            assert_eq!((mode, end), (*want_mode, *want_end), "{row}: {reason}");
+            for n in *needles {
+                assert!(reason.contains(n), "{row}: {reason:?} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_dane_attempt_carries_only_the_usable_records() {
+        let route = RouteFacts {
+            dane: DaneState::Secure(vec![tlsa(3), tlsa(1), tlsa(2)]),
+            ..RouteFacts::new(Level::Dane, false)
+        };
+        let Plan::Connect(a) = plan(
+            &route,
+            &key(),
+            &PeerRecord::new(),
+            NOW,
+            &Settings::default(),
+        )
+        .action
+        else {
+            panic!("deferred")
+        };
+        assert_eq!(a.tlsa(), &[tlsa(3), tlsa(2)]);
+        let plain = plan(
+            &RouteFacts::new(Level::Encrypt, false),
+            &key(),
+            &PeerRecord::new(),
+            NOW,
+            &Settings::default(),
+        );
+        let Plan::Connect(a) = plain.action else {
+            panic!()
+        };
+        assert!(a.tlsa().is_empty());
     }
 }

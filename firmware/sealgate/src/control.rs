@@ -67,11 +67,11 @@ pub fn apply(
         || new.smtp.submission != old.config.smtp.submission
         || new.smtp.max_connections != old.config.smtp.max_connections
         || new.queue.max_deliveries != old.config.queue.max_deliveries
-        || new.dns_resolvers != old.config.dns_resolvers
+        || new.dns != old.config.dns
         || new.mgmt.listen != old.config.mgmt.listen
     {
         tracing::warn!(
-            "listeners (SMTP and mgmt), max_connections, max_deliveries and dns.resolver change \
+            "listeners (SMTP and mgmt), max_connections, max_deliveries and [dns] change \
              at the next restart; everything else applies now"
         );
     }

@@ -58,12 +58,22 @@ pub struct Config {
     pub smtp: SmtpConfig,
     pub queue: QueueConfig,
     pub tls: TlsConfig,
-    /// Name servers for MX lookups; empty means the system's (`/etc/resolv.conf`).
-    pub dns_resolvers: Vec<SocketAddr>,
+    pub dns: DnsConfig,
     pub routes: Vec<Route>,
     pub mgmt: MgmtConfig,
     pub auth: AuthConfig,
     pub recipients: Vec<RecipientCheck>,
+}
+
+/// `[dns]`: how delivery resolves names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Name servers for MX lookups; empty means the system's (`/etc/resolv.conf`).
+    pub resolvers: Vec<SocketAddr>,
+    /// Validate DNSSEC in process (F-STS: DANE needs it).
+    pub dnssec: bool,
+    /// DNSKEY records (zone-file text) trusted instead of the IANA root keys; checked to parse.
+    pub trust_anchor: Option<String>,
 }
 
 /// `[auth]` (F-AUTH; `docs/auth.md`): how mail clients log in and how logins are checked.

@@ -118,6 +118,8 @@ pub(super) struct RawCertificate {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDns {
     pub(super) resolver: Option<Vec<String>>,
+    pub(super) dnssec: Option<bool>,
+    pub(super) trust_anchor: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -12,20 +12,34 @@ use super::{
 };
 
 /// The levels by their config names (`TlsLevel::name`), in the order the error lists them.
-const LEVELS: [TlsLevel; 5] = [
+const LEVELS: [TlsLevel; 7] = [
     TlsLevel::None,
     TlsLevel::May,
     TlsLevel::Encrypt,
     TlsLevel::Verify,
     TlsLevel::Fingerprint,
+    TlsLevel::Dane,
+    TlsLevel::DaneOnly,
 ];
 
-/// Routes may name the CAs and certificates of `tls`.
-pub(super) fn check(raw: &[RawRoute], tls: &TlsConfig) -> Result<Vec<Route>, ConfigError> {
+/// Routes may name the CAs and certificates of `tls`; the DANE levels need a validating
+/// resolver (`dnssec`).
+pub(super) fn check(
+    raw: &[RawRoute],
+    tls: &TlsConfig,
+    dnssec: bool,
+) -> Result<Vec<Route>, ConfigError> {
     let mut routes: Vec<Route> = Vec::new();
     for (i, r) in raw.iter().enumerate() {
         let key = format!("route[{i}]");
         let domain = domain(&key, &r.domain)?;
+        let dane = matches!(r.tls.as_deref(), Some("dane" | "dane-only"));
+        if dane && !dnssec {
+            return Err(invalid(
+                format!("{key}.tls"),
+                "dane needs a validating resolver: set dnssec = true in [dns]",
+            ));
+        }
         if routes.iter().any(|x| x.domain == domain) {
             return Err(invalid(
                 format!("{key}.domain"),
@@ -125,7 +139,7 @@ fn level(key: &str, v: Option<&str>) -> Result<TlsLevel, ConfigError> {
         .ok_or_else(|| {
             invalid(
                 format!("{key}.tls"),
-                format!("{name:?}: use none, may, encrypt, verify or fingerprint"),
+                format!("{name:?}: use none, may, encrypt, verify, fingerprint, dane or dane-only"),
             )
         })
 }

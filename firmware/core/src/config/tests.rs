@@ -882,15 +882,15 @@ const AFTER_HEAD: &[(&str, &str)] = &[
     ),
     (
         "[[route]]\ndomain = \"x.test\"\nmx = true\ntls = \"sometimes\"",
-        "config key route[0].tls: \"sometimes\": use none, may, encrypt, verify or fingerprint",
+        "config key route[0].tls: \"sometimes\": use none, may, encrypt, verify, fingerprint, dane or dane-only",
     ),
     (
         "[[route]]\ndomain = \"x.test\"\nmx = true\ntls = \"MAY\"",
-        "config key route[0].tls: \"MAY\": use none, may, encrypt, verify or fingerprint",
+        "config key route[0].tls: \"MAY\": use none, may, encrypt, verify, fingerprint, dane or dane-only",
     ),
     (
         "[[route]]\ndomain = \"x.test\"\nmx = true\ntls = \"\"",
-        "config key route[0].tls: \"\": use none, may, encrypt, verify or fingerprint",
+        "config key route[0].tls: \"\": use none, may, encrypt, verify, fingerprint, dane or dane-only",
     ),
     (
         "[[route]]\ndomain = \"x.test\"\nmx = true\nca = \"v\"",
@@ -946,7 +946,7 @@ const AFTER_HEAD: &[(&str, &str)] = &[
     ),
     (
         "[[route]]\ndomain = \"x.test\"\nmaildir = \"m\"\ntls = \"bad\"",
-        "config key route[0].tls: \"bad\": use none, may, encrypt, verify or fingerprint",
+        "config key route[0].tls: \"bad\": use none, may, encrypt, verify, fingerprint, dane or dane-only",
     ),
     (
         "[[route]]\ndomain = \"x.test\"\nmaildir = \"m\"\nfingerprints = [\"{fp}\"]",
@@ -978,7 +978,7 @@ const AFTER_HEAD: &[(&str, &str)] = &[
     ),
     (
         "[[route]]\ndomain = \"x.test\"\nmx = true\ntls = \"bad\"\nca = \"v\"",
-        "config key route[0].tls: \"bad\": use none, may, encrypt, verify or fingerprint",
+        "config key route[0].tls: \"bad\": use none, may, encrypt, verify, fingerprint, dane or dane-only",
     ),
     (
         "[[route]]\ndomain = \"x.test\"\nnext_hop = [\"bad\"]\ntls = \"bad\"",
@@ -1206,7 +1206,7 @@ fn defaults() {
             format!("{:?}", c.tls.system_roots),
             "\"/etc/ssl/certs/ca-certificates.crt\"",
         ),
-        ("dns_resolvers", format!("{:?}", c.dns_resolvers), "[]"),
+        ("dns_resolvers", format!("{:?}", c.dns.resolvers), "[]"),
         ("mgmt.listen", format!("{:?}", c.mgmt.listen), "None"),
         (
             "mgmt.certificate",
@@ -1419,7 +1419,7 @@ fn every_key_set() {
         ),
         (
             "dns_resolvers",
-            format!("{:?}", c.dns_resolvers),
+            format!("{:?}", c.dns.resolvers),
             "[1.1.1.1:53, [::1]:5353]",
         ),
         (
@@ -1824,6 +1824,59 @@ fn bad_recipient_configs_name_the_key_and_the_reason() {
             Err(ConfigError::Invalid { key: k, reason: r }) => {
                 assert_eq!(k, key, "{text}");
                 assert!(r.contains(reason), "{key}: {r:?} lacks {reason:?}");
+            }
+            other => panic!("{text}: expected error on {key}, got {other:?}"),
+        }
+    }
+}
+
+// ---- [dns] and DANE ---------------------------------------------------------------------------
+
+/// A root key-signing key in the form `ldns-keygen` writes (`.key` file, with its comment).
+const ROOT_KSK: &str = ".\tIN\tDNSKEY\t257 3 13 0u115QRuPVwnv1PyaclNmHWYoWju3QbZAKJnEM5opsymxCcixP34wbM35c7X84nxjiY/dQnwyBhbrO8oaCyOKg== ;{id = 4802 (ksk), size = 256b}\n";
+
+#[test]
+fn dnssec_and_the_dane_levels() {
+    let route =
+        |level: &str| format!("[[route]]\ndomain = \"x.test\"\nmx = true\ntls = \"{level}\"\n");
+    let dns = format!("[dns]\ndnssec = true\ntrust_anchor = \"\"\"{ROOT_KSK}\"\"\"\n");
+    for (level, want) in [("dane", TlsLevel::Dane), ("dane-only", TlsLevel::DaneOnly)] {
+        let c = Config::from_toml(&format!("{HEAD}{dns}{}", route(level)), "t").unwrap();
+        assert_eq!(c.routes[0].tls, want);
+        assert!(c.dns.dnssec);
+        assert_eq!(c.dns.trust_anchor.as_deref(), Some(ROOT_KSK));
+    }
+    // dnssec without an anchor: the IANA root keys (the resolver's built-in ones)
+    let c = Config::from_toml(
+        &format!("{HEAD}[dns]\ndnssec = true\n{}", route("dane")),
+        "t",
+    );
+    assert!(c.unwrap().dns.trust_anchor.is_none());
+    let cases = [
+        (route("dane"), "route[0].tls", "dnssec = true"),
+        (route("dane-only"), "route[0].tls", "dnssec = true"),
+        (
+            format!("[dns]\ntrust_anchor = \"\"\"{ROOT_KSK}\"\"\"\n"),
+            "dns.trust_anchor",
+            "only with dnssec = true",
+        ),
+        (
+            "[dns]\ndnssec = true\ntrust_anchor = \"not a record\"\n".into(),
+            "dns.trust_anchor",
+            "zone-file form",
+        ),
+        (
+            "[dns]\ndnssec = true\ntrust_anchor = \"\"\n".into(),
+            "dns.trust_anchor",
+            "no DNSKEY record of the root zone",
+        ),
+    ];
+    for (extra, key, needle) in cases {
+        let text = format!("{HEAD}{extra}");
+        match Config::from_toml(&text, "t") {
+            Err(ConfigError::Invalid { key: k, reason }) => {
+                assert_eq!(k, key, "{text}");
+                assert!(reason.contains(needle), "{text}: {reason}");
             }
             other => panic!("{text}: expected error on {key}, got {other:?}"),
         }

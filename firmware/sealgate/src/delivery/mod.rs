@@ -23,8 +23,8 @@ use sealgate_proto::client::{
 use sealgate_proto::dsn::{self, Action, DsnParams, RecipientStatus};
 use sealgate_proto::envelope::domain_of;
 use sealgate_proto::policy::{
-    AfterEhlo, AfterFailure, AfterHandshake, Attempt, Handshake, HandshakeFailure, Level, PeerKey,
-    Plan, RouteFacts,
+    AfterEhlo, AfterFailure, AfterHandshake, Attempt, DaneState, Handshake, HandshakeFailure,
+    Level, PeerKey, Plan, RouteFacts, Tlsa,
 };
 use sealgate_proto::server::EtrnResult;
 use sealgate_proto::{BodyType, Envelope, Reply};
@@ -34,7 +34,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use crate::conn::Conn;
-use crate::delivery::dns::Dns;
+use crate::delivery::dns::{Dns, MxHosts};
 use crate::delivery::hops::{HopSlot, HopSlots};
 use crate::delivery::maildir::Maildirs;
 use crate::live::{Live, Snapshot};
@@ -83,8 +83,8 @@ pub enum AdminError {
 }
 
 /// A parked connection's key: the address and everything its TLS state was judged under —
-/// peer name, STARTTLS mode, level, CA, pins and client certificate — so a plaintext or
-/// unverified connection never serves a route that asks for more.
+/// peer name, STARTTLS mode, level, CA, pins, TLSA records and client certificate — so a
+/// plaintext or unverified connection never serves a route that asks for more.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     addr: SocketAddr,
@@ -93,6 +93,7 @@ struct PoolKey {
     level: Level,
     ca: Option<String>,
     pins: Vec<String>,
+    tlsa: Vec<Tlsa>,
     client_certificate: Option<String>,
 }
 
@@ -105,6 +106,7 @@ impl PoolKey {
             level: attempt.level(),
             ca: route.ca.clone(),
             pins: route.fingerprints.clone(),
+            tlsa: attempt.tlsa().to_vec(),
             client_certificate: route.client_certificate.clone(),
         }
     }
@@ -145,7 +147,7 @@ impl Queue {
         state_dir: PathBuf,
     ) -> Arc<Queue> {
         let config = live.get().config.clone();
-        let dns = match Dns::new(&config.dns_resolvers) {
+        let dns = match Dns::new(&config.dns) {
             Ok(d) => Some(d),
             Err(e) => {
                 tracing::warn!(error = %e, "no DNS resolver; MX routes will defer");
@@ -532,11 +534,16 @@ impl Queue {
     ) -> Vec<(usize, Outcome)> {
         let idx = group.recipients.as_slice();
         let all = |o: Outcome| idx.iter().map(|&i| (i, o.clone())).collect::<Vec<_>>();
-        let hosts: Vec<(String, u16)> = match &route.destination {
+        // The hosts, and whether the lookup that named them was DNSSEC-validated (next hops
+        // are named by the config, which is signed).
+        let (hosts, names_secure): (Vec<(String, u16)>, bool) = match &route.destination {
             Destination::Maildir(dir) => return self.deliver_maildir(msg, dir, idx).await,
-            Destination::NextHops(h) => h.clone(),
+            Destination::NextHops(h) => (h.clone(), true),
             Destination::Mx(port) => match self.mx_hosts(group.mx_domain()).await {
-                Ok(h) => h.into_iter().map(|h| (h, *port)).collect(),
+                Ok(mx) => (
+                    mx.hosts.into_iter().map(|h| (h, *port)).collect(),
+                    mx.secure,
+                ),
                 Err(o) => return all(o),
             },
         };
@@ -554,9 +561,12 @@ impl Queue {
                 }
             };
             all_unresolvable = false;
+            let dane = self
+                .dane_state(route, group.mx_domain(), host, *port, names_secure)
+                .await;
             for ip in addrs {
                 let addr = SocketAddr::new(ip, *port);
-                match self.deliver_smtp(msg, route, host, addr, idx).await {
+                match self.deliver_smtp(msg, route, host, addr, idx, &dane).await {
                     Ok(outcomes) => return outcomes,
                     Err(e) => {
                         tracing::info!(queue_id = %msg.id, peer = %addr, error = %e, "next hop failed");
@@ -571,9 +581,37 @@ impl Queue {
         all(Outcome::Deferred(last_error))
     }
 
+    /// What DANE finds for one host of a `dane`/`dane-only` route (not looked up for other
+    /// levels): the TLSA records of `_PORT._tcp.HOST`, looked up only when the name of the host
+    /// came from a validated MX RRset (or the config) — RFC 7672 §2.2.1.
+    async fn dane_state(
+        &self,
+        route: &Route,
+        domain: &str,
+        host: &str,
+        port: u16,
+        names_secure: bool,
+    ) -> DaneState {
+        if !matches!(route.tls, Level::Dane | Level::DaneOnly) {
+            return DaneState::NotLookedUp;
+        }
+        if !names_secure {
+            return DaneState::Insecure(format!(
+                "the MX records of {domain} are not DNSSEC-validated"
+            ));
+        }
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            return DaneState::Insecure(format!("the next hop {host} is an IP address"));
+        }
+        match &self.dns {
+            Some(dns) => dns.tlsa(host, port).await,
+            None => DaneState::Failed("no DNS resolver available".into()),
+        }
+    }
+
     /// The MX hosts of `domain`, best first; the outcome for every recipient when there are
     /// none to try.
-    async fn mx_hosts(&self, domain: &str) -> Result<Vec<String>, Outcome> {
+    async fn mx_hosts(&self, domain: &str) -> Result<MxHosts, Outcome> {
         let Some(dns) = &self.dns else {
             return Err(Outcome::Deferred(Status::transient(
                 Source::Dns,
@@ -609,6 +647,7 @@ impl Queue {
         host: &str,
         addr: SocketAddr,
         idx: &[usize],
+        dane: &DaneState,
     ) -> Result<Vec<(usize, Outcome)>, Status> {
         let snap = self.live.get();
         let key = PeerKey::new(addr.ip(), host);
@@ -616,6 +655,7 @@ impl Queue {
             level: route.tls,
             forced: snap.config.is_forced_tls(addr.ip()),
             pins: route.fingerprints.clone(),
+            dane: dane.clone(),
         };
         let attempt = match self.peers.plan(&facts, &key, unix_now()).action {
             Plan::Connect(a) => a,
@@ -968,9 +1008,13 @@ impl Queue {
                 return self.tls_failed(attempt, addr, host, &failure);
             }
         };
-        let (cert, detail) =
-            snap.client_tls
-                .facts(attempt.level(), route.ca.as_deref(), host, &done.chain);
+        let (cert, detail) = snap.client_tls.facts(
+            attempt.level(),
+            route.ca.as_deref(),
+            attempt.tlsa(),
+            host,
+            &done.chain,
+        );
         let hs = Handshake {
             version: done.version.clone(),
             cipher: done.cipher.clone(),
@@ -1195,6 +1239,7 @@ fn log_attempt(
         cipher = %tls.map_or("none", |t| t.cipher.as_str()),
         level = %conn.level,
         cert = %tls.map_or("-", |t| t.check.name()),
+        auth = %tls.map_or("none", |t| t.check.auth()),
         peer_cert = %tls.map_or("-", |t| t.fingerprint.as_str()),
         subject = ?tls.map_or("-", |t| t.subject.as_str()),
         resumed = tls.is_some_and(|t| t.resumed),

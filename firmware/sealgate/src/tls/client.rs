@@ -22,7 +22,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, ClientConfig, SignatureScheme};
-use sealgate_proto::policy::{CertFacts, Level};
+use sealgate_core::dane;
+use sealgate_proto::policy::{CertFacts, DaneMatch, Level, Tlsa};
 
 use crate::tls::{ServerTls, TlsError};
 use sealgate_core::config::Config;
@@ -55,6 +56,8 @@ pub enum CertCheck {
     Verified,
     /// `fingerprint`: matched a pin.
     Pinned,
+    /// `dane`: matched a secure TLSA record.
+    Dane,
     /// `may`, `encrypt`: recorded only.
     Unchecked,
 }
@@ -64,6 +67,7 @@ impl CertCheck {
         match level {
             Level::Verify => CertCheck::Verified,
             Level::Fingerprint => CertCheck::Pinned,
+            Level::Dane | Level::DaneOnly => CertCheck::Dane,
             Level::None | Level::May | Level::Encrypt => CertCheck::Unchecked,
         }
     }
@@ -72,7 +76,19 @@ impl CertCheck {
         match self {
             CertCheck::Verified => "verified",
             CertCheck::Pinned => "pinned",
+            CertCheck::Dane => "dane",
             CertCheck::Unchecked => "unchecked",
+        }
+    }
+
+    /// How the peer was authenticated, for the delivery log's `auth=`: `ca`, `pin`, `dane`
+    /// or `none`.
+    pub fn auth(self) -> &'static str {
+        match self {
+            CertCheck::Verified => "ca",
+            CertCheck::Pinned => "pin",
+            CertCheck::Dane => "dane",
+            CertCheck::Unchecked => "none",
         }
     }
 }
@@ -140,11 +156,13 @@ impl ClientTls {
     }
 
     /// What the peer's certificate chain is worth: chain and name checked only for `verify`
-    /// (against `ca`, else the system roots), fingerprints always.
+    /// (against `ca`, else the system roots), matched against `tlsa` only for `dane`,
+    /// fingerprints always.
     pub fn facts(
         &self,
         level: Level,
         ca: Option<&str>,
+        tlsa: &[Tlsa],
         host: &str,
         chain: &[CertificateDer<'_>],
     ) -> (CertFacts, Option<String>) {
@@ -154,6 +172,7 @@ impl ClientTls {
                 name_matches: false,
                 fingerprint_sha256: String::new(),
                 spki_sha256: String::new(),
+                dane: DaneMatch::NoMatch("the server sent no certificate".into()),
             };
             return (none, Some("the server sent no certificate".into()));
         };
@@ -162,7 +181,12 @@ impl ClientTls {
             name_matches: false,
             fingerprint_sha256: sha256_hex(end_entity),
             spki_sha256: spki_of(end_entity).map(sha256_hex).unwrap_or_default(),
+            dane: DaneMatch::NotChecked,
         };
+        if level == Level::Dane {
+            facts.dane = dane_match(tlsa, host, chain);
+            return (facts, None);
+        }
         if level != Level::Verify {
             return (facts, None);
         }
@@ -202,6 +226,46 @@ impl ClientTls {
         };
         (facts, detail)
     }
+}
+
+/// The chain against the usable TLSA records (RFC 7672 §3.1): DANE-EE matches the leaf, with
+/// no name or date check; DANE-TA matches a certificate the leaf must chain to (webpki, with
+/// that certificate as the one trust anchor: signatures, dates, key usage) and the leaf must be
+/// valid for `host`, the MX host name.
+fn dane_match(tlsa: &[Tlsa], host: &str, chain: &[CertificateDer<'_>]) -> DaneMatch {
+    let ders: Vec<&[u8]> = chain.iter().map(|c| c.as_ref()).collect();
+    if let Some(r) = dane::ee_match(tlsa, &ders) {
+        return DaneMatch::Matched(r.clone());
+    }
+    let mut why = Vec::new();
+    for c in dane::ta_candidates(tlsa, &ders) {
+        match ta_verify(&c.cert, host, chain) {
+            Ok(()) => return DaneMatch::Matched(c.record.clone()),
+            Err(e) => why.push(format!("{} matched, but {e}", c.record.describe())),
+        }
+    }
+    if why.is_empty() {
+        why.push(dane::describe_leaf(&ders));
+    }
+    DaneMatch::NoMatch(why.join("; "))
+}
+
+/// The leaf chains to `anchor` and is valid for `host`.
+fn ta_verify(anchor: &[u8], host: &str, chain: &[CertificateDer<'_>]) -> Result<(), String> {
+    let (leaf, intermediates) = chain.split_first().ok_or("no certificate")?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(anchor.to_vec()))
+        .map_err(|e| format!("the anchor is not usable: {e}"))?;
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let name =
+        ServerName::try_from(host.to_string()).map_err(|_| format!("{host:?} is not a name"))?;
+    verifier
+        .verify_server_cert(leaf, intermediates, &name, &[], UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| format!("the chain does not verify to it for {host}: {e}"))
 }
 
 fn build(client_cert: Option<Arc<CertifiedKey>>) -> Result<Arc<ClientConfig>, TlsError> {
@@ -414,24 +478,24 @@ mod tests {
         let (other_ca, _, _) = ca_and_leaf(&["x.test"]);
         let chain = [CertificateDer::from(leaf.clone())];
         let tls = client_tls_with(ca);
-        let (f, why) = tls.facts(Level::Verify, Some("vpn"), "gw2.vpn.test", &chain);
+        let (f, why) = tls.facts(Level::Verify, Some("vpn"), &[], "gw2.vpn.test", &chain);
         assert!(f.chain_verified && f.name_matches, "{why:?}");
         assert_eq!(f.fingerprint_sha256, sha256_hex(&leaf));
         assert_eq!(f.spki_sha256, sha256_hex(&spki));
-        let (f, _) = tls.facts(Level::Verify, Some("vpn"), "127.0.0.2", &chain);
+        let (f, _) = tls.facts(Level::Verify, Some("vpn"), &[], "127.0.0.2", &chain);
         assert!(f.chain_verified && f.name_matches);
-        let (f, why) = tls.facts(Level::Verify, Some("vpn"), "other.test", &chain);
+        let (f, why) = tls.facts(Level::Verify, Some("vpn"), &[], "other.test", &chain);
         assert!(f.chain_verified && !f.name_matches, "{why:?}");
         assert!(why.is_some());
         let tls = client_tls_with(other_ca);
-        let (f, why) = tls.facts(Level::Verify, Some("vpn"), "gw2.vpn.test", &chain);
+        let (f, why) = tls.facts(Level::Verify, Some("vpn"), &[], "gw2.vpn.test", &chain);
         assert!(!f.chain_verified && f.name_matches, "{why:?}");
         // `encrypt`: hashes only, nothing judged
-        let (f, why) = tls.facts(Level::Encrypt, None, "gw2.vpn.test", &chain);
+        let (f, why) = tls.facts(Level::Encrypt, None, &[], "gw2.vpn.test", &chain);
         assert!(!f.chain_verified && why.is_none());
         assert_eq!(f.spki_sha256, sha256_hex(&spki));
         // no chain at all
-        let (f, why) = tls.facts(Level::Verify, Some("vpn"), "gw2.vpn.test", &[]);
+        let (f, why) = tls.facts(Level::Verify, Some("vpn"), &[], "gw2.vpn.test", &[]);
         assert!(!f.chain_verified && why.is_some());
     }
 
