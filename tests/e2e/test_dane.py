@@ -8,7 +8,8 @@ served by a private nsd on 127.0.0.50 (its key-signing key is the sending gatewa
 (`dane-only` for one); the MX hosts are Sealgates on 127.0.0.4x:P with certificates from the
 module's test CA (which the sender does not trust: only DANE can authenticate them).
 
-- `ee.test` → mx1 (TLSA 3 1 1 of its key): delivered, the log says `auth=dane`.
+- `ee.test` → mx1 (TLSA 3 1 1 of its key): delivered, the log says `auth=dane`, and so does
+  the peer table's last TLS record (`sealctl peers list --json`).
 - `ta.test` → mx2, serving leaf + CA (TLSA 2 1 1 of the CA's key; the leaf must chain to it and
   carry the MX name): delivered with `auth=dane`.
 - `wrong.test` → mx3, whose TLSA names another key: deferred `4.7.5`, nothing delivered.
@@ -191,6 +192,17 @@ def deferred_status(gw, qid: str, rcpt: str) -> str:
     return wait_until(detail, 10, f"a reason in the queue entry {qid}")
 
 
+def last_tls_auth(gw, host: str) -> str:
+    """`auth` of the peer table's last TLS record for `host` (the table is written shortly
+    after the delivery)."""
+    def auth():
+        for p in gw.peer_table()["peers"]:
+            if p["name"] == host and p.get("last_tls"):
+                return p["last_tls"].get("auth")
+        return None
+    return wait_until(auth, 20, f"{host} in the peer table")
+
+
 def test_dane_ee_and_ta_deliver_authenticated(net):
     sender, rx, _ = net
     for dom, box in (("ee.test", "mx1"), ("ta.test", "mx2")):
@@ -199,6 +211,9 @@ def test_dane_ee_and_ta_deliver_authenticated(net):
         line = attempt_line(sender, qid)
         assert "auth=dane" in line and "level=dane" in line, line
         assert "tls=TLSv1." in line, line
+    # the peer table (sealctl peers list, the status API) says how each peer was authenticated
+    for host in ("mx1.dane.test", "mx2.dane.test"):
+        assert last_tls_auth(sender, host) == "dane"
 
 
 def test_wrong_certificate_and_mitm_defer_and_deliver_nothing(net):
@@ -226,6 +241,7 @@ def test_insecure_and_no_tlsa_deliver_as_may(net):
         rx["plain"].wait_message_with(mark.encode())
         line = attempt_line(sender, qid)
         assert "level=may" in line and "auth=none" in line and "tls=TLSv1." in line, line
+    assert last_tls_auth(sender, "mx.insecure.test") == "none"
 
 
 def test_dane_only_without_secure_tlsa_defers(net):

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sealgate_proto::policy::{
-    self, Counts, Decision, PeerKey, PeerMatch, PeerRecord, PeerTable, Plan, RouteFacts, Settings,
-    TlsSuccess,
+    self, Counts, Decision, PeerAuth, PeerKey, PeerMatch, PeerRecord, PeerTable, Plan, RouteFacts,
+    Settings, TlsSuccess,
 };
 use serde::{Deserialize, Serialize};
 
@@ -124,6 +124,10 @@ pub struct TlsEntry {
     pub version: String,
     pub cipher: String,
     pub fingerprint: Option<String>,
+    /// Outbound only: how the peer was authenticated (`none`, `ca`, `pin`, `dane`); absent in
+    /// tables written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +157,7 @@ impl PeerEntry {
                 version: t.version.clone(),
                 cipher: t.cipher.clone(),
                 fingerprint: t.fingerprint.clone(),
+                auth: Some(t.auth.name().to_string()),
             }),
             tls_broken_until: r.tls_broken_until,
             downgrade_flagged: r.downgrade_flagged.as_ref().map(|(at, reason)| FlagEntry {
@@ -177,6 +182,11 @@ impl PeerEntry {
                 version: t.version,
                 cipher: t.cipher,
                 fingerprint: t.fingerprint,
+                auth: t
+                    .auth
+                    .as_deref()
+                    .and_then(PeerAuth::from_name)
+                    .unwrap_or_default(),
             }),
             tls_broken_until: self.tls_broken_until,
             downgrade_flagged: self.downgrade_flagged.map(|f| (f.at, f.reason)),
@@ -262,6 +272,7 @@ impl Clients {
                     version: t.version.to_string(),
                     cipher: t.cipher.to_string(),
                     fingerprint: t.client_cert.map(str::to_string),
+                    auth: None,
                 });
                 e.vpn_peer = t.verified_subject.map(str::to_string);
             }
@@ -626,10 +637,10 @@ pub fn render(file: &PeerFile, now: u64) -> String {
         }
     };
     let mut out = format!(
-        "{:<40} {:<8} {:<22} {:<14} {:<10} {:>5} {:>5} {:>5} {:>5}  {}\n",
+        "{:<40} {:<8} {:<27} {:<14} {:<10} {:>5} {:>5} {:>5} {:>5}  {}\n",
         "PEER",
         "STARTTLS",
-        "LAST TLS",
+        "LAST TLS (AUTH)",
         "BROKEN UNTIL",
         "SEEN",
         "TLS",
@@ -648,7 +659,10 @@ pub fn render(file: &PeerFile, now: u64) -> String {
         let last_tls = p
             .last_tls
             .as_ref()
-            .map(|t| format!("{} {}", t.version, when(t.at)))
+            .map(|t| {
+                let auth = t.auth.as_deref().unwrap_or("none");
+                format!("{} {auth} {}", t.version, when(t.at))
+            })
             .unwrap_or_else(|| "-".into());
         let broken = p
             .tls_broken_until
@@ -661,7 +675,7 @@ pub fn render(file: &PeerFile, now: u64) -> String {
             .map(|f| format!("{} ({})", when(f.at), f.reason))
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<40} {:<8} {:<22} {:<14} {:<10} {:>5} {:>5} {:>5} {:>5}  {}\n",
+            "{:<40} {:<8} {:<27} {:<14} {:<10} {:>5} {:>5} {:>5} {:>5}  {}\n",
             key.to_string(),
             offered,
             last_tls,
@@ -721,6 +735,7 @@ mod tests {
                 version: "TLSv1.3".into(),
                 cipher: "TLS13_AES_128_GCM_SHA256".into(),
                 fingerprint: Some("ab".repeat(32)),
+                auth: PeerAuth::Dane,
             });
             r.flag_downgrade(95, "did not offer STARTTLS".into());
         });

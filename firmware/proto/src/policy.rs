@@ -220,6 +220,51 @@ pub struct TlsSuccess {
     pub cipher: String,
     /// SHA-256 of the peer's certificate (hex).
     pub fingerprint: Option<String>,
+    /// How the peer's certificate was authenticated in that session.
+    pub auth: PeerAuth,
+}
+
+/// How an outbound peer was authenticated (the delivery log's `auth=`, the peer table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PeerAuth {
+    /// Not at all (`may`, `encrypt`; or not recorded, in an older peer table).
+    #[default]
+    None,
+    /// Chain to a trusted CA and host name (`verify`).
+    Ca,
+    /// A pinned fingerprint (`fingerprint`).
+    Pin,
+    /// A secure TLSA record (`dane`).
+    Dane,
+}
+
+impl PeerAuth {
+    /// What a completed session at the effective `level` authenticated.
+    pub fn of(level: Level) -> PeerAuth {
+        match level {
+            Level::Verify => PeerAuth::Ca,
+            Level::Fingerprint => PeerAuth::Pin,
+            Level::Dane | Level::DaneOnly => PeerAuth::Dane,
+            Level::None | Level::May | Level::Encrypt => PeerAuth::None,
+        }
+    }
+
+    /// `none`, `ca`, `pin`, `dane`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerAuth::None => "none",
+            PeerAuth::Ca => "ca",
+            PeerAuth::Pin => "pin",
+            PeerAuth::Dane => "dane",
+        }
+    }
+
+    /// The inverse of [`PeerAuth::name`].
+    pub fn from_name(s: &str) -> Option<PeerAuth> {
+        [PeerAuth::None, PeerAuth::Ca, PeerAuth::Pin, PeerAuth::Dane]
+            .into_iter()
+            .find(|a| a.name() == s)
+    }
 }
 
 /// Per-peer counters.
@@ -849,6 +894,7 @@ impl Attempt {
                     version: tls.version.clone(),
                     cipher: tls.cipher.clone(),
                     fingerprint: Some(cert.fingerprint_sha256.clone()).filter(|f| !f.is_empty()),
+                    auth: PeerAuth::of(self.level),
                 })],
             ),
             Some(problem) => Decision::new(
@@ -1119,6 +1165,7 @@ mod tests {
             version: "TLSv1.3".into(),
             cipher: "TLS_AES_256_GCM_SHA384".into(),
             fingerprint: Some("aabbcc01".into()),
+            auth: PeerAuth::None,
         }
     }
 
