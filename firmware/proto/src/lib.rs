@@ -10,6 +10,7 @@ pub mod client;
 pub mod dane;
 pub mod dsn;
 pub mod envelope;
+pub mod mta_sts;
 pub mod policy;
 pub mod received;
 pub mod reply;
