@@ -179,6 +179,20 @@ pub struct RouteFacts {
     pub pins: Vec<String>,
     /// What the TLSA lookup found, for `dane` and `dane-only`.
     pub dane: DaneState,
+    /// The recipient domain's MTA-STS policy as it applies to this MX host.
+    pub sts: StsState,
+}
+
+/// The MTA-STS policy (RFC 8461) of the recipient domain, as it applies to one MX host.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StsState {
+    /// No policy (none published, `mode: none`, not an MX route, or `tls.mta_sts = false`).
+    #[default]
+    None,
+    /// `mode: enforce` of `domain`; whether the host matches one of its `mx` patterns.
+    Enforce { domain: String, mx_matches: bool },
+    /// `mode: testing`: delivery as without a policy; failures are only reported.
+    Testing { domain: String, mx_matches: bool },
 }
 
 impl RouteFacts {
@@ -188,6 +202,7 @@ impl RouteFacts {
             forced,
             pins: Vec::new(),
             dane: DaneState::NotLookedUp,
+            sts: StsState::None,
         }
     }
 }
@@ -208,6 +223,9 @@ pub enum Source {
     DaneUnusable,
     /// `dane` by the route; there are no secure TLSA records (why: in the plan's reason).
     DaneInsecure,
+    /// `verify` (system roots, the MX name) by the recipient domain's MTA-STS policy in
+    /// enforce mode; the route said the payload.
+    MtaSts(Level),
 }
 
 /// One successful TLS session with a peer.
@@ -236,6 +254,8 @@ pub enum PeerAuth {
     Pin,
     /// A secure TLSA record (`dane`).
     Dane,
+    /// The system roots and the MX name, demanded by an MTA-STS policy in enforce mode.
+    MtaSts,
 }
 
 impl PeerAuth {
@@ -256,14 +276,21 @@ impl PeerAuth {
             PeerAuth::Ca => "ca",
             PeerAuth::Pin => "pin",
             PeerAuth::Dane => "dane",
+            PeerAuth::MtaSts => "mta-sts",
         }
     }
 
     /// The inverse of [`PeerAuth::name`].
     pub fn from_name(s: &str) -> Option<PeerAuth> {
-        [PeerAuth::None, PeerAuth::Ca, PeerAuth::Pin, PeerAuth::Dane]
-            .into_iter()
-            .find(|a| a.name() == s)
+        [
+            PeerAuth::None,
+            PeerAuth::Ca,
+            PeerAuth::Pin,
+            PeerAuth::Dane,
+            PeerAuth::MtaSts,
+        ]
+        .into_iter()
+        .find(|a| a.name() == s)
     }
 }
 
@@ -610,14 +637,23 @@ pub fn plan(
 ///    the chain must match); secure records none of which is usable make `dane` `encrypt`
 ///    and `dane-only` defer; no secure records make `dane` `may` and `dane-only` defer; a
 ///    lookup that failed or did not validate defers both (RFC 7672 §2.2).
-/// 2. Otherwise the route's level.
-/// 3. The forced list (`tls.force`) raises the result to at least `encrypt`.
+/// 2. Without secure TLSA, an MTA-STS policy in enforce mode (RFC 8461 §5): an MX host that
+///    matches none of its patterns defers; one that does gets `verify` (the system roots and
+///    the MX name) unless the level is already `verify` or `fingerprint` (the admin's own
+///    authentication stays). Testing mode changes nothing (it is noted in the reason).
+/// 3. Otherwise the route's level.
+/// 4. The forced list (`tls.force`) raises the result to at least `encrypt`.
 ///
 /// Downgrade protection and the TLS-broken memory then apply to an effective `may` only.
 pub fn effective_level(route: &RouteFacts) -> Result<(Level, Source, Option<String>), String> {
     let (level, source, note) = match route.level {
         Level::Dane | Level::DaneOnly => dane_level(route.level, &route.dane)?,
         other => (other, Source::Route, None),
+    };
+    let (level, source, note) = if level == Level::Dane {
+        (level, source, note)
+    } else {
+        sts_level(route, level, source, note)?
     };
     Ok(match (route.forced, source) {
         (true, _) if level < Level::Encrypt => {
@@ -626,6 +662,43 @@ pub fn effective_level(route: &RouteFacts) -> Result<(Level, Source, Option<Stri
         (true, Source::Route) => (level, Source::RouteAndForcedList, note),
         _ => (level, source, note),
     })
+}
+
+/// Step 2 of [`effective_level`].
+fn sts_level(
+    route: &RouteFacts,
+    level: Level,
+    source: Source,
+    note: Option<String>,
+) -> Result<(Level, Source, Option<String>), String> {
+    let join = |n: Option<String>, m: String| Some(n.map_or(m.clone(), |n| format!("{n}; {m}")));
+    match &route.sts {
+        StsState::None => Ok((level, source, note)),
+        StsState::Enforce {
+            domain,
+            mx_matches: false,
+        } => Err(format!(
+            "the host is not among the MX patterns of the MTA-STS policy of {domain} (mode \
+             enforce)"
+        )),
+        StsState::Enforce { .. } if level >= Level::Verify => Ok((level, source, note)),
+        StsState::Enforce { domain, .. } => Ok((
+            Level::Verify,
+            Source::MtaSts(route.level),
+            join(note, format!("MTA-STS policy of {domain}: enforce")),
+        )),
+        StsState::Testing { domain, mx_matches } => {
+            let m = format!(
+                "MTA-STS policy of {domain}: testing{}",
+                if *mx_matches {
+                    ""
+                } else {
+                    " (the host matches none of its MX patterns)"
+                }
+            );
+            Ok((level, source, join(note, m)))
+        }
+    }
 }
 
 /// Step 1 of [`effective_level`].
@@ -739,6 +812,14 @@ impl Attempt {
     /// The planning decision, for the session log.
     pub fn reason(&self) -> &str {
         &self.reason
+    }
+
+    /// How a session that passes [`Attempt::after_handshake`] authenticates the peer.
+    pub fn auth(&self) -> PeerAuth {
+        match self.source {
+            Source::MtaSts(_) => PeerAuth::MtaSts,
+            _ => PeerAuth::of(self.level),
+        }
     }
 
     /// The usable secure TLSA records the chain must match (effective level `dane`).
@@ -894,7 +975,7 @@ impl Attempt {
                     version: tls.version.clone(),
                     cipher: tls.cipher.clone(),
                     fingerprint: Some(cert.fingerprint_sha256.clone()).filter(|f| !f.is_empty()),
-                    auth: PeerAuth::of(self.level),
+                    auth: self.auth(),
                 })],
             ),
             Some(problem) => Decision::new(
@@ -928,6 +1009,9 @@ impl Attempt {
             }
             Source::DaneInsecure => {
                 "level may: the route says dane, there are no secure TLSA records".into()
+            }
+            Source::MtaSts(route) => {
+                format!("level verify by the domain's MTA-STS policy; the route says {route}")
             }
         }
     }
@@ -1366,6 +1450,7 @@ mod tests {
                 forced,
                 pins: vec![PIN_CERT.into(), PIN_SPKI.into()],
                 dane: DaneState::NotLookedUp,
+                sts: StsState::None,
             };
             let s = Settings::default();
             let row = format!("{level} forced={forced} {obs:?}");
@@ -2082,5 +2167,229 @@ mod tests {
             panic!()
         };
         assert!(a.tlsa().is_empty());
+    }
+
+    /// MTA-STS in the precedence: `(route level, forced, TLSA state, policy, observation) →
+    /// (effective level, end, reason contains, auth on success)`.
+    #[test]
+    fn mta_sts_precedence_table() {
+        use StsState::{Enforce, Testing};
+        let enforce = |m: bool| Enforce {
+            domain: "sts.test".into(),
+            mx_matches: m,
+        };
+        let testing = |m: bool| Testing {
+            domain: "sts.test".into(),
+            mx_matches: m,
+        };
+        let secure = DaneState::Secure(vec![tlsa(3)]);
+        let insecure = DaneState::Insecure("unsigned".into());
+        let verified = Obs::Cert(good());
+        let unverified = Obs::Cert(cert(false, true, "aabbcc01", "0000"));
+        let matched = dane_cert(DaneMatch::Matched(tlsa(3)));
+        type Row<'a> = (
+            Level,
+            bool,
+            DaneState,
+            StsState,
+            &'a Obs,
+            Option<Level>,
+            End,
+            &'a [&'a str],
+            PeerAuth,
+        );
+        let table: Vec<Row> = vec![
+            // enforce raises may / encrypt / none to verify, by the system roots and the name
+            (
+                Level::May,
+                false,
+                DaneState::NotLookedUp,
+                enforce(true),
+                &verified,
+                Some(Level::Verify),
+                End::Tls,
+                &["MTA-STS policy of sts.test: enforce", "the route says may"],
+                PeerAuth::MtaSts,
+            ),
+            (
+                Level::May,
+                false,
+                DaneState::NotLookedUp,
+                enforce(true),
+                &unverified,
+                Some(Level::Verify),
+                End::Defer,
+                &["4.7.5", "does not chain to a trusted CA"],
+                PeerAuth::None,
+            ),
+            (
+                Level::May,
+                false,
+                DaneState::NotLookedUp,
+                enforce(true),
+                &Obs::NoStartTls,
+                Some(Level::Verify),
+                End::Defer,
+                &["4.7.4"],
+                PeerAuth::None,
+            ),
+            (
+                Level::May,
+                false,
+                DaneState::NotLookedUp,
+                enforce(true),
+                &Obs::Fails,
+                Some(Level::Verify),
+                End::Defer,
+                &["4.7.5"],
+                PeerAuth::None,
+            ),
+            (
+                Level::None,
+                false,
+                DaneState::NotLookedUp,
+                enforce(true),
+                &verified,
+                Some(Level::Verify),
+                End::Tls,
+                &["the route says none"],
+                PeerAuth::MtaSts,
+            ),
+            (
+                Level::Encrypt,
+                true,
+                DaneState::NotLookedUp,
+                enforce(true),
+                &verified,
+                Some(Level::Verify),
+                End::Tls,
+                &["MTA-STS"],
+                PeerAuth::MtaSts,
+            ),
+            // a host the policy does not name: deferred before connecting
+            (
+                Level::May,
+                false,
+                DaneState::NotLookedUp,
+                enforce(false),
+                &verified,
+                None,
+                End::PlanDefer,
+                &[
+                    "4.7.5",
+                    "not among the MX patterns of the MTA-STS policy of sts.test",
+                ],
+                PeerAuth::None,
+            ),
+            // the admin's own authentication stays
+            (
+                Level::Fingerprint,
+                false,
+                DaneState::NotLookedUp,
+                enforce(true),
+                &verified,
+                Some(Level::Fingerprint),
+                End::Tls,
+                &[],
+                PeerAuth::Pin,
+            ),
+            (
+                Level::Verify,
+                false,
+                DaneState::NotLookedUp,
+                enforce(true),
+                &verified,
+                Some(Level::Verify),
+                End::Tls,
+                &[],
+                PeerAuth::Ca,
+            ),
+            // secure TLSA wins over the policy; insecure TLSA leaves it to the policy
+            (
+                Level::Dane,
+                false,
+                secure.clone(),
+                enforce(false),
+                &matched,
+                Some(Level::Dane),
+                End::Tls,
+                &["usable secure TLSA"],
+                PeerAuth::Dane,
+            ),
+            (
+                Level::Dane,
+                false,
+                insecure.clone(),
+                enforce(true),
+                &verified,
+                Some(Level::Verify),
+                End::Tls,
+                &[
+                    "unsigned",
+                    "MTA-STS policy of sts.test: enforce",
+                    "the route says dane",
+                ],
+                PeerAuth::MtaSts,
+            ),
+            (
+                Level::Dane,
+                false,
+                insecure,
+                enforce(false),
+                &verified,
+                None,
+                End::PlanDefer,
+                &["not among the MX patterns"],
+                PeerAuth::None,
+            ),
+            // testing: as without a policy, noted
+            (
+                Level::May,
+                false,
+                DaneState::NotLookedUp,
+                testing(false),
+                &Obs::NoStartTls,
+                Some(Level::May),
+                End::Plaintext,
+                &[],
+                PeerAuth::None,
+            ),
+            (
+                Level::May,
+                false,
+                DaneState::NotLookedUp,
+                testing(false),
+                &unverified,
+                Some(Level::May),
+                End::Tls,
+                &["testing (the host matches none of its MX patterns)"],
+                PeerAuth::None,
+            ),
+        ];
+        for (level, forced, dane, sts, obs, want_level, want_end, needles, want_auth) in table {
+            let route = RouteFacts {
+                dane,
+                sts,
+                pins: vec!["aabbcc01".to_string()], // the pin of good()
+                ..RouteFacts::new(level, forced)
+            };
+            let row = format!(
+                "{level} forced={forced} {:?} {:?} {obs:?}",
+                route.dane, route.sts
+            );
+            let eff = effective_level(&route).ok().map(|(l, _, _)| l);
+            assert_eq!(eff, want_level, "{row}");
+            let (_, end, reason, effects) =
+                run(&route, &PeerRecord::new(), &Settings::default(), obs);
+            assert_eq!(end, want_end, "{row}: {reason}");
+            for n in needles {
+                assert!(reason.contains(n), "{row}: {reason:?} lacks {n:?}");
+            }
+            let auth = effects.iter().find_map(|e| match e {
+                Effect::TlsSucceeded(t) => Some(t.auth),
+                _ => None,
+            });
+            assert_eq!(auth.unwrap_or_default(), want_auth, "{row}");
+        }
     }
 }

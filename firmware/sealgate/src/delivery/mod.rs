@@ -24,7 +24,7 @@ use sealgate_proto::dsn::{self, Action, DsnParams, RecipientStatus};
 use sealgate_proto::envelope::domain_of;
 use sealgate_proto::policy::{
     AfterEhlo, AfterFailure, AfterHandshake, Attempt, DaneState, Handshake, HandshakeFailure,
-    Level, PeerKey, Plan, RouteFacts, Tlsa,
+    Level, PeerAuth, PeerKey, Plan, RouteFacts, StsState, Tlsa,
 };
 use sealgate_proto::server::EtrnResult;
 use sealgate_proto::{BodyType, Envelope, Reply};
@@ -656,6 +656,8 @@ impl Queue {
             forced: snap.config.is_forced_tls(addr.ip()),
             pins: route.fingerprints.clone(),
             dane: dane.clone(),
+            // MTA-STS policies are not fetched yet (issue 13).
+            sts: StsState::None,
         };
         let attempt = match self.peers.plan(&facts, &key, unix_now()).action {
             Plan::Connect(a) => a,
@@ -1041,6 +1043,7 @@ impl Queue {
             cipher: done.cipher,
             fingerprint: hs.cert.fingerprint_sha256,
             check: CertCheck::of(attempt.level()),
+            auth: attempt.auth(),
             resumed: done.resumed,
         });
         conn.session.tls_established(Instant::now());
@@ -1239,7 +1242,7 @@ fn log_attempt(
         cipher = %tls.map_or("none", |t| t.cipher.as_str()),
         level = %conn.level,
         cert = %tls.map_or("-", |t| t.check.name()),
-        auth = %tls.map_or("none", |t| t.check.auth()),
+        auth = %tls.map_or("none", |t| t.auth.name()),
         peer_cert = %tls.map_or("-", |t| t.fingerprint.as_str()),
         subject = ?tls.map_or("-", |t| t.subject.as_str()),
         resumed = tls.is_some_and(|t| t.resumed),
@@ -1297,6 +1300,8 @@ struct TlsInfo {
     /// Its subject, `CN=…, O=…`.
     subject: String,
     check: CertCheck,
+    /// How the peer was authenticated (the log's `auth=`).
+    auth: PeerAuth,
     resumed: bool,
 }
 

@@ -80,17 +80,6 @@ impl CertCheck {
             CertCheck::Unchecked => "unchecked",
         }
     }
-
-    /// How the peer was authenticated, for the delivery log's `auth=`: `ca`, `pin`, `dane`
-    /// or `none`.
-    pub fn auth(self) -> &'static str {
-        match self {
-            CertCheck::Verified => "ca",
-            CertCheck::Pinned => "pin",
-            CertCheck::Dane => "dane",
-            CertCheck::Unchecked => "none",
-        }
-    }
 }
 
 impl ClientTls {
