@@ -85,11 +85,10 @@ def common_port() -> int:
     raise RuntimeError("no port free on all MX addresses")
 
 
-@pytest.fixture(scope="module")
-def world(_module_pki, tmp_path_factory):
-    pki = _module_pki
+def make_world(pki, workdir) -> nsd_mod.SignedWorld:
+    """The signed world of the module doc, started (also used by tools/bench/dane)."""
     port = common_port()
-    w = nsd_mod.SignedWorld(tmp_path_factory.mktemp("dane-dns"), ip=NSD_IP)
+    w = nsd_mod.SignedWorld(workdir, ip=NSD_IP)
     for dom, (mx, _) in DOMAINS.items():
         (w.add_insecure if dom == "insecure.test" else w.add)(dom, "MX", f"10 {mx}.")
     for host, ip in HOSTS.items():
@@ -104,7 +103,12 @@ def world(_module_pki, tmp_path_factory):
     w.add_insecure(f"_{port}._tcp.{INSECURE_MX[0]}", "TLSA",
                    nsd_mod.tlsa(3, 1, 1, pki["plain"][0]))
     w.port_mx = port
-    w.start()
+    return w.start()
+
+
+@pytest.fixture(scope="module")
+def world(_module_pki, tmp_path_factory):
+    w = make_world(_module_pki, tmp_path_factory.mktemp("dane-dns"))
     yield w
     w.stop()
 
@@ -135,27 +139,33 @@ def receiver(factory, pki, name: str, ip: str, port: int, cert: str, chain=None)
                        "key_file": str(pki[cert][1])}])
 
 
-@pytest.fixture(scope="module")
-def net(world, module_gateways, _module_pki, tmp_path_factory):
-    pki = _module_pki
+def make_net(world, factory, pki, workdir):
+    """The MX hosts, the intercepting proxy and the sender: (sender, receivers, proxy)."""
     port = world.port_mx
-    chain = tmp_path_factory.mktemp("dane-chain") / "mx2-chain.pem"
+    chain = workdir / "mx2-chain.pem"
     chain.write_text(pki["mx2"][0].read_text() + pki["ca"].read_text())
     rx = {
-        "mx1": receiver(module_gateways, pki, "mx1", "127.0.0.41", port, "mx1"),
-        "mx2": receiver(module_gateways, pki, "mx2", "127.0.0.42", port, "mx2", chain=chain),
-        "mx3": receiver(module_gateways, pki, "mx3", "127.0.0.43", port, "mx3"),
-        "plain": receiver(module_gateways, pki, "plain", "127.0.0.44", port, "plain"),
+        "mx1": receiver(factory, pki, "mx1", "127.0.0.41", port, "mx1"),
+        "mx2": receiver(factory, pki, "mx2", "127.0.0.42", port, "mx2", chain=chain),
+        "mx3": receiver(factory, pki, "mx3", "127.0.0.43", port, "mx3"),
+        "plain": receiver(factory, pki, "plain", "127.0.0.44", port, "plain"),
     }
     proxy = TlsProxy(("127.0.0.45", port), rx["mx1"].addr, mode="mitm",
                      mitm_cert=pki["mitm"][0], mitm_key=pki["mitm"][1])
     routes = [{"domain": "a.test", "maildir": "maildir"}]
     routes += [{"domain": d, "mx": True, "port": port, "tls": level}
                for d, (_, level) in DOMAINS.items()]
-    sender = module_gateways.simple(
+    sender = factory.simple(
         "sender", hostname="sender.test", local_domains=["a.test"], routes=routes,
         dns={"resolver": [world.resolver], "dnssec": True, "trust_anchor": world.trust_anchor},
         queue={"retry_schedule": ["1h"], "connect_timeout": "3s"})
+    return sender, rx, proxy
+
+
+@pytest.fixture(scope="module")
+def net(world, module_gateways, _module_pki, tmp_path_factory):
+    sender, rx, proxy = make_net(world, module_gateways, _module_pki,
+                                 tmp_path_factory.mktemp("dane-chain"))
     yield sender, rx, proxy
     proxy.close()
 
