@@ -320,6 +320,24 @@ class Gateway:
                              capture_output=True, text=True, timeout=30, check=True).stdout
         return {m["id"]: m for m in json.loads(out)}
 
+    def deferred_detail(self, qid: str, rcpt: str, timeout: float = 30.0) -> str:
+        """Waits for the first deferral of `rcpt` of `qid`; returns the reason in its queue
+        entry (a temporary failure, given in the log too)."""
+        self.wait_log(rf"delivery queue_id={re.escape(qid)} rcpt={re.escape(rcpt)} result=Deferred",
+                      timeout=timeout)
+
+        def detail():
+            e = self.queue_list().get(qid)
+            assert e is not None, f"{qid} left {self.name}'s queue while it should be deferred"
+            rc = e["recipients"][0]
+            assert rc["status"] == "pending", e
+            return rc["detail"]
+
+        d = wait_until(detail, 10, f"a reason in {self.name}'s queue entry {qid}")
+        assert d.startswith("4."), f"not a temporary failure: {d!r}"
+        assert d in self.log(), f"{self.name}'s log does not give the reason {d!r}"
+        return d
+
     def peer_table(self) -> dict:
         """The peer table as `sealctl peers list --json` prints it (`peers`, `clients`)."""
         out = subprocess.run([str(SEALCTL), "peers", "list", "--state", str(self.state), "--json"],

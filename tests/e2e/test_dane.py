@@ -187,21 +187,6 @@ def attempt_line(gw, qid: str) -> str:
     return ms[0].group(0)
 
 
-def deferred_status(gw, qid: str, rcpt: str) -> str:
-    """The recipient's reason in the queue once its first attempt deferred it."""
-    gw.wait_log(rf"delivery queue_id={re.escape(qid)} rcpt={re.escape(rcpt)} result=Deferred",
-                timeout=30)
-
-    def detail():
-        e = gw.queue_list().get(qid)
-        assert e is not None, f"{qid} left the queue while it should be deferred"
-        rc = e["recipients"][0]
-        assert rc["status"] == "pending", e
-        return rc["detail"]
-
-    return wait_until(detail, 10, f"a reason in the queue entry {qid}")
-
-
 def last_tls_auth(gw, host: str) -> str:
     """`auth` of the peer table's last TLS record for `host` (the table is written shortly
     after the delivery)."""
@@ -230,7 +215,7 @@ def test_wrong_certificate_and_mitm_defer_and_deliver_nothing(net):
     sender, rx, proxy = net
     for dom, box in (("wrong.test", "mx3"), ("mitm.test", "mx1")):
         qid, mark = submit(sender, f"bob@{dom}", f"dane-{dom}")
-        err = deferred_status(sender, qid, f"bob@{dom}")
+        err = sender.deferred_detail(qid, f"bob@{dom}")
         assert "4.7.5" in err and "matches none of the 1 usable TLSA records" in err, err
         assert not any(mark.encode() in m for m in rx[box].messages().values())
     assert b"DATA" not in proxy.decrypted("c2s"), "the MITM read a transaction"
@@ -239,7 +224,7 @@ def test_wrong_certificate_and_mitm_defer_and_deliver_nothing(net):
 def test_bogus_tlsa_defers(net):
     sender, rx, _ = net
     qid, mark = submit(sender, "bob@bogus.test", "dane-bogus")
-    err = deferred_status(sender, qid, "bob@bogus.test")
+    err = sender.deferred_detail(qid, "bob@bogus.test")
     assert "4.7.5" in err and "TLSA lookup failed" in err, err
     assert not any(mark.encode() in m for m in rx["mx1"].messages().values())
 
@@ -257,6 +242,6 @@ def test_insecure_and_no_tlsa_deliver_as_may(net):
 def test_dane_only_without_secure_tlsa_defers(net):
     sender, rx, _ = net
     qid, mark = submit(sender, "bob@only.test", "dane-only")
-    err = deferred_status(sender, qid, "bob@only.test")
+    err = sender.deferred_detail(qid, "bob@only.test")
     assert "4.7.5" in err and "dane-only, but" in err, err
     assert not any(mark.encode() in m for m in rx["plain"].messages().values())
